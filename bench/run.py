@@ -1,0 +1,195 @@
+"""arcbox-vm benchmark: our agent protocol vs. the bare channel, measured in one run.
+
+    .venv/bin/python bench/run.py [--vmm qemu] [--boots 3] [--execs 100] [--mib 64]
+
+For each measure, the same thing is done twice on the same kind of VM and the same
+transport (virtio-serial under QEMU, vsock under Firecracker): once through our framed,
+multiplexed protocol and once over the raw channel with the agent in `arcbox.rawbench=1`
+mode (it writes b"R" when up, echoes `E<n>` payloads, streams `S<n>` zero bytes). The
+ratio column is protocol / bare (for times: >1 = slower; for throughput: <1 = slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from arcbox_vm.agent.protocol import exec_request
+from arcbox_vm.images import build_image
+from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS, BootRequest, boot_vm
+from arcbox_vm.paths import data_dir
+from arcbox_vm.ports import MachineSpec
+from arcbox_vm.storage.disks import clone_disk
+from arcbox_vm.vmm.select import select_driver
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    idx = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[idx]
+
+
+class RawVm:
+    """A VM whose agent runs in raw bench mode: no protocol, just bytes."""
+
+    def __init__(self, driver, image, ddir: Path) -> None:
+        self.driver, self.image = driver, image
+        self.sid = "bench-raw-" + secrets.token_hex(3)
+        self.workdir = ddir / "sandboxes" / self.sid
+        self.proc = None
+        self.server = None
+        self.conn: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def boot(self) -> float:
+        t0 = time.perf_counter()
+        self.workdir.mkdir(parents=True)
+        disk = self.workdir / "rootfs.ext4"
+        await clone_disk(self.image.rootfs, disk)
+        endpoint = self.driver.agent_endpoint(self.workdir)
+
+        def on_conn(r, w):
+            if not self.conn.done():
+                self.conn.set_result((r, w))
+
+        self.server = await asyncio.start_unix_server(on_conn, path=str(endpoint.listen_path), limit=1 << 22)
+        spec = MachineSpec(sandbox_id=self.sid, workdir=self.workdir,
+                           kernel=self.driver.kernel_for(self.image.kernel, self.image.vmlinux),
+                           rootfs=disk, initrd=self.image.initrd, boot_args=DEFAULT_BOOT_ARGS,
+                           memory_mib=512, extra_boot_args=("arcbox.rawbench=1",))
+        self.proc = await self.driver.launch(spec, endpoint)
+        self.reader, self.writer = await asyncio.wait_for(self.conn, 120)
+        first = await asyncio.wait_for(self.reader.readexactly(1), 120)
+        assert first == b"R", first
+        return time.perf_counter() - t0
+
+    async def echo_rtt(self, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.writer.write(b"E1\nx")
+            await self.writer.drain()
+            await self.reader.readexactly(1)
+            out.append(time.perf_counter() - t)
+        return out
+
+    async def stream(self, nbytes: int) -> float:
+        t = time.perf_counter()
+        self.writer.write(f"S{nbytes}\n".encode())
+        await self.writer.drain()
+        left = nbytes
+        while left:
+            chunk = await self.reader.read(min(left, 1 << 20))
+            if not chunk:
+                raise RuntimeError("raw stream ended early")
+            left -= len(chunk)
+        return time.perf_counter() - t
+
+    async def close(self) -> None:
+        if self.proc is not None:
+            await self.proc.kill()
+            await self.proc.cleanup()
+        if self.server is not None:
+            self.server.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def protocol_side(driver, image, ddir: Path, args) -> dict:
+    res: dict = {"boot": []}
+    vm = None
+    for i in range(args.boots):
+        sid = "bench-" + secrets.token_hex(3)
+        req = BootRequest(sandbox_id=sid, workdir=ddir / "sandboxes" / sid,
+                          kernel=driver.kernel_for(image.kernel, image.vmlinux), rootfs=image.rootfs,
+                          initrd=image.initrd, memory_mib=512)
+        t0 = time.perf_counter()
+        candidate = await boot_vm(driver, req)
+        res["boot"].append(time.perf_counter() - t0)
+        if i < args.boots - 1:
+            await candidate.destroy()
+        else:
+            vm = candidate
+    try:
+        for _ in range(5):  # warm up: first execs pay for TCG translation
+            await (await vm.agent.exec(exec_request(["true"]))).collect()
+        rtts = []
+        for _ in range(args.execs):
+            t = time.perf_counter()
+            await (await vm.agent.exec(exec_request(["true"]))).collect()
+            rtts.append(time.perf_counter() - t)
+        res["exec_true"] = rtts
+        res["ping"] = [await vm.agent.ping() for _ in range(args.execs)]
+        nbytes = args.mib << 20
+        session = await vm.agent.exec(exec_request(["head", "-c", str(nbytes), "/dev/zero"]))
+        t = time.perf_counter()
+        got = 0
+        async for chunk in session:
+            got += len(chunk.data)
+        res["stream"] = time.perf_counter() - t
+        assert got == nbytes, got
+    finally:
+        await vm.destroy()
+    return res
+
+
+async def raw_side(driver, image, ddir: Path, args) -> dict:
+    res: dict = {"boot": []}
+    for i in range(args.boots):
+        vm = RawVm(driver, image, ddir)
+        try:
+            res["boot"].append(await vm.boot())
+            if i == args.boots - 1:
+                await vm.echo_rtt(5)
+                res["echo"] = await vm.echo_rtt(args.execs)
+                res["stream"] = await vm.stream(args.mib << 20)
+        finally:
+            await vm.close()
+    return res
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vmm", default="auto", choices=["auto", "qemu", "firecracker"])
+    ap.add_argument("--boots", type=int, default=3)
+    ap.add_argument("--execs", type=int, default=100)
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    args = ap.parse_args()
+    ddir = data_dir()
+    (ddir / "sandboxes").mkdir(parents=True, exist_ok=True)
+    image = build_image(ddir)
+    driver = select_driver(args.vmm)
+    print(f"arcbox-vm bench: vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "
+          f"boots={args.boots} execs={args.execs} stream={args.mib} MiB", flush=True)
+    # interleave the two sides so machine noise hits both alike
+    proto = await protocol_side(driver, image, ddir, args)
+    raw = await raw_side(driver, image, ddir, args)
+
+    ms = lambda s: f"{s * 1000:9.1f} ms"  # noqa: E731
+    rows = []
+    pb, rb = statistics.median(proto["boot"]), statistics.median(raw["boot"])
+    rows.append(("boot to ready (median)", ms(pb), ms(rb), pb / rb))
+    for q in (50, 99):
+        pe, re_ = pct(proto["exec_true"], q), pct(raw["echo"], q)
+        rows.append((f"exec `true` vs raw echo p{q}", ms(pe), ms(re_), pe / re_))
+    for q in (50, 99):
+        pp, re_ = pct(proto["ping"], q), pct(raw["echo"], q)
+        rows.append((f"protocol ping vs raw echo p{q}", ms(pp), ms(re_), pp / re_))
+    pt, rt = args.mib / proto["stream"], args.mib / raw["stream"]
+    rows.append((f"stdout {args.mib} MiB throughput", f"{pt:9.1f} MiB/s", f"{rt:9.1f} MiB/s", pt / rt))
+    print(f"{'measure':38} {'protocol':>14} {'bare channel':>14} {'ratio':>7}")
+    for name, a, b, r in rows:
+        print(f"{name:38} {a:>14} {b:>14} {r:7.2f}")
+    if args.json:
+        print(json.dumps({"protocol": proto, "raw": raw}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    sys.exit(0)

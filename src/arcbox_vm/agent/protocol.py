@@ -1,0 +1,363 @@
+"""Wire protocol between the host and the guest agent (stdlib only).
+
+This one module is imported by both sides: by the host (``arcbox_vm.agent.host``) and,
+copied verbatim into every guest image, by the PID-1 agent (``arcbox_vm.agent.guest``).
+It must therefore stay stdlib-only and compatible with Python 3.8+ (guest images such as
+Ubuntu 22.04 ship 3.10).
+
+One byte stream carries everything (a virtio-serial port under QEMU, a vsock connection
+under Firecracker). The agent *dials* the host and speaks first, with a versioned HELLO.
+
+Frame layout (big-endian, 12-byte header)::
+
+    magic   2 bytes   b"AV"        lets a reader resynchronise after garbage
+    type    u8        MsgType
+    flags   u8        reserved, must be 0 (ignored by readers)
+    channel u32       0 = connection control; N > 0 = one exec session (host picks N)
+    length  u32       payload length, at most ``max_payload`` (default 1 MiB)
+    payload           ``length`` bytes: raw bytes for data frames, UTF-8 JSON objects otherwise
+
+Flow control: data frames (STDOUT/STDERR guest->host, STDIN host->guest) spend credit.
+Each direction of each channel starts with ``INITIAL_WINDOW`` bytes of credit; the
+receiver returns credit with WINDOW frames (payload: u32 increment) as it consumes data.
+A sender with no credit stops reading its source (the child's pipes, the user's stdin),
+so memory stays bounded on both sides whatever the reader's speed.
+
+Decoding never raises on bad input: ``FrameDecoder.feed`` yields ``Frame`` objects and
+``DecodeError`` objects; the caller answers errors with an ERROR frame and keeps going.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from typing import Any, Dict, List, Optional, Union
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; HELLO carries it and the host refuses unknown majors."""
+
+SUPPORTED_VERSIONS = frozenset({1})
+
+MAGIC = b"AV"
+HEADER = struct.Struct(">2sBBII")
+HEADER_SIZE = HEADER.size  # 12
+DEFAULT_MAX_PAYLOAD = 1 << 20  # 1 MiB
+INITIAL_WINDOW = 1 << 20  # credit per direction per channel, bytes
+DATA_CHUNK = 64 * 1024  # how much a sender puts in one data frame
+WINDOW_STRUCT = struct.Struct(">I")
+
+CONTROL_CHANNEL = 0
+
+# Default agent endpoints: the virtio-serial port name (QEMU) and the vsock port the
+# agent dials on the host (CID 2; Firecracker forwards it to ``<uds_path>_<port>``).
+SERIAL_PORT_NAME = "arcbox.agent.0"
+VSOCK_PORT = 52
+HOST_CID = 2
+# Kernel command-line key that tells the agent which transport to use, e.g.
+# ``arcbox.channel=serial:arcbox.agent.0`` or ``arcbox.channel=vsock:52``.
+CHANNEL_CMDLINE_KEY = "arcbox.channel"
+
+
+class MsgType(enum.IntEnum):
+    """Frame types. Direction and channel are part of each type's contract."""
+
+    # --- connection control (channel 0) ---
+    HELLO = 0x01  # guest->host JSON: {"proto", "agent_version", "kernel", "hostname", "pid", "features"}
+    HELLO_ACK = 0x02  # host->guest JSON: {"proto"}; host refuses with ERROR(code="version") instead
+    PING = 0x03  # either way, any channel; payload is echoed back in PONG
+    PONG = 0x04
+    ERROR = 0x05  # either way JSON {"code", "message"}; channel N>0 ends that session
+    SHUTDOWN = 0x06  # host->guest JSON {"action": "poweroff"|"reboot"}; guest answers SHUTDOWN_ACK then halts
+    SHUTDOWN_ACK = 0x07  # guest->host, empty
+
+    # --- exec sessions (channel N > 0, chosen by the host, unique per connection) ---
+    EXEC = 0x10  # host->guest JSON ExecRequest (see exec_request())
+    STARTED = 0x11  # guest->host JSON {"pid"}
+    STDIN = 0x12  # host->guest raw bytes (spends guest-granted credit)
+    STDIN_EOF = 0x13  # host->guest, empty: close the child's stdin
+    STDOUT = 0x14  # guest->host raw bytes (spends host-granted credit)
+    STDERR = 0x15  # guest->host raw bytes (same credit as STDOUT)
+    EXIT = 0x16  # guest->host JSON {"exit_code", "signal", "timed_out"}; last frame of a session
+    RESIZE = 0x17  # host->guest JSON {"rows", "cols"} (TTY sessions)
+    SIGNAL = 0x18  # host->guest JSON {"signal"}: sent to the session's process group
+    WINDOW = 0x19  # either way, u32 credit increment for the opposite data direction
+
+    # 0x30-0x3F are reserved for file transfer (write/read/stat/list).
+
+
+DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR})
+JSON_TYPES = frozenset(
+    {
+        MsgType.HELLO,
+        MsgType.HELLO_ACK,
+        MsgType.ERROR,
+        MsgType.SHUTDOWN,
+        MsgType.EXEC,
+        MsgType.STARTED,
+        MsgType.EXIT,
+        MsgType.RESIZE,
+        MsgType.SIGNAL,
+    }
+)
+
+
+class ErrorCode:
+    """Values of ERROR frames' ``code`` field."""
+
+    BAD_FRAME = "bad_frame"  # magic mismatch / garbage; the reader resynchronises
+    OVERSIZED = "oversized"  # payload longer than max_payload; skipped
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_REQUEST = "bad_request"  # payload is not the JSON the type requires
+    VERSION = "version"  # HELLO's proto is not supported
+    NO_SUCH_CHANNEL = "no_such_channel"
+    CHANNEL_IN_USE = "channel_in_use"
+    TOO_MANY = "too_many"  # session limit reached
+    SPAWN_FAILED = "spawn_failed"  # the command could not be started (message says why)
+    NOT_FOUND = "not_found"  # executable or working directory does not exist
+    PERMISSION = "permission"  # not executable / not allowed
+    NO_SUCH_USER = "no_such_user"
+    INTERNAL = "internal"
+
+
+class Frame:
+    """One decoded frame. ``payload`` is raw bytes; use ``json()`` for JSON types."""
+
+    __slots__ = ("type", "channel", "payload", "flags")
+
+    def __init__(self, type: int, channel: int, payload: bytes = b"", flags: int = 0) -> None:
+        self.type = type
+        self.channel = channel
+        self.payload = payload
+        self.flags = flags
+
+    def json(self) -> Dict[str, Any]:
+        """Decode the payload as a JSON object or raise ProtocolError(BAD_REQUEST)."""
+        return decode_json(self.payload)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Frame)
+            and self.type == other.type
+            and self.channel == other.channel
+            and self.payload == other.payload
+        )
+
+    def __repr__(self) -> str:
+        try:
+            name = MsgType(self.type).name
+        except ValueError:
+            name = hex(self.type)
+        return "Frame(%s, ch=%d, %d bytes)" % (name, self.channel, len(self.payload))
+
+
+class ProtocolError(Exception):
+    """A request could not be understood; ``code`` is an ErrorCode value."""
+
+    def __init__(self, code: str, message: str, channel: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.channel = channel
+
+
+class DecodeError:
+    """Yielded by FrameDecoder for bad input. Not an exception: the stream continues."""
+
+    __slots__ = ("code", "message", "channel")
+
+    def __init__(self, code: str, message: str, channel: int = 0) -> None:
+        self.code = code
+        self.message = message
+        self.channel = channel
+
+    def __repr__(self) -> str:
+        return "DecodeError(%s, %r, ch=%d)" % (self.code, self.message, self.channel)
+
+
+def encode_frame(type: int, channel: int = 0, payload: bytes = b"", max_payload: int = DEFAULT_MAX_PAYLOAD) -> bytes:
+    """Serialise one frame. Raises ValueError for out-of-range fields (a local bug, not input)."""
+    if not 0 <= type <= 0xFF:
+        raise ValueError("frame type out of range: %r" % (type,))
+    if not 0 <= channel <= 0xFFFFFFFF:
+        raise ValueError("channel out of range: %r" % (channel,))
+    if len(payload) > max_payload:
+        raise ValueError("payload of %d bytes exceeds the %d-byte limit" % (len(payload), max_payload))
+    return HEADER.pack(MAGIC, type, 0, channel, len(payload)) + bytes(payload)
+
+
+def encode_json(type: int, channel: int, obj: Dict[str, Any]) -> bytes:
+    """Serialise a JSON-payload frame."""
+    return encode_frame(type, channel, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def encode_error(channel: int, code: str, message: str) -> bytes:
+    return encode_json(MsgType.ERROR, channel, {"code": code, "message": message})
+
+
+def encode_window(channel: int, increment: int) -> bytes:
+    return encode_frame(MsgType.WINDOW, channel, WINDOW_STRUCT.pack(increment))
+
+
+def decode_window(payload: bytes) -> int:
+    if len(payload) != WINDOW_STRUCT.size:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "WINDOW payload must be 4 bytes, got %d" % len(payload))
+    return WINDOW_STRUCT.unpack(payload)[0]
+
+
+def decode_json(payload: bytes) -> Dict[str, Any]:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "payload is not valid UTF-8 JSON: %s" % exc)
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "payload must be a JSON object")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they arrive, get frames and errors back.
+
+    Bad magic: one DecodeError(BAD_FRAME), then bytes are dropped up to the next magic.
+    Oversized length: one DecodeError(OVERSIZED) naming the channel, then exactly that
+    many payload bytes are skipped, so the stream stays in sync. Memory held is at most
+    one header plus ``max_payload`` bytes.
+    """
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._skip = 0  # payload bytes still to discard after an oversized header
+        self._resyncing = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> List[Union[Frame, DecodeError]]:
+        out: List[Union[Frame, DecodeError]] = []
+        if data:
+            self._buf += data
+        while True:
+            if self._skip:
+                n = min(self._skip, len(self._buf))
+                del self._buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return out
+            if self._resyncing or (len(self._buf) >= 2 and self._buf[:2] != MAGIC):
+                idx = self._buf.find(MAGIC)
+                if not self._resyncing:
+                    self._resyncing = True
+                    out.append(DecodeError(ErrorCode.BAD_FRAME, "bad frame magic; resynchronising"))
+                if idx < 0:
+                    # keep a trailing byte that may be the first half of the magic
+                    keep = 1 if self._buf[-1:] == MAGIC[:1] else 0
+                    del self._buf[: len(self._buf) - keep]
+                    return out
+                del self._buf[:idx]
+                self._resyncing = False
+            if len(self._buf) < HEADER_SIZE:
+                return out
+            _, mtype, flags, channel, length = HEADER.unpack_from(self._buf)
+            if length > self.max_payload:
+                del self._buf[:HEADER_SIZE]
+                self._skip = length
+                out.append(
+                    DecodeError(
+                        ErrorCode.OVERSIZED,
+                        "frame of %d bytes exceeds the %d-byte limit" % (length, self.max_payload),
+                        channel,
+                    )
+                )
+                continue
+            if len(self._buf) < HEADER_SIZE + length:
+                return out
+            payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
+            del self._buf[: HEADER_SIZE + length]
+            out.append(Frame(mtype, channel, payload, flags))
+
+    def eof(self) -> Optional[DecodeError]:
+        """Call at end of stream: reports a truncated trailing frame, if any."""
+        if self._skip or (self._buf and not self._resyncing):
+            n = len(self._buf) + self._skip
+            self._buf.clear()
+            self._skip = 0
+            return DecodeError(ErrorCode.BAD_FRAME, "stream ended inside a frame (%d bytes pending)" % n)
+        self._buf.clear()
+        return None
+
+
+# ---- message bodies -------------------------------------------------------------------
+
+
+def exec_request(
+    argv: List[str],
+    env: Optional[Dict[str, str]] = None,
+    cwd: str = "",
+    user: str = "",
+    tty: bool = False,
+    rows: int = 24,
+    cols: int = 80,
+    timeout: float = 0.0,
+    stdin: bool = False,
+) -> Dict[str, Any]:
+    """Build an EXEC body.
+
+    argv: program and arguments (argv[0] is looked up in PATH).
+    env: variables merged over the agent's default environment (PATH, HOME, TERM...).
+    cwd: working directory; "" means the user's home directory (or "/").
+    user: "" or "root", a name, "uid", or "uid:gid"; the child really switches
+          uid, gid and supplementary groups.
+    tty: run on a new pseudo-terminal (stdout and stderr merged into STDOUT).
+    timeout: seconds; 0 = none. On expiry the whole process group is SIGKILLed and
+             EXIT carries timed_out=true.
+    stdin: if false the child's stdin is /dev/null and STDIN frames are refused.
+    """
+    return {
+        "argv": list(argv),
+        "env": dict(env or {}),
+        "cwd": cwd,
+        "user": user,
+        "tty": bool(tty),
+        "rows": int(rows),
+        "cols": int(cols),
+        "timeout": float(timeout),
+        "stdin": bool(stdin),
+    }
+
+
+def validate_exec_request(obj: Dict[str, Any]) -> Dict[str, Any]:
+    """Check an EXEC body's shape; returns it with defaults filled. Raises ProtocolError."""
+
+    def bad(msg: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.BAD_REQUEST, msg)
+
+    argv = obj.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise bad("argv must be a non-empty list of strings")
+    if any("\x00" in a for a in argv):
+        raise bad("argv must not contain NUL characters")
+    env = obj.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise bad("env must be an object of string values")
+    if any(not k or "=" in k or "\x00" in k or "\x00" in v for k, v in env.items()):
+        raise bad("env names must be non-empty without '=' or NUL, values without NUL")
+    out = exec_request(argv, env)
+    for key, typ in (("cwd", str), ("user", str)):
+        val = obj.get(key, "")
+        if not isinstance(val, typ):
+            raise bad("%s must be a string" % key)
+        out[key] = val
+    out["tty"] = bool(obj.get("tty", False))
+    out["stdin"] = bool(obj.get("stdin", False))
+    for key, lo, hi in (("rows", 1, 0xFFFF), ("cols", 1, 0xFFFF)):
+        val = obj.get(key, out[key])
+        if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+            raise bad("%s must be an integer in %d..%d" % (key, lo, hi))
+        out[key] = val
+    timeout = obj.get("timeout", 0)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise bad("timeout must be a number >= 0")
+    out["timeout"] = float(timeout)
+    return out

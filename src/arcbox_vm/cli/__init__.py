@@ -1,0 +1,1 @@
+"""The `arcbox-vm` command line (typer)."""

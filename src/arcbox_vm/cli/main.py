@@ -1,0 +1,22 @@
+"""`arcbox-vm` entry point: mounts the command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from arcbox_vm.cli.image import image_app
+from arcbox_vm.cli.run import run_command
+
+app = typer.Typer(
+    name="arcbox-vm",
+    help="Run commands in throwaway microVMs (Firecracker or QEMU).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("run", context_settings={"allow_interspersed_args": False})(run_command)
+app.add_typer(image_app, name="image", help="Build guest images and put the agent into existing ones.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

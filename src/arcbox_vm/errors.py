@@ -1,0 +1,69 @@
+"""One error hierarchy for everything arcbox-vm raises on purpose.
+
+Every message says what went wrong *and* what to do about it; callers (CLI, gRPC) map the
+classes to exit codes / status codes without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class ArcboxError(Exception):
+    """Base class of every error arcbox-vm raises deliberately."""
+
+
+class ConfigError(ArcboxError):
+    """Configuration is invalid (names the key and the accepted values)."""
+
+
+class ImageError(ArcboxError):
+    """A guest image could not be built, found or modified."""
+
+
+class MissingToolError(ImageError):
+    """A host tool or Debian package needed for the job is not installed."""
+
+    def __init__(self, tool: str, package: str, why: str = "") -> None:
+        self.tool = tool
+        self.package = package
+        hint = f" ({why})" if why else ""
+        super().__init__(
+            f"'{tool}' is not installed{hint}; install it with: apt-get install -y {package}"
+        )
+
+
+class VmmError(ArcboxError):
+    """The VMM (QEMU or Firecracker) failed or refused a request."""
+
+
+class FirecrackerApiError(VmmError):
+    """Firecracker's API answered with an error (`fault_message` or `error` body)."""
+
+    def __init__(self, method: str, path: str, status: int, message: str) -> None:
+        self.method = method
+        self.path = path
+        self.status = status
+        self.fault_message = message
+        super().__init__(f"Firecracker {method} {path} failed with HTTP {status}: {message}")
+
+
+class BootFailed(VmmError):
+    """The VM did not come up: the VMM exited, or the agent never said HELLO in time."""
+
+
+class AgentError(ArcboxError):
+    """The guest agent reported an error or the channel to it broke."""
+
+    def __init__(self, message: str, code: str = "internal") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class AgentDisconnected(AgentError):
+    """The channel to the guest agent closed (VM stopped or crashed)."""
+
+    def __init__(self, message: str = "the guest agent's channel closed (the VM stopped or crashed)") -> None:
+        super().__init__(message, code="disconnected")
+
+
+class ExecError(AgentError):
+    """A command could not be started in the guest (not found, bad user, ...)."""

@@ -1,0 +1,1 @@
+"""Use cases: booting sandboxes, running commands in them."""

@@ -1,0 +1,1 @@
+"""VMM drivers (adapters behind `arcbox_vm.ports.VmmDriver`)."""

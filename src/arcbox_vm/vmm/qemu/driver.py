@@ -1,0 +1,112 @@
+"""QEMU driver: `-machine microvm`, KVM when it can run the guest, else TCG."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from pathlib import Path
+
+from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, SERIAL_PORT_NAME
+from arcbox_vm.errors import BootFailed, VmmError
+from arcbox_vm.ports import AgentEndpoint, MachineSpec
+from arcbox_vm.vmm.kvm import probe_kvm
+from arcbox_vm.vmm.process import ChildProcess
+from arcbox_vm.vmm.qemu.cmdline import qemu_argv
+from arcbox_vm.vmm.qemu.config import QemuConfig
+
+# How long QEMU must stay alive after exec before we call the launch good; a bad
+# kernel path, a busy TAP or a bad option makes it exit well within this.
+_STARTUP_GRACE_S = 0.3
+
+
+class QemuProcess:
+    """A running QEMU; implements `arcbox_vm.ports.VmmProcess`."""
+
+    def __init__(self, child: ChildProcess, console_log: Path, accel: str) -> None:
+        self._child = child
+        self._console_log = console_log
+        self.accel = accel
+
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.returncode
+
+    @property
+    def console_log(self) -> Path:
+        return self._console_log
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self._child.exited
+
+    def describe_exit(self) -> str:
+        return self._child.describe_exit("QEMU")
+
+    async def wait(self) -> int:
+        return await self._child.wait()
+
+    async def request_stop(self) -> None:
+        """QEMU has no guest-cooperative stop we rely on; the agent's SHUTDOWN does it."""
+
+    async def kill(self) -> None:
+        await self._child.kill()
+
+    async def cleanup(self) -> None:
+        """Nothing to remove beyond the workdir, which its owner deletes."""
+
+
+class QemuDriver:
+    """Starts sandboxes as QEMU microVMs; implements `arcbox_vm.ports.VmmDriver`."""
+
+    name = "qemu"
+
+    def __init__(self, config: QemuConfig | None = None, *, die_with_parent: bool = False) -> None:
+        self.config = config or QemuConfig()
+        self.die_with_parent = die_with_parent
+        self._accel: str | None = None
+
+    def accel(self) -> str:
+        """The accelerator this driver uses (probed once for "auto")."""
+        if self._accel is None:
+            if self.config.accel == "auto":
+                self._accel = "kvm" if probe_kvm().usable else "tcg"
+            else:
+                self._accel = self.config.accel
+        return self._accel
+
+    def agent_endpoint(self, workdir: Path) -> AgentEndpoint:
+        return AgentEndpoint(workdir / "agent.sock", f"{CHANNEL_CMDLINE_KEY}=serial:{SERIAL_PORT_NAME}")
+
+    def kernel_for(self, bzimage: Path, vmlinux: Path) -> Path:
+        return bzimage
+
+    def binary(self) -> str:
+        path = shutil.which(self.config.binary)
+        if path is None:
+            raise VmmError(f"QEMU binary '{self.config.binary}' not found; install it with: "
+                           "apt-get install -y qemu-system-x86")
+        return path
+
+    async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
+        for path, what in ((spec.kernel, "kernel"), (spec.rootfs, "rootfs")):
+            if not Path(path).is_file():
+                raise BootFailed(f"the {what} image {path} does not exist")
+        if spec.initrd is not None and not Path(spec.initrd).is_file():
+            raise BootFailed(f"the initrd {spec.initrd} does not exist")
+        accel = self.accel()
+        console_log = spec.workdir / "console.log"
+        console_log.touch()
+        argv = qemu_argv(spec, endpoint, accel, self.config, console_log)
+        argv[0] = self.binary()
+        child = await ChildProcess.start(argv, spec.workdir / "vmm.log", die_with_parent=self.die_with_parent)
+        proc = QemuProcess(child, console_log, accel)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(child.exited), _STARTUP_GRACE_S)
+        if child.returncode is not None:
+            raise BootFailed(proc.describe_exit())
+        return proc

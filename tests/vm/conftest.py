@@ -1,0 +1,99 @@
+"""Fixtures that boot real microVMs.
+
+QEMU always (software emulation here); Firecracker too when FC_BINARY, FC_KERNEL and
+FC_ROOTFS are set, as in the original's e2e tests. The guest image is built (or taken
+from the cache) — never skipped: a machine that cannot build it fails the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from arcbox_vm.images import GuestImage, build_image
+from arcbox_vm.manager.boot import BootedVm, BootRequest, boot_vm
+from arcbox_vm.paths import data_dir
+
+
+def backends() -> list[str]:
+    names = ["qemu"]
+    if all(os.environ.get(v) for v in ("FC_BINARY", "FC_KERNEL", "FC_ROOTFS")):
+        names.append("firecracker")
+    return names
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return build_image(data_dir())
+
+
+@pytest.fixture(scope="session")
+def vm_data_dir() -> Path:
+    d = data_dir()
+    (d / "sandboxes").mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def make_driver(backend: str):
+    if backend == "firecracker":
+        from arcbox_vm.vmm.firecracker.config import FirecrackerConfig
+        from arcbox_vm.vmm.firecracker.driver import FirecrackerDriver
+
+        return FirecrackerDriver(FirecrackerConfig(binary=os.environ["FC_BINARY"], no_seccomp=True,
+                                                   log_level="Error", socket_timeout_secs=15))
+    from arcbox_vm.vmm.qemu.driver import QemuDriver
+
+    return QemuDriver()
+
+
+def boot_request(backend: str, image: GuestImage, ddir: Path, **kw) -> BootRequest:
+    sid = kw.pop("sandbox_id", None) or f"test-{secrets.token_hex(4)}"
+    if backend == "firecracker":
+        kernel, rootfs, initrd = Path(os.environ["FC_KERNEL"]), Path(os.environ["FC_ROOTFS"]), None
+    else:
+        kernel, rootfs, initrd = image.kernel, image.rootfs, image.initrd
+    return BootRequest(sandbox_id=sid, workdir=ddir / "sandboxes" / sid, kernel=kernel, rootfs=rootfs,
+                       initrd=initrd, **kw)
+
+
+@pytest.fixture(scope="session", params=backends())
+def backend(request) -> str:  # noqa: ANN001
+    return request.param
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shared_vm(backend: str, guest_image: GuestImage, vm_data_dir: Path) -> BootedVm:
+    """One VM per backend shared by the exec tests (booting takes seconds under TCG)."""
+    vm = await boot_vm(make_driver(backend), boot_request(backend, guest_image, vm_data_dir, memory_mib=512))
+    yield vm
+    await vm.destroy()
+
+
+def _our_vmm_processes() -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]).startswith((b"qemu-system", b"firecracker")) and \
+                any(a.startswith(b"arcbox-") for a in args):
+            found.append(f"{pid}: {b' '.join(args)[:120].decode(errors='replace')}")
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers_after_the_suite(vm_data_dir: Path):
+    """After every test: no VMM process and no sandbox directory may remain."""
+    yield
+    leftovers = _our_vmm_processes()
+    sandboxes = sorted(p.name for p in (vm_data_dir / "sandboxes").iterdir()) if (vm_data_dir / "sandboxes").exists() else []
+    assert not leftovers, f"VMM processes left behind: {leftovers}"
+    assert not sandboxes, f"sandbox directories left behind: {sandboxes}"
