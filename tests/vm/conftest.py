@@ -8,22 +8,16 @@ from the cache) — never skipped: a machine that cannot build it fails the suit
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from arcbox_vm.images import GuestImage, build_image
-from arcbox_vm.manager.boot import BootedVm, BootRequest, boot_vm
+from arcbox_vm.manager.boot import BootedVm, boot_vm
 from arcbox_vm.paths import data_dir
 
-
-def backends() -> list[str]:
-    names = ["qemu"]
-    if all(os.environ.get(v) for v in ("FC_BINARY", "FC_KERNEL", "FC_ROOTFS")):
-        names.append("firecracker")
-    return names
+from .vm_helpers import backends, boot_request, make_driver
 
 
 @pytest.fixture(scope="session")
@@ -36,28 +30,6 @@ def vm_data_dir() -> Path:
     d = data_dir()
     (d / "sandboxes").mkdir(parents=True, exist_ok=True)
     return d
-
-
-def make_driver(backend: str):
-    if backend == "firecracker":
-        from arcbox_vm.vmm.firecracker.config import FirecrackerConfig
-        from arcbox_vm.vmm.firecracker.driver import FirecrackerDriver
-
-        return FirecrackerDriver(FirecrackerConfig(binary=os.environ["FC_BINARY"], no_seccomp=True,
-                                                   log_level="Error", socket_timeout_secs=15))
-    from arcbox_vm.vmm.qemu.driver import QemuDriver
-
-    return QemuDriver()
-
-
-def boot_request(backend: str, image: GuestImage, ddir: Path, **kw) -> BootRequest:
-    sid = kw.pop("sandbox_id", None) or f"test-{secrets.token_hex(4)}"
-    if backend == "firecracker":
-        kernel, rootfs, initrd = Path(os.environ["FC_KERNEL"]), Path(os.environ["FC_ROOTFS"]), None
-    else:
-        kernel, rootfs, initrd = image.kernel, image.rootfs, image.initrd
-    return BootRequest(sandbox_id=sid, workdir=ddir / "sandboxes" / sid, kernel=kernel, rootfs=rootfs,
-                       initrd=initrd, **kw)
 
 
 @pytest.fixture(scope="session", params=backends())

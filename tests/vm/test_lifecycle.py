@@ -11,7 +11,7 @@ from arcbox_vm.agent.protocol import exec_request
 from arcbox_vm.errors import BootFailed
 from arcbox_vm.manager.boot import boot_vm
 
-from .conftest import boot_request, make_driver
+from .vm_helpers import boot_request, make_driver
 
 pytestmark = pytest.mark.vm
 

@@ -1,0 +1,121 @@
+"""`arcbox-vm image build` and `arcbox-vm image inject-agent ROOTFS`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from arcbox_vm.agent.bundle import agent_digest, agent_files
+from arcbox_vm.errors import ArcboxError
+from arcbox_vm.images import build_image, inject_agent
+from arcbox_vm.paths import data_dir as default_data_dir
+
+image_app = typer.Typer(
+    name="image",
+    help="Build guest images and put the agent into existing ones.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`1G`, `512M`, `1.5GiB`, `1073741824` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a size (examples: 512M, 1G, 2.5G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _fail(err: Console, exc: BaseException) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+    return typer.Exit(1)
+
+
+class _StageReporter:
+    """Shows the current stage (spinner on a terminal, plain lines otherwise) and how long each took."""
+
+    def __init__(self, err: Console) -> None:
+        self.err = err
+        self.status = None
+        self.current: str | None = None
+        self.started = time.monotonic()
+        self.t0 = self.started
+
+    def __call__(self, msg: str) -> None:
+        self._finish()
+        self.current, self.started = msg, time.monotonic()
+        if self.status is not None:
+            self.status.update(escape(msg))
+        else:
+            self.err.print(f"[bold]==>[/] {escape(msg)}", highlight=False)
+
+    def _finish(self) -> None:
+        if self.current is not None and self.status is not None:
+            took = time.monotonic() - self.started
+            self.err.print(f"[green]✓[/] {escape(self.current)} [dim]({took:.1f} s)[/]", highlight=False)
+        self.current = None
+
+    def __enter__(self) -> _StageReporter:
+        if self.err.is_terminal:
+            self.status = self.err.status("checking the image cache")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._finish()
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+@image_app.command("build")
+def build(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Data directory "
+                                            "(default: $ARCBOX_VM_DATA_DIR or /var/lib/arcbox-vm)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the image is cached "
+                               "(reuses the downloaded kernel and the rootfs base)."),
+    refresh_base: bool = typer.Option(False, "--refresh-base", help="Also rebuild the Debian base "
+                                      "with mmdebstrap (newer packages); implies --force."),
+    free_space: str = typer.Option("1G", "--free-space", help="Free space inside rootfs.ext4 (e.g. 512M, 2G)."),
+) -> None:
+    """Build the guest image (Debian cloud kernel, initramfs, ext4 rootfs with the agent), or reuse it."""
+    err = Console(stderr=True, soft_wrap=True)
+    ddir = data_dir or default_data_dir()
+    size = parse_size(free_space)
+    t0 = time.monotonic()
+    try:
+        with _StageReporter(err) as progress:
+            image = build_image(ddir, progress, force=force, refresh_base=refresh_base, free_space=size)
+    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
+        raise _fail(err, e) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    err.print(f"[dim]image {image.key} ({time.monotonic() - t0:.1f} s)[/]", highlight=False)
+    for label, value in (("key", image.key), ("kernel_release", image.kernel_release), ("dir", image.dir),
+                         ("kernel", image.kernel), ("vmlinux", image.vmlinux), ("initrd", image.initrd),
+                         ("rootfs", image.rootfs)):
+        typer.echo(f"{label + ':':16}{value}")
+
+
+@image_app.command("inject-agent")
+def inject(rootfs: Path = typer.Argument(..., help="An ext4 filesystem image (e.g. rootfs.ext4).")) -> None:
+    """Write the guest agent into an existing ext4 image, without mounting it."""
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        warnings = inject_agent(rootfs)
+    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
+        raise _fail(err, e) from None
+    for w in warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
+    typer.echo(f"agent injected into {rootfs} ({len(agent_files())} files, digest {agent_digest()[:12]})")
