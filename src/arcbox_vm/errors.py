@@ -67,3 +67,34 @@ class AgentDisconnected(AgentError):
 
 class ExecError(AgentError):
     """A command could not be started in the guest (not found, bad user, ...)."""
+
+
+class SandboxError(ArcboxError):
+    """Base of the errors about a sandbox's identity or state."""
+
+
+class SandboxNotFound(SandboxError):
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        super().__init__(f"no sandbox with id {sandbox_id!r}; list them with list_sandboxes() / `arcbox-vm ls`")
+
+
+class SandboxAlreadyExists(SandboxError):
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        super().__init__(f"a sandbox with id {sandbox_id!r} already exists; choose another id or remove it first")
+
+
+class InvalidState(SandboxError):
+    def __init__(self, sandbox_id: str, state: str, wanted: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.state = state
+        super().__init__(f"sandbox {sandbox_id!r} is {state}; {wanted}")
+
+
+class InvalidArgument(ArcboxError):
+    """A request's value is malformed (names the field)."""
+
+
+class ResourceExhausted(ArcboxError):
+    """No more of a limited resource (IP addresses, sandboxes, ...)."""

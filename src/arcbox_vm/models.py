@@ -1,17 +1,136 @@
-"""Public data types of the library API."""
+"""Public data types of the library API (a Pythonic port of the original's types)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
-Stream = Literal["stdout", "stderr", "exit"]
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Stream = Literal["stdout", "stderr", "exit", "error"]
+
+# Caller-chosen sandbox ids: used in paths, TAP bookkeeping, VMM ids (Firecracker allows
+# [A-Za-z0-9-]{1,64}); anything else is refused rather than escaped.
+SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+
+
+class SandboxState(str, enum.Enum):
+    """Lifecycle states; `str(state)` / `.value` is the lowercase name the original displayed."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True, slots=True)
 class OutputChunk:
-    """A piece of a command's output. The last chunk of a run has stream "exit"."""
+    """A piece of a command's output.
+
+    stream "stdout"/"stderr": `data` holds bytes. The last chunk of a run is either
+    "exit" (`exit_code` set; 128+N when killed by signal N) or "error" (the command could
+    not finish normally — agent connection lost, VM stopped; `data` is the UTF-8 reason).
+    """
 
     stream: Stream
     data: bytes = b""
     exit_code: int = 0
+
+
+class SandboxNetworkSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["tap", "none"] = "tap"
+
+
+class SandboxSpec(BaseModel):
+    """What to create. Empty/zero fields take `VmmConfig.defaults`.
+
+    env, working_dir and user are defaults for every command run in the sandbox.
+    ttl_seconds > 0 removes the sandbox that long after it became ready.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    kernel: str = ""
+    rootfs: str = ""
+    initrd: str = ""
+    boot_args: str = ""
+    vcpus: int = Field(0, ge=0, le=32)
+    memory_mib: int = Field(0, ge=0, le=1 << 20)
+    network: SandboxNetworkSpec = Field(default_factory=SandboxNetworkSpec)
+    ttl_seconds: int = Field(0, ge=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    working_dir: str = ""
+    user: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and not SANDBOX_ID_RE.match(v):
+            raise ValueError(
+                "sandbox ids are 1-63 characters of letters, digits and '-', starting with a letter or digit"
+            )
+        return v or None
+
+    @field_validator("memory_mib")
+    @classmethod
+    def _mem(cls, v: int) -> int:
+        if v and v < 64:
+            raise ValueError("memory_mib must be 0 (default) or at least 64")
+        return v
+
+
+@dataclass(frozen=True)
+class SandboxNetworkInfo:
+    ip_address: str
+    gateway: str
+    tap_name: str
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A snapshot of one sandbox (timestamps are Unix seconds as floats, None if unset)."""
+
+    id: str
+    state: SandboxState
+    labels: dict[str, str]
+    vcpus: int
+    memory_mib: int
+    network: SandboxNetworkInfo | None
+    created_at: float
+    ready_at: float | None = None
+    last_exited_at: float | None = None
+    last_exit_code: int | None = None
+    error: str | None = None
+    vmm: str = ""
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class SandboxSummary:
+    id: str
+    state: SandboxState
+    labels: dict[str, str]
+    ip_address: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """A lifecycle event. action: created, ready, running, idle, stopping, stopped, failed,
+    removed — or "lagged" (this subscriber missed `attributes["missed"]` events)."""
+
+    sandbox_id: str
+    action: str
+    timestamp_ns: int
+    attributes: dict[str, str] = field(default_factory=dict)

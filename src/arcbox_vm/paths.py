@@ -12,3 +12,24 @@ def data_dir() -> Path:
     """`$ARCBOX_VM_DATA_DIR` if set, else /var/lib/arcbox-vm (images, sandboxes, state)."""
     env = os.environ.get("ARCBOX_VM_DATA_DIR")
     return Path(env) if env else DEFAULT_DATA_DIR
+
+
+def runtime_dir() -> Path:
+    """Short-lived sockets: `$ARCBOX_VM_RUNTIME_DIR`, else /run/arcbox-vm (root) or
+    $XDG_RUNTIME_DIR/arcbox-vm. Kept apart from the data dir because a Unix socket path
+    is limited to 107 bytes, and data dirs can be long."""
+    env = os.environ.get("ARCBOX_VM_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/arcbox-vm")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "arcbox-vm" if xdg else Path(f"/tmp/arcbox-vm-{os.getuid()}")
+
+
+def socket_dir(workdir: Path) -> Path:
+    """The per-VM socket directory belonging to `workdir` (short, derived, so it can be
+    found again from the workdir alone, e.g. by start-up clean-up)."""
+    import hashlib
+
+    return runtime_dir() / hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:16]

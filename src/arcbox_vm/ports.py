@@ -40,6 +40,12 @@ class MachineSpec:
     tap_name: str | None = None
     guest_mac: str | None = None
     extra_boot_args: tuple[str, ...] = field(default_factory=tuple)  # e.g. ip=..., hostname
+    netns: str = ""  # named network namespace the VMM process must run in ("" = ours)
+    sockdir: Path | None = None  # where Unix sockets go (short path); None = workdir
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.sockdir if self.sockdir is not None else self.workdir
 
 
 @runtime_checkable

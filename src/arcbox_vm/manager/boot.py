@@ -20,6 +20,7 @@ from typing import Any
 from arcbox_vm.agent.host import AgentConnection, AgentListener
 from arcbox_vm.errors import BootFailed
 from arcbox_vm.manager.steps import Step, StepRunner
+from arcbox_vm.paths import socket_dir
 from arcbox_vm.ports import MachineSpec, VmmDriver
 from arcbox_vm.storage.disks import clone_disk
 
@@ -43,6 +44,7 @@ class BootRequest:
     extra_boot_args: tuple[str, ...] = ()
     tap_name: str | None = None
     guest_mac: str | None = None
+    netns: str = ""
     hello_timeout: float = 120.0
 
 
@@ -94,6 +96,7 @@ class BootedVm:
         await self.process.cleanup()
         await self.listener.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(socket_dir(self.workdir), ignore_errors=True)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -110,7 +113,8 @@ async def boot_vm(driver: VmmDriver, req: BootRequest,
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    endpoint = driver.agent_endpoint(req.workdir)
+    sockdir = socket_dir(req.workdir)
+    endpoint = driver.agent_endpoint(sockdir)
     listener = AgentListener(endpoint.listen_path)
     disk = req.workdir / "rootfs.ext4"
     state: dict[str, Any] = {}
@@ -120,6 +124,12 @@ async def boot_vm(driver: VmmDriver, req: BootRequest,
 
     async def remove_workdir() -> None:
         shutil.rmtree(req.workdir, ignore_errors=True)
+
+    async def make_sockdir() -> None:
+        sockdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def remove_sockdir() -> None:
+        shutil.rmtree(sockdir, ignore_errors=True)
 
     async def copy_disk() -> None:
         say("preparing disk")
@@ -133,7 +143,7 @@ async def boot_vm(driver: VmmDriver, req: BootRequest,
         spec = MachineSpec(
             sandbox_id=req.sandbox_id, workdir=req.workdir, kernel=req.kernel, rootfs=disk,
             boot_args=req.boot_args, vcpus=req.vcpus, memory_mib=req.memory_mib, initrd=req.initrd,
-            tap_name=req.tap_name, guest_mac=req.guest_mac,
+            tap_name=req.tap_name, guest_mac=req.guest_mac, netns=req.netns, sockdir=sockdir,
             extra_boot_args=tuple(req.extra_boot_args) + (f"arcbox.hostname={req.sandbox_id[:63]}",),
         )
         state["process"] = await driver.launch(spec, endpoint)
@@ -165,6 +175,7 @@ async def boot_vm(driver: VmmDriver, req: BootRequest,
 
     runner = StepRunner([
         Step("workdir", make_workdir, remove_workdir),
+        Step("sockdir", make_sockdir, remove_sockdir),
         Step("disk", copy_disk),
         Step("agent-listener", listen, listener.close),
         Step("launch", launch, kill_vmm),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, SERIAL_PORT_NAME
 from arcbox_vm.errors import BootFailed, VmmError
+from arcbox_vm.network.netns import exec_prefix
 from arcbox_vm.ports import AgentEndpoint, MachineSpec
 from arcbox_vm.vmm.kvm import probe_kvm
 from arcbox_vm.vmm.process import ChildProcess
@@ -103,6 +104,7 @@ class QemuDriver:
         console_log.touch()
         argv = qemu_argv(spec, endpoint, accel, self.config, console_log)
         argv[0] = self.binary()
+        argv = exec_prefix(spec.netns) + argv
         child = await ChildProcess.start(argv, spec.workdir / "vmm.log", die_with_parent=self.die_with_parent)
         proc = QemuProcess(child, console_log, accel)
         with contextlib.suppress(asyncio.TimeoutError):

@@ -1,0 +1,172 @@
+"""`VmmConfig` and its sections, as in the original's config.rs — every section optional.
+
+`VmmConfig.from_file(path)` reads TOML. Unknown keys and bad values are errors naming the
+key (`network.cidr: ...`); the original required all four sections and ignored `dns`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from arcbox_vm.errors import ConfigError
+from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS
+from arcbox_vm.paths import data_dir as default_data_dir
+from arcbox_vm.vmm.firecracker.config import FirecrackerConfig, JailerConfig
+from arcbox_vm.vmm.qemu.config import QemuConfig
+
+__all__ = [
+    "DefaultVmConfig",
+    "FirecrackerConfig",
+    "GrpcConfig",
+    "JailerConfig",
+    "NetworkConfig",
+    "QemuConfig",
+    "VmmConfig",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NetworkConfig(_Section):
+    """Sandbox networking (mode "tap"): one TAP per sandbox, point-to-point to the gateway.
+
+    cidr: the pool guest addresses come from (network, broadcast and gateway excluded).
+    gateway: the host end of every TAP and the guest's default route.
+    dns: resolvers written to the guest's /etc/resolv.conf; empty = none (no guest sends
+      DNS traffic to a resolver nobody configured).
+    nat: masquerade guest traffic leaving through any non-sandbox interface (nftables),
+      and enable IPv4 forwarding; the rules are ours and removed when the manager closes.
+    netns: named network namespace for the TAPs, routes, NAT rules and VMM processes;
+      "" = the host's. Created if missing (and then removed when the manager closes).
+    """
+
+    cidr: str = "172.20.0.0/16"
+    gateway: str = "172.20.0.1"
+    dns: list[str] = Field(default_factory=list)
+    nat: bool = False
+    netns: str = ""
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"must be an IPv4 network like 172.20.0.0/16 ({exc})") from None
+        if not 1 <= net.prefixlen <= 30:
+            raise ValueError(f"prefix must be between /1 and /30, got /{net.prefixlen}")
+        return str(net)
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, v: str) -> str:
+        try:
+            return str(ipaddress.IPv4Address(v))
+        except ValueError:
+            raise ValueError(f"must be an IPv4 address, got {v!r}") from None
+
+    @field_validator("dns")
+    @classmethod
+    def _dns(cls, v: list[str]) -> list[str]:
+        out = []
+        for item in v:
+            try:
+                out.append(str(ipaddress.ip_address(item)))
+            except ValueError:
+                raise ValueError(f"entries must be IP addresses, got {item!r}") from None
+        return out
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, v: str) -> str:
+        if v and (len(v) > 64 or "/" in v or v in (".", "..") or not v.isprintable() or " " in v):
+            raise ValueError(f"must be a namespace name (no '/', spaces; at most 64 chars), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _gateway_in_cidr(self) -> "NetworkConfig":
+        net = ipaddress.IPv4Network(self.cidr)
+        gw = ipaddress.IPv4Address(self.gateway)
+        if gw not in net or gw in (net.network_address, net.broadcast_address):
+            raise ValueError(f"gateway {gw} must be a host address inside {net}")
+        return self
+
+
+class GrpcConfig(_Section):
+    """Where the daemon listens. tcp_addr "" disables TCP."""
+
+    unix_socket: str = "/run/arcbox-vm/arcbox-vm.sock"
+    tcp_addr: str = ""
+
+
+class DefaultVmConfig(_Section):
+    """Defaults for sandboxes whose spec leaves a field empty/zero.
+
+    kernel/rootfs "" = the image made by `arcbox-vm image build` (built on first use).
+    initrd "" = the built image's initramfs when the built kernel is used, else none.
+    """
+
+    vcpus: int = Field(1, ge=1, le=32)
+    memory_mib: int = Field(512, ge=64, le=1 << 20)
+    kernel: str = ""
+    rootfs: str = ""
+    initrd: str = ""
+    boot_args: str = DEFAULT_BOOT_ARGS
+
+
+class VmmConfig(_Section):
+    """The whole configuration. `backend` picks the VMM ("auto": Firecracker if usable, else QEMU)."""
+
+    backend: Literal["auto", "firecracker", "qemu"] = "auto"
+    firecracker: FirecrackerConfig = Field(default_factory=FirecrackerConfig)
+    qemu: QemuConfig = Field(default_factory=QemuConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    defaults: DefaultVmConfig = Field(default_factory=DefaultVmConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        """Root for images, sandboxes and state (`firecracker.data_dir`, as in the original)."""
+        return Path(self.firecracker.data_dir) if self.firecracker.data_dir else default_data_dir()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VmmConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "VmmConfig":
+        """Read a TOML file; errors name the file and the key."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{p}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)

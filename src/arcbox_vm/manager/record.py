@@ -1,0 +1,58 @@
+"""The manager's record of one sandbox (internal; `SandboxInfo` is the public snapshot)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from arcbox_vm.manager.boot import BootedVm
+from arcbox_vm.models import SandboxInfo, SandboxNetworkInfo, SandboxState, SandboxSummary
+from arcbox_vm.network.backend import NetworkLease
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    labels: dict[str, str]
+    vcpus: int
+    memory_mib: int
+    kernel: str
+    rootfs: str
+    initrd: str
+    boot_args: str
+    env: dict[str, str]
+    working_dir: str
+    user: str
+    ttl_seconds: int
+    network_mode: str
+    workdir: Path
+    state: SandboxState = SandboxState.STARTING
+    created_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    last_exited_at: float | None = None
+    last_exit_code: int | None = None
+    error: str | None = None
+    lease: NetworkLease | None = None
+    vm: BootedVm | None = None
+    vmm: str = ""
+    active_execs: int = 0
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    removed: bool = False
+
+    def info(self) -> SandboxInfo:
+        net = (SandboxNetworkInfo(self.lease.ip, self.lease.gateway, self.lease.tap_name)
+               if self.lease is not None else None)
+        pid = self.vm.process.pid if self.vm is not None and self.vm.process.returncode is None else None
+        return SandboxInfo(
+            id=self.id, state=self.state, labels=dict(self.labels), vcpus=self.vcpus,
+            memory_mib=self.memory_mib, network=net, created_at=self.created_at, ready_at=self.ready_at,
+            last_exited_at=self.last_exited_at, last_exit_code=self.last_exit_code, error=self.error,
+            vmm=self.vmm, pid=pid,
+        )
+
+    def summary(self) -> SandboxSummary:
+        return SandboxSummary(self.id, self.state, dict(self.labels),
+                              self.lease.ip if self.lease else "", self.created_at)

@@ -1,0 +1,378 @@
+"""SandboxManager: the library API (a Pythonic port of the original's, without its bugs).
+
+- Ready means the agent's HELLO arrived; TTL counts from ready.
+- Stop really waits: agent shutdown, then the VMM's own stop request, then kill.
+- Several commands may run at once; RUNNING while any runs, READY after the last.
+- Remove and boot failure release everything: process, TAP, IP lease, sockets, disk copy, directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from arcbox_vm.agent import protocol
+from arcbox_vm.config import VmmConfig
+from arcbox_vm.errors import (
+    ArcboxError,
+    BootFailed,
+    InvalidArgument,
+    InvalidState,
+    SandboxAlreadyExists,
+    SandboxNotFound,
+)
+from arcbox_vm.manager.boot import BootRequest, boot_vm
+from arcbox_vm.manager.events import EventBus, EventSubscription
+from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
+from arcbox_vm.manager.images import ImageResolver
+from arcbox_vm.manager.leftovers import remove_leftovers
+from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.models import SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
+from arcbox_vm.network.backend import TapNetwork
+from arcbox_vm.ports import VmmDriver
+from arcbox_vm.vmm.select import select_driver
+
+log = logging.getLogger(__name__)
+
+S = SandboxState
+_LIVE = (S.READY, S.RUNNING)
+
+
+class SandboxManager:
+    """Creates, runs commands in, stops and removes sandboxes (microVMs).
+
+    The constructor touches nothing slow; the first call that needs it takes the data
+    dir's lock, removes what a crashed manager left behind, and selects the VMM.
+    Use `async with SandboxManager(cfg) as mgr:` or call `await mgr.close()`, which
+    removes every sandbox this manager owns.
+    """
+
+    def __init__(self, config: VmmConfig | None = None, *, driver: VmmDriver | None = None) -> None:
+        self.config = config or VmmConfig()
+        self.data_dir = self.config.data_dir
+        self._driver = driver
+        self._sandboxes: dict[str, SandboxRecord] = {}
+        self._events = EventBus()
+        self._network = TapNetwork(self.config.network, self.data_dir)
+        self._images = ImageResolver(self.config, self.data_dir)
+        self._lock_fd: int | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle of the manager itself ---------------------------------------------
+
+    @property
+    def driver(self) -> VmmDriver:
+        if self._driver is None:
+            self._driver = select_driver(self.config.backend, qemu=self.config.qemu,
+                                         firecracker=self.config.firecracker)
+        return self._driver
+
+    async def _ensure_started(self) -> None:
+        if self._closed:
+            raise ArcboxError("this SandboxManager is closed; create a new one")
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            (self.data_dir / "sandboxes").mkdir(parents=True, exist_ok=True)
+            self._take_lock()
+            await remove_leftovers(self.data_dir)
+            if os.geteuid() == 0:
+                await self._network.start()
+            self._started = True
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.data_dir / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ArcboxError(f"another arcbox-vm manager is using {self.data_dir}; stop it or use another "
+                              "data dir (firecracker.data_dir)") from None
+        self._lock_fd = fd
+
+    async def close(self) -> None:
+        """Remove every sandbox, undo network set-up, release the data dir."""
+        if self._closed:
+            return
+        self._closed = True
+        for sb in list(self._sandboxes.values()):
+            with contextlib.suppress(Exception):
+                await self._remove(sb, reason="manager_closed")
+        with contextlib.suppress(Exception):
+            await self._network.close()
+        self._events.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def __aenter__(self) -> "SandboxManager":
+        await self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- queries ---------------------------------------------------------------------
+
+    def _get(self, sandbox_id: str) -> SandboxRecord:
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or sb.removed:
+            raise SandboxNotFound(sandbox_id)
+        return sb
+
+    def inspect_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return self._get(sandbox_id).info()
+
+    def list_sandboxes(self, state: SandboxState | str | None = None,
+                       labels: dict[str, str] | None = None) -> list[SandboxSummary]:
+        """Sandboxes in `state` (None/"" = any) carrying every label in `labels`."""
+        want = SandboxState(str(state).lower()) if state else None
+        out = []
+        for sb in self._sandboxes.values():
+            if sb.removed or (want is not None and sb.state != want):
+                continue
+            if labels and any(sb.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(sb.summary())
+        return sorted(out, key=lambda s: s.created_at)
+
+    def subscribe_events(self) -> EventSubscription:
+        return self._events.subscribe()
+
+    def _emit(self, sb: SandboxRecord, action: str, **attrs: Any) -> None:
+        self._events.publish(sb.id, action, **attrs)
+
+    # -- create ----------------------------------------------------------------------
+
+    async def create_sandbox(self, spec: SandboxSpec | None = None) -> tuple[str, str]:
+        """Register a sandbox and start booting it; returns (id, ip) before boot ("" = no network)."""
+        spec = spec or SandboxSpec()
+        if not isinstance(spec, SandboxSpec):
+            raise InvalidArgument("create_sandbox takes a SandboxSpec")
+        await self._ensure_started()
+        sid = spec.id or str(uuid.uuid4())
+        if sid in self._sandboxes:
+            raise SandboxAlreadyExists(sid)
+        d = self.config.defaults
+        sb = SandboxRecord(
+            id=sid, labels=dict(spec.labels), vcpus=spec.vcpus or d.vcpus,
+            memory_mib=spec.memory_mib or d.memory_mib, kernel=spec.kernel or d.kernel,
+            rootfs=spec.rootfs or d.rootfs, initrd=spec.initrd or d.initrd,
+            boot_args=spec.boot_args or d.boot_args, env=dict(spec.env), working_dir=spec.working_dir,
+            user=spec.user, ttl_seconds=spec.ttl_seconds, network_mode=spec.network.mode,
+            workdir=self.data_dir / "sandboxes" / sid,
+        )
+        if sb.workdir.exists():
+            raise SandboxAlreadyExists(sid)
+        self._sandboxes[sid] = sb  # reserve the id before the first await
+        try:
+            if sb.network_mode == "tap":
+                sb.lease = await self._network.allocate(sid)
+        except BaseException:
+            del self._sandboxes[sid]
+            raise
+        self._emit(sb, "created")
+        sb.tasks["boot"] = asyncio.create_task(self._boot(sb), name=f"boot-{sid}")
+        return sid, sb.lease.ip if sb.lease else ""
+
+    async def _boot(self, sb: SandboxRecord) -> None:
+        driver = self.driver
+        sb.vmm = driver.name
+        try:
+            kernel, initrd, rootfs = await self._images.resolve(driver, sb.kernel, sb.initrd, sb.rootfs)
+            lease = sb.lease
+            req = BootRequest(
+                sandbox_id=sb.id, workdir=sb.workdir, kernel=kernel, rootfs=rootfs, initrd=initrd,
+                vcpus=sb.vcpus, memory_mib=sb.memory_mib, boot_args=sb.boot_args,
+                extra_boot_args=lease.boot_args if lease else (),
+                tap_name=lease.tap_name if lease else None, guest_mac=lease.mac if lease else None,
+                netns=self._network.netns if lease else "",
+            )
+            vm = await boot_vm(driver, req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._release_network(sb)
+            sb.state = S.FAILED
+            sb.error = str(exc)
+            log.warning("sandbox %s failed to boot: %s", sb.id, exc)
+            self._emit(sb, "failed", error=str(exc), reason="boot_error")
+            return
+        sb.vm = vm
+        sb.state = S.READY
+        sb.ready_at = time.time()
+        self._emit(sb, "ready")
+        sb.tasks["watch"] = asyncio.create_task(self._watch_vmm(sb), name=f"watch-{sb.id}")
+        if sb.ttl_seconds > 0:
+            sb.tasks["ttl"] = asyncio.create_task(self._ttl(sb), name=f"ttl-{sb.id}")
+
+    async def _watch_vmm(self, sb: SandboxRecord) -> None:
+        """An unexpected VMM exit makes the sandbox FAILED (reason vmm_exited)."""
+        assert sb.vm is not None
+        code = await sb.vm.process.wait()
+        if sb.state not in _LIVE or sb.removed:
+            return  # stop/remove in progress: they own the outcome
+        sb.state = S.FAILED
+        sb.error = f"the VMM exited unexpectedly (status {code})"
+        vm, sb.vm = sb.vm, None
+        await vm.destroy()
+        await self._release_network(sb)
+        self._emit(sb, "failed", error=sb.error, reason="vmm_exited")
+
+    async def _ttl(self, sb: SandboxRecord) -> None:
+        await asyncio.sleep(sb.ttl_seconds)
+        if not sb.removed:
+            sb.tasks.pop("ttl", None)  # do not cancel ourselves
+            await self._remove(sb, reason="ttl")
+
+    async def _release_network(self, sb: SandboxRecord) -> None:
+        lease, sb.lease = sb.lease, None
+        if lease is not None:
+            try:
+                await self._network.release(lease)
+            except Exception:
+                log.exception("releasing the network of sandbox %s failed", sb.id)
+
+    # -- stop / remove ---------------------------------------------------------------
+
+    async def stop_sandbox(self, sandbox_id: str, timeout_seconds: float = 30) -> None:
+        """Shut the guest down gracefully (up to `timeout_seconds`, 0 = 30), then kill it.
+
+        The VM's process, disk copy, TAP and IP are released; the record stays STOPPED
+        until removed.
+        """
+        sb = self._get(sandbox_id)
+        async with sb.lock:
+            if sb.state not in _LIVE:
+                raise InvalidState(sb.id, sb.state.value, "only a ready or running sandbox can be stopped")
+            timeout = timeout_seconds if timeout_seconds and timeout_seconds > 0 else 30
+            sb.state = S.STOPPING
+            self._emit(sb, "stopping", reason="user")
+            self._cancel_tasks(sb, "watch", "ttl")
+            vm, sb.vm = sb.vm, None
+            graceful = False
+            if vm is not None:
+                graceful = await vm.shutdown(timeout)
+                await vm.destroy()
+            await self._release_network(sb)
+            sb.state = S.STOPPED
+            self._emit(sb, "stopped", reason="user", graceful=str(graceful).lower())
+
+    async def remove_sandbox(self, sandbox_id: str, force: bool = False) -> None:
+        """Remove a sandbox and everything made for it. A RUNNING one needs force=True."""
+        sb = self._get(sandbox_id)
+        if sb.state == S.RUNNING and not force:
+            raise InvalidState(sb.id, sb.state.value, "commands are running in it; pass force=True to remove it anyway")
+        await self._remove(sb, reason="user")
+
+    async def _remove(self, sb: SandboxRecord, reason: str) -> None:
+        if sb.removed:
+            return
+        sb.removed = True
+        self._cancel_tasks(sb, "watch", "ttl")
+        boot = sb.tasks.pop("boot", None)
+        if boot is not None and not boot.done():
+            boot.cancel()
+        if boot is not None:
+            with contextlib.suppress(BaseException):
+                await boot  # its start-up steps undo themselves
+        async with sb.lock:
+            vm, sb.vm = sb.vm, None
+            if vm is not None:
+                await vm.destroy()
+            await self._release_network(sb)
+            shutil.rmtree(sb.workdir, ignore_errors=True)
+            self._sandboxes.pop(sb.id, None)
+            self._emit(sb, "removed", reason=reason)
+
+    def _cancel_tasks(self, sb: SandboxRecord, *names: str) -> None:
+        current = asyncio.current_task()
+        for name in names:
+            task = sb.tasks.pop(name, None)
+            if task is not None and task is not current:
+                task.cancel()
+
+    # -- commands --------------------------------------------------------------------
+
+    def _exec_request(self, sb: SandboxRecord, cmd: list[str], env: dict[str, str] | None, working_dir: str,
+                      user: str, tty: bool, tty_size: tuple[int, int] | None, timeout_seconds: float,
+                      stdin: bool) -> dict[str, Any]:
+        if not cmd or not all(isinstance(c, str) for c in cmd):
+            raise InvalidArgument("cmd must be a non-empty list of strings")
+        cols, rows = tty_size or (80, 24)
+        merged = {**sb.env, **(env or {})}
+        try:
+            return protocol.validate_exec_request(protocol.exec_request(
+                cmd, env=merged, cwd=working_dir or sb.working_dir, user=user or sb.user, tty=tty,
+                rows=rows, cols=cols, timeout=timeout_seconds or 0, stdin=stdin))
+        except protocol.ProtocolError as exc:
+            raise InvalidArgument(exc.message) from None
+
+    async def _start_exec(self, sb: SandboxRecord, request: dict[str, Any], cls: type[ExecStream]) -> ExecStream:
+        if sb.state not in _LIVE or sb.vm is None:
+            raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
+        session = await sb.vm.agent.exec(request)
+        sb.active_execs += 1
+        if sb.active_execs == 1 and sb.state == S.READY:
+            sb.state = S.RUNNING
+            self._emit(sb, "running")
+
+        def done(exit_code: int | None) -> None:
+            sb.active_execs -= 1
+            if exit_code is not None:
+                sb.last_exit_code = exit_code
+                sb.last_exited_at = time.time()
+            if sb.active_execs == 0 and sb.state == S.RUNNING:
+                sb.state = S.READY
+                attrs = {"exit_code": str(exit_code)} if exit_code is not None else {"exit_code": ""}
+                self._emit(sb, "idle", **attrs)
+
+        return cls(session, done)
+
+    async def run_in_sandbox(self, sandbox_id: str, cmd: list[str], env: dict[str, str] | None = None,
+                             working_dir: str = "", user: str = "", tty: bool = False,
+                             tty_size: tuple[int, int] | None = None, timeout_seconds: float = 0) -> ExecStream:
+        """Start `cmd` (no stdin); iterate the result for OutputChunks, the last being "exit"
+        (or "error"). Unknown id, wrong state or a command that cannot start raise here."""
+        sb = self._get(sandbox_id)
+        req = self._exec_request(sb, cmd, env, working_dir, user, tty, tty_size, timeout_seconds, stdin=False)
+        return await self._start_exec(sb, req, ExecStream)
+
+    async def exec_in_sandbox(self, sandbox_id: str, cmd: list[str], env: dict[str, str] | None = None,
+                              working_dir: str = "", user: str = "", tty: bool = False,
+                              tty_size: tuple[int, int] | None = None, timeout_seconds: float = 0) -> ExecHandle:
+        """Like run_in_sandbox, interactive: `send_stdin()`, `resize()`, `close_stdin()`."""
+        sb = self._get(sandbox_id)
+        req = self._exec_request(sb, cmd, env, working_dir, user, tty, tty_size, timeout_seconds, stdin=True)
+        stream = await self._start_exec(sb, req, ExecHandle)
+        assert isinstance(stream, ExecHandle)
+        return stream
+
+    # -- helpers for tests and tools -------------------------------------------------
+
+    async def wait_ready(self, sandbox_id: str, timeout: float = 120) -> SandboxInfo:
+        """Wait until the sandbox is READY (raises BootFailed if it fails)."""
+        sb = self._get(sandbox_id)
+        boot = sb.tasks.get("boot")
+        if boot is not None:
+            await asyncio.wait_for(asyncio.shield(boot), timeout)
+        if sb.state == S.FAILED:
+            raise BootFailed(sb.error or "boot failed")
+        return sb.info()
+
+    def console_log(self, sandbox_id: str) -> Path:
+        return self._get(sandbox_id).workdir / "console.log"

@@ -1,0 +1,1 @@
+"""Sandbox networking: IP pool, TAP devices (netlink), nftables NAT, network namespaces."""

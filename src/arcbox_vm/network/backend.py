@@ -1,0 +1,98 @@
+"""The sandbox network as the manager sees it: leases of (IP, TAP, MAC, boot argument).
+
+One object per manager. `start()` creates the namespace if configured (remembering
+that we did), removes TAPs and NAT tables a crashed manager of the same data dir left
+behind, and installs NAT when enabled; `close()` undoes all of that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from arcbox_vm.config import NetworkConfig
+from arcbox_vm.network import nat, netns, tap
+from arcbox_vm.network.pool import IpPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NetworkLease:
+    ip: str
+    gateway: str
+    netmask: str
+    tap_name: str
+    mac: str
+    boot_args: tuple[str, ...]
+
+
+def manager_tag(data_dir: Path) -> str:
+    """4 hex chars naming this data dir's TAPs and NAT table (so managers don't collide)."""
+    return hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:4]
+
+
+def guest_mac(ip: str) -> str:
+    """06:00:<ip bytes>: locally administered, unicast, derived from the address."""
+    b = ipaddress.IPv4Address(ip).packed
+    return "06:00:" + ":".join(f"{x:02x}" for x in b)
+
+
+class TapNetwork:
+    def __init__(self, cfg: NetworkConfig, data_dir: Path) -> None:
+        self.cfg = cfg
+        self.tag = manager_tag(data_dir)
+        self.tap_prefix = f"ab{self.tag}-"
+        self.pool = IpPool(cfg.cidr, cfg.gateway)
+        self.netns = cfg.netns
+        self._created_netns = False
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self.netns:
+            self._created_netns = netns.ensure(self.netns)
+        for name in await tap.list_taps(self.netns, self.tap_prefix):
+            log.warning("removing TAP %s left behind by an earlier manager", name)
+            await tap.delete_tap(self.netns, name)
+        await nat.remove(self.netns, self.tag)
+        if self.cfg.nat:
+            await nat.install(self.netns, self.tag, self.cfg.cidr, self.tap_prefix)
+        self._started = True
+
+    def tap_name(self, ip: str) -> str:
+        return f"{self.tap_prefix}{self.pool.offset(ip):x}"
+
+    async def allocate(self, owner: str) -> NetworkLease:
+        await self.start()
+        ip = str(self.pool.allocate(owner))
+        name = self.tap_name(ip)
+        try:
+            await tap.create_tap(self.netns, name, self.cfg.gateway, ip)
+        except BaseException:
+            self.pool.release(ip)
+            raise
+        args = [f"ip={ip}::{self.cfg.gateway}:{self.pool.netmask}::eth0:off"]
+        if self.cfg.dns:
+            args.append("arcbox.dns=" + ",".join(self.cfg.dns))
+        return NetworkLease(ip, self.cfg.gateway, self.pool.netmask, name, guest_mac(ip), tuple(args))
+
+    async def release(self, lease: NetworkLease) -> None:
+        try:
+            await tap.delete_tap(self.netns, lease.tap_name)
+        finally:
+            self.pool.release(lease.ip)
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        for name in await tap.list_taps(self.netns, self.tap_prefix):
+            await tap.delete_tap(self.netns, name)
+        await nat.remove(self.netns, self.tag)
+        if self._created_netns:
+            netns.remove(self.netns)
+        self._started = False

@@ -1,0 +1,76 @@
+"""TAP devices through netlink (pyroute2): one per sandbox, point-to-point /32.
+
+Every TAP carries the gateway address locally with the guest's address as its peer, so
+the kernel installs a /32 route to the guest through that TAP. There is no bridge: two
+guests cannot reach each other at layer 2, only through the host's routing (and NAT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from typing import Iterator
+
+from pyroute2 import IPRoute, NetNS
+
+from arcbox_vm.errors import ArcboxError
+
+
+@contextmanager
+def _ipr(netns: str) -> Iterator[IPRoute]:
+    ipr = NetNS(netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _create(netns: str, name: str, gateway: str, guest_ip: str) -> None:
+    with _ipr(netns) as ipr:
+        for idx in ipr.link_lookup(ifname=name):  # stale device of the same name
+            ipr.link("del", index=idx)
+        ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+        idx = ipr.link_lookup(ifname=name)[0]
+        try:
+            ipr.addr("add", index=idx, local=gateway, address=guest_ip, prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+        except Exception:
+            ipr.link("del", index=idx)
+            raise
+
+
+def _delete(netns: str, name: str) -> None:
+    with _ipr(netns) as ipr:
+        for idx in ipr.link_lookup(ifname=name):
+            ipr.link("del", index=idx)
+
+
+def _list(netns: str, prefix: str) -> list[str]:
+    with _ipr(netns) as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return [n for n in names if n and n.startswith(prefix)]
+
+
+def _exists(netns: str, name: str) -> bool:
+    with _ipr(netns) as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+async def create_tap(netns: str, name: str, gateway: str, guest_ip: str) -> None:
+    try:
+        await asyncio.to_thread(_create, netns, name, gateway, guest_ip)
+    except Exception as exc:
+        where = f" in network namespace {netns}" if netns else ""
+        raise ArcboxError(f"creating TAP device {name}{where} failed: {exc} (creating TAPs needs root)") from exc
+
+
+async def delete_tap(netns: str, name: str) -> None:
+    await asyncio.to_thread(_delete, netns, name)
+
+
+async def list_taps(netns: str, prefix: str) -> list[str]:
+    return await asyncio.to_thread(_list, netns, prefix)
+
+
+async def tap_exists(netns: str, name: str) -> bool:
+    return await asyncio.to_thread(_exists, netns, name)
