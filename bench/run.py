@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import json
 import secrets
 import shutil
@@ -21,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from arcbox_vm.agent.protocol import exec_request
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from arcbox_vm.agent.protocol import exec_request  # noqa: E402
 from arcbox_vm.images import build_image
 from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS, BootRequest, boot_vm
 from arcbox_vm.paths import data_dir
@@ -160,6 +163,7 @@ async def main() -> None:
     ap.add_argument("--execs", type=int, default=100)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    ap.add_argument("--only", choices=["channel", "manager"], help="run one section only")
     args = ap.parse_args()
     ddir = data_dir()
     (ddir / "sandboxes").mkdir(parents=True, exist_ok=True)
@@ -167,7 +171,15 @@ async def main() -> None:
     driver = select_driver(args.vmm)
     print(f"arcbox-vm bench: vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "
           f"boots={args.boots} execs={args.execs} stream={args.mib} MiB", flush=True)
-    # interleave the two sides so machine noise hits both alike
+    if args.only != "channel":
+        from bench.manager_bench import run as manager_run
+
+        print(f"\n{'manager vs bare driver boot':38} {'manager':>14} {'bare boot':>14} {'ratio':>7}")
+        for name, a, b, r in await manager_run(image, driver.name):
+            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+        if args.only == "manager":
+            return
+    print()
     proto = await protocol_side(driver, image, ddir, args)
     raw = await raw_side(driver, image, ddir, args)
 

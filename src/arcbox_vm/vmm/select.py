@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Literal
 
 from arcbox_vm.errors import ConfigError
 from arcbox_vm.ports import VmmDriver
-from arcbox_vm.vmm.kvm import probe_kvm
 from arcbox_vm.vmm.qemu.config import QemuConfig
 from arcbox_vm.vmm.qemu.driver import QemuDriver
 
 Backend = Literal["auto", "qemu", "firecracker"]
-
-
-def firecracker_available(binary: str) -> tuple[bool, str]:
-    """Firecracker needs its binary and a KVM that can run the guest kernel."""
-    if shutil.which(binary) is None:
-        return False, f"no firecracker binary at '{binary}'"
-    kvm = probe_kvm()
-    if not kvm.usable:
-        return False, kvm.reason
-    return True, "firecracker binary found and KVM usable"
 
 
 def select_driver(backend: Backend = "auto", *, qemu: QemuConfig | None = None, firecracker=None,
@@ -33,8 +21,10 @@ def select_driver(backend: Backend = "auto", *, qemu: QemuConfig | None = None, 
         from arcbox_vm.vmm.firecracker.config import FirecrackerConfig
         from arcbox_vm.vmm.firecracker.driver import FirecrackerDriver
 
+        from arcbox_vm.vmm.firecracker.probe import firecracker_usable
+
         fc_cfg = firecracker or FirecrackerConfig()
-        ok, why = firecracker_available(fc_cfg.binary)
+        ok, why = firecracker_usable(fc_cfg.binary)
         if ok or backend == "firecracker":
             if not ok and backend == "firecracker":
                 raise ConfigError(f"the firecracker backend cannot run here: {why}")
