@@ -8,6 +8,7 @@ from the cache) — never skipped: a machine that cannot build it fails the suit
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ import pytest_asyncio
 
 from arcbox_vm.images import GuestImage, build_image
 from arcbox_vm.manager.boot import BootedVm, boot_vm
-from arcbox_vm.paths import data_dir
+from arcbox_vm.paths import data_dir, runtime_dir
 
+from .manager_helpers import netns_list
 from .vm_helpers import backends, boot_request, make_driver
 
 
@@ -66,8 +68,15 @@ def no_leftovers_after_the_suite(vm_data_dir: Path):
     """After every test: no VMM process and no sandbox directory may remain."""
     yield
     leftovers = _our_vmm_processes()
-    sandboxes = sorted(p.name for p in (vm_data_dir / "sandboxes").iterdir()) if (vm_data_dir / "sandboxes").exists() else []
+    sandboxes = sorted(p.name for sub in ("sandboxes", "runs") if (vm_data_dir / sub).exists()
+                       for p in (vm_data_dir / sub).iterdir())
     assert not leftovers, f"VMM processes left behind: {leftovers}"
+    taps = [n for n in os.listdir("/sys/class/net") if re.match(r"^ab[0-9a-f]{4}-", n)]
+    assert not taps, f"TAP devices left behind in the host namespace: {taps}"
+    namespaces = [n for n in netns_list() if n.startswith("arcbox-t-")]
+    assert not namespaces, f"test network namespaces left behind: {namespaces}"
+    sockdirs = os.listdir(runtime_dir()) if runtime_dir().exists() else []
+    assert not sockdirs, f"socket directories left behind in {runtime_dir()}: {sockdirs}"
     assert not sandboxes, f"sandbox directories left behind: {sandboxes}"
 
 

@@ -42,11 +42,11 @@ def test_run_options_and_error_codes(guest_image):
 
 
 def test_run_missing_command_exits_127_and_leaves_no_vm(guest_image, vm_data_dir):
-    before = set(os.listdir(vm_data_dir / "sandboxes"))
+    runs = vm_data_dir / "runs"
     proc = arcbox("run", "--", "no-such-command-xyz")
     assert proc.returncode == 127
     assert b"no-such-command-xyz" in proc.stderr
-    assert set(os.listdir(vm_data_dir / "sandboxes")) <= before
+    assert not runs.exists() or os.listdir(runs) == []
 
 
 def test_run_timeout_exits_124(guest_image):

@@ -45,7 +45,7 @@ async def run_once(driver: VmmDriver, job: OneShot, on_chunk: Callable[[OutputCh
     """Boot, run `job.argv`, feed `stdin`, call `on_chunk` for output; always clean up."""
     sandbox_id = "run-" + secrets.token_hex(4)
     req = BootRequest(
-        sandbox_id=sandbox_id, workdir=job.data_dir / "sandboxes" / sandbox_id,
+        sandbox_id=sandbox_id, workdir=job.data_dir / "runs" / sandbox_id,
         kernel=job.kernel, rootfs=job.rootfs, initrd=job.initrd, vcpus=job.vcpus,
         memory_mib=job.memory_mib, boot_args=job.boot_args,
     )
