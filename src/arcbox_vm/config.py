@@ -20,6 +20,7 @@ from arcbox_vm.vmm.firecracker.config import FirecrackerConfig, JailerConfig
 from arcbox_vm.vmm.qemu.config import QemuConfig
 
 __all__ = [
+    "DaemonConfig",
     "DefaultVmConfig",
     "FirecrackerConfig",
     "GrpcConfig",
@@ -100,10 +101,44 @@ class NetworkConfig(_Section):
 
 
 class GrpcConfig(_Section):
-    """Where the daemon listens. tcp_addr "" disables TCP."""
+    """Where the daemon listens.
+
+    unix_socket: created mode 0660 (group `socket_group` if set); file permissions are the
+      access control there.
+    tcp_addr: "host:port", "" disables TCP. TCP requires TLS (tls_cert + tls_key) and a
+      bearer token (token or token_file) unless the daemon runs with --insecure-tcp.
+    """
 
     unix_socket: str = "/run/arcbox-vm/arcbox-vm.sock"
     tcp_addr: str = ""
+    socket_group: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    token: str = ""
+    token_file: str = ""
+    max_message_mib: int = Field(16, ge=4, le=1024)
+
+    @field_validator("tcp_addr")
+    @classmethod
+    def _tcp(cls, v: str) -> str:
+        if v:
+            host, sep, port = v.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+                raise ValueError(f"must be host:port (e.g. 127.0.0.1:7070), got {v!r}")
+        return v
+
+
+class DaemonConfig(_Section):
+    """`arcbox-vm serve` behaviour.
+
+    on_shutdown: what SIGTERM/SIGINT do to sandboxes: "remove" them all.
+    max_file_mib: largest file accepted by UploadFile (0 = no limit).
+    """
+
+    on_shutdown: Literal["remove"] = "remove"
+    max_file_mib: int = Field(4096, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["logfmt", "json"] = "logfmt"
 
 
 class DefaultVmConfig(_Section):
@@ -130,6 +165,7 @@ class VmmConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     defaults: DefaultVmConfig = Field(default_factory=DefaultVmConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
 
     @property
     def data_dir(self) -> Path:

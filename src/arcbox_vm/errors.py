@@ -98,3 +98,23 @@ class InvalidArgument(ArcboxError):
 
 class ResourceExhausted(ArcboxError):
     """No more of a limited resource (IP addresses, sandboxes, ...)."""
+
+
+class GuestFileError(ArcboxError):
+    """A file operation inside the guest failed (message names the path and why)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class GuestFileNotFound(GuestFileError):
+    """The guest path (or a parent directory) does not exist."""
+
+
+class GuestPermissionDenied(GuestFileError):
+    """The guest refused the operation on that path (permissions, read-only fs, ...)."""
+
+
+class FileTooLarge(ResourceExhausted):
+    """A transfer is larger than the configured limit."""

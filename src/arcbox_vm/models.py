@@ -134,3 +134,18 @@ class SandboxEvent:
     action: str
     timestamp_ns: int
     attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What the guest says about one path. type: "file", "dir", "symlink" or "other"."""
+
+    path: str
+    name: str
+    type: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    link_target: str = ""

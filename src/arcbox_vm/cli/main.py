@@ -6,6 +6,7 @@ import typer
 
 from arcbox_vm.cli.image import image_app
 from arcbox_vm.cli.run import run_command
+from arcbox_vm.cli.serve import serve_command
 
 app = typer.Typer(
     name="arcbox-vm",
@@ -15,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run", context_settings={"allow_interspersed_args": False})(run_command)
+app.command("serve")(serve_command)
 app.add_typer(image_app, name="image", help="Build guest images and put the agent into existing ones.")
 
 

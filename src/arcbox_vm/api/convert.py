@@ -1,0 +1,69 @@
+"""Protobuf <-> library types (pure functions; no I/O)."""
+
+from __future__ import annotations
+
+from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
+from arcbox_vm.errors import InvalidArgument
+from arcbox_vm.models import FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
+
+
+def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
+    """Validate and convert; fields the daemon does not implement are refused, not ignored."""
+    unsupported = [name for name, present in (
+        ("image", bool(req.image)), ("cmd", bool(req.cmd)), ("mounts", bool(req.mounts)),
+        ("ssh_public_key", req.HasField("ssh_public_key")),
+    ) if present]
+    if unsupported:
+        raise InvalidArgument(f"{', '.join(unsupported)} not supported yet: create the sandbox without it "
+                              "and use Run / UploadFile instead")
+    mode = req.network.mode if req.HasField("network") and req.network.mode else "tap"
+    if mode not in ("tap", "none"):
+        raise InvalidArgument(f"network.mode must be 'tap' or 'none', got {mode!r}")
+    return SandboxSpec(
+        id=req.id or None, labels=dict(req.labels), kernel=req.kernel, rootfs=req.rootfs, initrd=req.initrd,
+        boot_args=req.boot_args, vcpus=req.limits.vcpus, memory_mib=req.limits.memory_mib,
+        network=SandboxNetworkSpec(mode=mode), ttl_seconds=req.ttl_seconds, env=dict(req.env),
+        working_dir=req.working_dir, user=req.user,
+    )
+
+
+def tty_size(size: pb.TerminalSize | None, has: bool) -> tuple[int, int] | None:
+    if not has:
+        return None
+    w, h = size.width or 80, size.height or 24
+    if not (1 <= w <= 0xFFFF and 1 <= h <= 0xFFFF):
+        raise InvalidArgument(f"tty_size must be between 1 and 65535 columns/rows, got {w}x{h}")
+    return w, h
+
+
+def output(chunk: OutputChunk, cls=pb.RunOutput, timed_out: bool = False):  # noqa: ANN001
+    done = chunk.stream in ("exit", "error")
+    return cls(stream=chunk.stream, data=chunk.data, exit_code=chunk.exit_code, done=done, timed_out=timed_out)
+
+
+def info(i: SandboxInfo) -> pb.SandboxInfo:
+    msg = pb.SandboxInfo(
+        id=i.id, state=i.state.value, labels=i.labels,
+        limits=pb.ResourceLimits(vcpus=i.vcpus, memory_mib=i.memory_mib),
+        created_at=int(i.created_at), ready_at=int(i.ready_at or 0), last_exited_at=int(i.last_exited_at or 0),
+        last_exit_code=i.last_exit_code or 0, error=i.error or "", vmm=i.vmm,
+    )
+    if i.network is not None:
+        msg.network.CopyFrom(pb.SandboxNetwork(ip_address=i.network.ip_address, gateway=i.network.gateway,
+                                               tap_name=i.network.tap_name))
+    return msg
+
+
+def summary(s: SandboxSummary) -> pb.SandboxSummary:
+    return pb.SandboxSummary(id=s.id, state=s.state.value, labels=s.labels, ip_address=s.ip_address,
+                             created_at=int(s.created_at))
+
+
+def event(ev: SandboxEvent) -> pb.SandboxEvent:
+    return pb.SandboxEvent(sandbox_id=ev.sandbox_id, action=ev.action, timestamp=ev.timestamp_ns,
+                           attributes=ev.attributes)
+
+
+def file_stat(st: FileStat) -> pb.FileStat:
+    return pb.FileStat(path=st.path, name=st.name, type=st.type, size=st.size, mode=st.mode, uid=st.uid,
+                       gid=st.gid, mtime=st.mtime, link_target=st.link_target)

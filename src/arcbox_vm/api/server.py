@@ -1,0 +1,265 @@
+"""The sandbox.v1 servicer: validate, convert, call the manager. No business logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+import grpc
+
+from arcbox_vm import logctx
+from arcbox_vm.api import convert
+from arcbox_vm.api.registration import BadRequest
+from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
+from arcbox_vm.api.status import abort_with
+from arcbox_vm.errors import InvalidArgument, SandboxNotFound
+from arcbox_vm.manager.sandbox_manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # file and log chunks sent to clients
+
+
+def _check(request: Any) -> None:
+    if isinstance(request, BadRequest):
+        raise InvalidArgument(request.reason)
+
+
+def _need_id(request: Any) -> str:
+    _check(request)
+    if not request.id:
+        raise InvalidArgument("id is required")
+    logctx.sandbox_id.set(request.id)
+    return request.id
+
+
+def unary(fn: Callable) -> Callable:
+    """Errors become status codes (see api/status.py)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "SandboxServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
+            if not isinstance(exc, (InvalidArgument, SandboxNotFound)):
+                log.info("%s failed: %s", fn.__name__, exc)
+            await abort_with(context, exc)
+
+    return wrapper
+
+
+def streaming(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    async def wrapper(self: "SandboxServicer", request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.info("%s failed: %s", fn.__name__, exc)
+            await abort_with(context, exc)
+
+    return wrapper
+
+
+class SandboxServicer:
+    def __init__(self, manager: SandboxManager, *, max_file_bytes: int = 0) -> None:
+        self.mgr = manager
+        self.max_file_bytes = max_file_bytes
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @unary
+    async def Create(self, request: pb.CreateSandboxRequest, context: grpc.aio.ServicerContext) -> pb.CreateSandboxResponse:
+        _check(request)
+        if request.id:
+            logctx.sandbox_id.set(request.id)
+        spec = convert.spec_from_create(request)
+        sid, ip = await self.mgr.create_sandbox(spec)
+        logctx.sandbox_id.set(sid)
+        log.info("created (ip %s)", ip or "none")
+        return pb.CreateSandboxResponse(id=sid, ip_address=ip, state="starting")
+
+    @unary
+    async def Stop(self, request: pb.StopSandboxRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        await self.mgr.stop_sandbox(_need_id(request), request.timeout_seconds)
+        return pb.Empty()
+
+    @unary
+    async def Remove(self, request: pb.RemoveSandboxRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        await self.mgr.remove_sandbox(_need_id(request), request.force)
+        return pb.Empty()
+
+    @unary
+    async def Inspect(self, request: pb.InspectSandboxRequest, context: grpc.aio.ServicerContext) -> pb.SandboxInfo:
+        return convert.info(self.mgr.inspect_sandbox(_need_id(request)))
+
+    @unary
+    async def List(self, request: pb.ListSandboxesRequest, context: grpc.aio.ServicerContext) -> pb.ListSandboxesResponse:
+        _check(request)
+        try:
+            items = self.mgr.list_sandboxes(request.state or None, dict(request.labels))
+        except ValueError:
+            raise InvalidArgument(f"unknown state {request.state!r}; use starting, ready, running, stopping, "
+                                  "stopped or failed") from None
+        return pb.ListSandboxesResponse(sandboxes=[convert.summary(s) for s in items])
+
+    @streaming
+    async def Events(self, request: pb.SandboxEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SandboxEvent]:
+        _check(request)
+        sub = self.mgr.subscribe_events()
+        try:
+            async for ev in sub:
+                if ev.action != "lagged" and request.id and ev.sandbox_id != request.id:
+                    continue
+                if request.action and ev.action != request.action and ev.action != "lagged":
+                    continue
+                yield convert.event(ev)
+        finally:
+            sub.close()
+
+    # -- commands --------------------------------------------------------------------
+
+    @streaming
+    async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunOutput]:
+        sid = _need_id(request)
+        stream = await self.mgr.run_in_sandbox(
+            sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
+            convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds)
+        try:
+            async for chunk in stream:
+                yield convert.output(chunk, pb.RunOutput, _timed_out(stream, chunk))
+        finally:
+            await stream.aclose()
+
+    @streaming
+    async def Exec(self, request_iterator: AsyncIterator[pb.ExecInput],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ExecOutput]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or isinstance(first, BadRequest) or first.WhichOneof("input") != "init":
+            _check(first) if first is not None else None
+            raise InvalidArgument("the first Exec message must be `init` (an ExecRequest)")
+        init = first.init
+        sid = _need_id(init)
+        handle = await self.mgr.exec_in_sandbox(
+            sid, list(init.cmd), dict(init.env), init.working_dir, init.user, init.tty,
+            convert.tty_size(init.tty_size, init.HasField("tty_size")), init.timeout_seconds)
+
+        async def pump_input() -> None:
+            eof_sent = False
+            async for msg in request_iterator:
+                if isinstance(msg, BadRequest):
+                    break
+                kind = msg.WhichOneof("input")
+                if kind == "stdin" and not eof_sent:
+                    await handle.send_stdin(msg.stdin)
+                elif kind == "resize":
+                    w, h = convert.tty_size(msg.resize, True)  # type: ignore[misc]
+                    await handle.resize(w, h)
+                elif kind == "eof" and msg.eof and not eof_sent:
+                    await handle.close_stdin()
+                    eof_sent = True
+            if not eof_sent:  # the client half-closed: that is EOF too
+                with contextlib.suppress(Exception):
+                    await handle.close_stdin()
+
+        pump = asyncio.create_task(pump_input())
+        try:
+            async for chunk in handle:
+                yield convert.output(chunk, pb.ExecOutput, _timed_out(handle, chunk))
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+            await handle.aclose()
+
+    # -- files -----------------------------------------------------------------------
+
+    @unary
+    async def UploadFile(self, request_iterator: AsyncIterator[pb.UploadRequest],
+                         context: grpc.aio.ServicerContext) -> pb.UploadResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or isinstance(first, BadRequest) or first.WhichOneof("part") != "header":
+            _check(first) if first is not None else None
+            raise InvalidArgument("the first UploadFile message must be `header`")
+        hdr = first.header
+        sid = _need_id(hdr)
+        if self.max_file_bytes and hdr.size > self.max_file_bytes:
+            from arcbox_vm.errors import FileTooLarge
+
+            raise FileTooLarge(f"{hdr.size} bytes exceed the daemon's file size limit of {self.max_file_bytes}")
+
+        async def data() -> AsyncIterator[bytes]:
+            async for msg in request_iterator:
+                if isinstance(msg, BadRequest):
+                    raise InvalidArgument(msg.reason)
+                if msg.WhichOneof("part") != "data":
+                    raise InvalidArgument("after the header, UploadFile messages must carry `data`")
+                yield msg.data
+
+        written = await self.mgr.write_file(
+            sid, hdr.path, data(), mode=hdr.mode or 0o644, uid=max(hdr.uid, 0), gid=max(hdr.gid, 0),
+            make_parents=hdr.make_parents, size=hdr.size or None)
+        return pb.UploadResponse(path=hdr.path, size=written)
+
+    @streaming
+    async def DownloadFile(self, request: pb.DownloadRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadChunk]:
+        sid = _need_id(request)
+        reader = await self.mgr.read_file(sid, request.path)
+        try:
+            first = True
+            async for data in reader:
+                for off in range(0, len(data), CHUNK):
+                    yield pb.DownloadChunk(data=data[off:off + CHUNK], total_size=reader.size if first else 0)
+                    first = False
+            if first:
+                yield pb.DownloadChunk(data=b"", total_size=reader.size)
+        finally:
+            await reader.aclose()
+
+    @unary
+    async def StatPath(self, request: pb.StatRequest, context: grpc.aio.ServicerContext) -> pb.FileStat:
+        return convert.file_stat(await self.mgr.stat_path(_need_id(request), request.path))
+
+    @unary
+    async def ListDir(self, request: pb.ListDirRequest, context: grpc.aio.ServicerContext) -> pb.ListDirResponse:
+        entries = await self.mgr.list_dir(_need_id(request), request.path)
+        return pb.ListDirResponse(entries=[convert.file_stat(st) for st in entries])
+
+    # -- console ---------------------------------------------------------------------
+
+    @streaming
+    async def Logs(self, request: pb.LogsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LogChunk]:
+        sid = _need_id(request)
+        path = self.mgr.console_log(sid)
+        pos = 0
+        while True:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    while data := f.read(CHUNK):
+                        pos += len(data)
+                        yield pb.LogChunk(data=data)
+            except FileNotFoundError:
+                if not request.follow:
+                    return
+            if not request.follow:
+                return
+            await asyncio.sleep(0.2)
+            try:
+                self.mgr.inspect_sandbox(sid)
+            except SandboxNotFound:
+                return
+
+
+def _timed_out(stream: Any, chunk: Any) -> bool:
+    if chunk.stream != "exit":
+        return False
+    status = getattr(getattr(stream, "_session", None), "exit_status", None)
+    return bool(status and status.timed_out)

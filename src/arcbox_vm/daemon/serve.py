@@ -1,0 +1,119 @@
+"""Run the daemon: one SandboxManager, served on the Unix socket and optionally TCP.
+
+SIGTERM/SIGINT: stop accepting calls, give running streams a short grace period, cancel
+the rest, then remove the sandboxes (daemon.on_shutdown) and release the data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+
+from arcbox_vm.api.auth import BearerTokenInterceptor, read_token, server_credentials
+from arcbox_vm.api.registration import generic_handler
+from arcbox_vm.api.server import SandboxServicer
+from arcbox_vm.config import VmmConfig
+from arcbox_vm.errors import ConfigError
+from arcbox_vm.manager.sandbox_manager import SandboxManager
+
+log = logging.getLogger("arcbox_vm.daemon")
+
+STREAM_GRACE_S = 5.0
+
+
+def _options(cfg: VmmConfig) -> list[tuple[str, int]]:
+    size = cfg.grpc.max_message_mib << 20
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+
+
+def _prepare_unix_socket(path: Path) -> None:
+    """Create the parent dir; remove a stale socket, refuse if a live daemon answers on it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: stale
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another daemon is serving on {path}; stop it first or set grpc.unix_socket")
+
+
+def _secure_socket(path: Path, group: str) -> None:
+    os.chmod(path, 0o660)
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"grpc.socket_group: no group named {group!r}") from None
+        os.chown(path, -1, gid)
+
+
+async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Event | None = None) -> None:
+    manager = SandboxManager(cfg)
+    await manager._ensure_started()
+    servicer = SandboxServicer(manager, max_file_bytes=cfg.daemon.max_file_mib << 20)
+    servers: list[grpc.aio.Server] = []
+    unix_path = Path(cfg.grpc.unix_socket)
+    try:
+        _prepare_unix_socket(unix_path)
+        unix_server = grpc.aio.server(options=_options(cfg))
+        unix_server.add_generic_rpc_handlers((generic_handler(servicer),))
+        unix_server.add_insecure_port(f"unix:{unix_path}")
+        await unix_server.start()
+        servers.append(unix_server)
+        _secure_socket(unix_path, cfg.grpc.socket_group)
+        log.info("serving sandbox.v1 on unix:%s", unix_path)
+        if cfg.grpc.tcp_addr:
+            servers.append(await _start_tcp(cfg, servicer, insecure_tcp))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down: no new calls; %.0f s grace for running streams", STREAM_GRACE_S)
+    finally:
+        await asyncio.gather(*(s.stop(STREAM_GRACE_S) for s in servers), return_exceptions=True)
+        log.info("removing sandboxes (daemon.on_shutdown=%s)", cfg.daemon.on_shutdown)
+        await manager.close()
+        with contextlib.suppress(FileNotFoundError):
+            unix_path.unlink()
+        log.info("stopped")
+
+
+async def _start_tcp(cfg: VmmConfig, servicer: SandboxServicer, insecure: bool) -> grpc.aio.Server:
+    g = cfg.grpc
+    token = read_token(g.token, g.token_file)
+    if not insecure and not (g.tls_cert and g.tls_key and token):
+        raise ConfigError("grpc.tcp_addr needs TLS (grpc.tls_cert, grpc.tls_key) and a bearer token "
+                          "(grpc.token or grpc.token_file); or start with --insecure-tcp on a trusted network")
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=_options(cfg), interceptors=interceptors)
+    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    if insecure:
+        port = server.add_insecure_port(g.tcp_addr)
+    else:
+        port = server.add_secure_port(g.tcp_addr, server_credentials(g.tls_cert, g.tls_key))
+    if port == 0:
+        raise ConfigError(f"cannot listen on grpc.tcp_addr {g.tcp_addr}")
+    await server.start()
+    log.info("serving sandbox.v1 on tcp:%s (%s, %s)", g.tcp_addr, "plaintext" if insecure else "TLS",
+             "token required" if token else "NO token")
+    return server
