@@ -32,7 +32,12 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from typing import Any, Dict, List, Optional, Union
+
+# typing is imported for type checkers only: it is one of the slowest stdlib imports, and the
+# guest agent imports this module at boot under software emulation. Annotations are strings.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Union
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; HELLO carries it and the host refuses unknown majors."""
@@ -207,9 +212,10 @@ def decode_window(payload: bytes) -> int:
 
 def decode_json(payload: bytes) -> Dict[str, Any]:
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "payload is not valid UTF-8 JSON: %s" % exc)
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: deeply nested input ("[[[[...") must be a bad request, not a crash.
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "payload is not valid UTF-8 JSON: %s" % exc) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "payload must be a JSON object")
     return obj
@@ -344,20 +350,26 @@ def validate_exec_request(obj: Dict[str, Any]) -> Dict[str, Any]:
     if any(not k or "=" in k or "\x00" in k or "\x00" in v for k, v in env.items()):
         raise bad("env names must be non-empty without '=' or NUL, values without NUL")
     out = exec_request(argv, env)
-    for key, typ in (("cwd", str), ("user", str)):
+    for key in ("cwd", "user"):
         val = obj.get(key, "")
-        if not isinstance(val, typ):
+        if not isinstance(val, str):
             raise bad("%s must be a string" % key)
+        if "\x00" in val:
+            raise bad("%s must not contain NUL characters" % key)
         out[key] = val
-    out["tty"] = bool(obj.get("tty", False))
-    out["stdin"] = bool(obj.get("stdin", False))
+    for key in ("tty", "stdin"):
+        val = obj.get(key, False)
+        if not isinstance(val, bool):  # "false" would otherwise be truthy
+            raise bad("%s must be a boolean" % key)
+        out[key] = val
     for key, lo, hi in (("rows", 1, 0xFFFF), ("cols", 1, 0xFFFF)):
         val = obj.get(key, out[key])
         if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
             raise bad("%s must be an integer in %d..%d" % (key, lo, hi))
         out[key] = val
     timeout = obj.get("timeout", 0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-        raise bad("timeout must be a number >= 0")
+    # `not timeout >= 0` also rejects NaN (json accepts it); infinity is not a timeout either
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0 or timeout == float("inf"):
+        raise bad("timeout must be a finite number >= 0")
     out["timeout"] = float(timeout)
     return out

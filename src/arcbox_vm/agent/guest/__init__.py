@@ -1,0 +1,24 @@
+"""The guest agent: the PID-1 program inside every VM (stdlib only, Python 3.8+).
+
+Copied into guest images by ``arcbox_vm.agent.bundle``; the launcher calls
+``arcbox_vm.agent.guest.main.main``. Modules, one job each:
+
+- ``main``      entry point: argument parsing, PID-1 guard, never-exit wrapper
+- ``log``       one-line event log to /dev/console (PID 1) or stderr
+- ``cmdline``   kernel command-line and channel-spec parsing
+- ``libc``      mount(2)/reboot(2) through ctypes, with fallbacks when ctypes is missing
+- ``sysinit``   PID-1 boot duties: mounts, hostname, DNS, Ctrl-Alt-Del
+- ``netcfg``    ``ip=`` parsing and interface/route setup with ioctls (no ``ip`` binary)
+- ``transport`` opening the channel to the host (virtio-serial, vsock, unix socket)
+- ``agent``     the single-threaded event loop and frame dispatch
+- ``session``   one exec session: pipes/pty, credit-based output, stdin, exit tracking
+- ``spawn``     user/env/cwd resolution and fork+exec with error reporting
+- ``procs``     wait-status decoding, reaping, killing a session's processes
+- ``power``     the shutdown sequence (TERM, KILL, sync, reboot/poweroff)
+- ``rawbench``  the bare-channel benchmark mode (``arcbox.rawbench=1``)
+
+Importing this package must stay cheap: guests boot under software emulation where
+every imported module costs real time before the agent can say HELLO.
+"""
+
+AGENT_VERSION = "0.1.0"

@@ -1,0 +1,60 @@
+"""One-line event log for the agent.
+
+As PID 1 the agent writes to /dev/console, which the VMM sends to a log file on the host:
+it is the only place to look when a guest never says HELLO. Otherwise (tests, manual
+runs) lines go to stderr. Lines are written with a single ``os.write`` so they are not
+interleaved with other writers, and logging never raises: a full or broken console must
+not take PID 1 down. Callers log notable events only, never one line per data frame.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_PREFIX = "arcbox-agent"
+_fd = 2
+
+
+def init(console: bool) -> None:
+    """Choose the destination: /dev/console if ``console`` and it opens, else stderr."""
+    global _fd
+    if console:
+        try:
+            fd = os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            if _fd > 2:
+                _close_quietly(_fd)
+            _fd = fd
+            return
+    _fd = 2
+
+
+def log(msg: str) -> None:
+    """Write one line: ``arcbox-agent[pid] t=<monotonic>: msg`` (t is the uptime in a guest)."""
+    line = "%s[%d] t=%.3f: %s\n" % (_PREFIX, os.getpid(), time.monotonic(), msg)
+    try:
+        os.write(_fd, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def log_exc(msg: str) -> None:
+    """Log ``msg`` plus the current exception's traceback (imported lazily: it is slow)."""
+    try:
+        import traceback
+
+        detail = traceback.format_exc().rstrip().replace("\n", "\n    ")
+    except Exception:  # pragma: no cover - traceback itself failing
+        detail = repr(sys.exc_info()[1])
+    log("%s\n    %s" % (msg, detail))
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,342 @@
+"""Starting an exec session's process: user, environment, cwd, stdio, and fork+exec.
+
+A hand-written fork/exec rather than subprocess, because:
+
+- ``import subprocess`` costs ~0.3 s under software emulation, paid on the first EXEC;
+- the child needs setsid + TIOCSCTTY for ttys and a real uid/gid/groups switch, all
+  between fork and exec, and the agent is single-threaded so running Python there is safe;
+- the parent must never reap through Popen (PID 1 reaps with waitpid(-1)).
+
+Failures between fork and exec (bad cwd, exec error, setuid refused) travel back on a
+close-on-exec pipe as ``stage:errno:detail``: EOF on that pipe means exec succeeded.
+They become SpawnError with a protocol error code and a message that names the command,
+so the host always gets an ERROR instead of a session that never starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+
+from arcbox_vm.agent.protocol import ErrorCode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
+    from typing import Dict, List, Optional
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TTY_TERM = "xterm-256color"
+
+
+class SpawnError(Exception):
+    """The command could not be started; ``code`` is a protocol ErrorCode value."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Identity:
+    """Who the child runs as. ``switch`` False means "as the agent" (no set*id calls)."""
+
+    __slots__ = ("uid", "gid", "groups", "name", "home", "switch")
+
+    def __init__(self, uid: int, gid: int, groups: List[int], name: str, home: str, switch: bool) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self.name = name
+        self.home = home
+        self.switch = switch
+
+
+def _check_id(text: str, what: str) -> int:
+    value = int(text)
+    if value >= 0xFFFFFFFF:
+        raise SpawnError(ErrorCode.NO_SUCH_USER, "%s %s is out of range" % (what, text))
+    return value
+
+
+def resolve_user(spec: str) -> Identity:
+    """Parse the EXEC ``user`` field.
+
+    "" = the agent's own identity (root in a guest); "root"; a name; "uid"; "uid:gid"
+    or "name:group" (either side a name or a number). A uid without a passwd entry runs
+    with gid = uid, HOME=/ and no supplementary groups (never root's group by accident).
+    """
+    import pwd
+
+    if spec == "":
+        uid = os.getuid()
+        try:
+            me = pwd.getpwuid(uid)
+            return Identity(uid, os.getgid(), [], me.pw_name, me.pw_dir, False)
+        except KeyError:
+            return Identity(uid, os.getgid(), [], str(uid), "/", False)
+    user, sep, group = spec.partition(":")
+    pw: Optional[pwd.struct_passwd] = None
+    if user.isdigit():
+        uid = _check_id(user, "uid")
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            pw = None
+    elif user:
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            if user != "root":
+                raise SpawnError(ErrorCode.NO_SUCH_USER, "no such user %r in the guest's /etc/passwd" % user) from None
+        uid = pw.pw_uid if pw else 0
+    else:
+        raise SpawnError(ErrorCode.NO_SUCH_USER, "bad user spec %r: expected name, uid or uid:gid" % spec)
+    if sep:
+        if group.isdigit():
+            gid = _check_id(group, "gid")
+        elif group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise SpawnError(ErrorCode.NO_SUCH_USER, "no such group %r in the guest's /etc/group" % group) from None
+        else:
+            raise SpawnError(ErrorCode.NO_SUCH_USER, "bad user spec %r: empty group" % spec)
+    else:
+        gid = pw.pw_gid if pw else uid
+    name = pw.pw_name if pw else (user if not user.isdigit() else str(uid))
+    home = pw.pw_dir if pw else ("/root" if uid == 0 else "/")
+    groups = [gid]
+    if pw is not None:
+        try:
+            groups = sorted(set(os.getgrouplist(pw.pw_name, gid)))
+        except OSError:
+            groups = [gid]
+    return Identity(uid, gid, groups, name, home, True)
+
+
+def build_env(ident: Identity, request_env: Dict[str, str], tty: bool) -> Dict[str, str]:
+    """The child's environment: fixed defaults overlaid with the request (the agent's own is not inherited)."""
+    env = {"PATH": DEFAULT_PATH, "HOME": ident.home, "USER": ident.name, "LOGNAME": ident.name}
+    if tty:
+        env["TERM"] = TTY_TERM
+    env.update(request_env)
+    return env
+
+
+def default_cwd(ident: Identity) -> str:
+    return ident.home if ident.home and os.path.isdir(ident.home) else "/"
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class Child:
+    """A started process and the parent's ends of its stdio.
+
+    Pipe mode: ``stdin`` (write end or None when stdin is /dev/null), ``stdout``, ``stderr``.
+    TTY mode: ``master`` carries input and the merged output; the others are None.
+    """
+
+    __slots__ = ("pid", "stdin", "stdout", "stderr", "master")
+
+    def __init__(
+        self, pid: int, stdin: Optional[int], stdout: Optional[int], stderr: Optional[int], master: Optional[int]
+    ) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.master = master
+
+
+def spawn(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty: bool, rows: int, cols: int, stdin: bool) -> Child:
+    """fork+exec ``argv`` (PATH lookup in ``env``) in a new session; raises SpawnError.
+
+    The child is a session and process-group leader (pid == pgid == sid) so a timeout or a
+    SIGNAL frame reaches everything it started. All parent fds are non-blocking.
+    """
+    parent_fds: List[int] = []
+    child_fds: List[int] = []
+    try:
+        if tty:
+            master, slave = os.openpty()
+            parent_fds.append(master)
+            child_fds.append(slave)
+            set_winsize(master, rows, cols)
+            child_io = (slave, slave, slave)
+            result = Child(0, None, None, None, master)
+        else:
+            if stdin:
+                in_r, in_w = os.pipe()
+                parent_fds.append(in_w)
+                child_fds.append(in_r)
+            else:
+                in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+                child_fds.append(in_r)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            parent_fds += [out_r, err_r]
+            child_fds += [out_w, err_w]
+            child_io = (in_r, out_w, err_w)
+            result = Child(0, in_w, out_r, err_r, None)
+        err_r_pipe, err_w_pipe = os.pipe()  # both close-on-exec (PEP 446)
+    except OSError as exc:
+        _close_all(parent_fds + child_fds)
+        why = "creating stdio failed: %s" % exc.strerror
+        raise SpawnError(ErrorCode.SPAWN_FAILED, "cannot start %r: %s" % (argv[0], why)) from None
+
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _close_all(parent_fds + child_fds + [err_r_pipe, err_w_pipe])
+        raise SpawnError(ErrorCode.SPAWN_FAILED, "cannot start %r: fork failed: %s" % (argv[0], exc.strerror)) from None
+    if pid == 0:
+        _child(argv, env, cwd, ident, tty, child_io, err_w_pipe)  # never returns
+
+    _close_all(child_fds + [err_w_pipe])
+    report = bytearray()
+    try:
+        while True:
+            chunk = os.read(err_r_pipe, 4096)  # blocks only until the child execs or fails
+            if not chunk:
+                break
+            report += chunk
+    finally:
+        os.close(err_r_pipe)
+    if report:
+        # the child exits right after reporting; reap it here so no zombie lingers
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        _close_all(parent_fds)
+        raise _spawn_error(argv, cwd, env, bytes(report))
+    for fd in parent_fds:
+        os.set_blocking(fd, False)
+    result.pid = pid
+    return result
+
+
+def _close_all(fds: List[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _spawn_error(argv: List[str], cwd: str, env: Dict[str, str], report: bytes) -> SpawnError:
+    stage, _, rest = report.decode("utf-8", "replace").partition(":")
+    num, _, detail = rest.partition(":")
+    err = int(num) if num.isdigit() else 0
+    why = os.strerror(err) if err else detail
+    cmd = argv[0]
+    if stage == "path":
+        return SpawnError(ErrorCode.NOT_FOUND, "%s: command not found (PATH=%s)" % (cmd, env.get("PATH", "")))
+    if stage == "exec":
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return SpawnError(ErrorCode.NOT_FOUND, "cannot execute %s: %s" % (detail or cmd, why))
+        if err in (errno.EACCES, errno.EPERM):
+            return SpawnError(ErrorCode.PERMISSION, "cannot execute %s: %s" % (detail or cmd, why))
+        return SpawnError(ErrorCode.SPAWN_FAILED, "cannot execute %s: %s" % (detail or cmd, why))
+    if stage == "chdir":
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            return SpawnError(ErrorCode.NOT_FOUND, "cannot run %s: working directory %s: %s" % (cmd, cwd, why))
+        if err in (errno.EACCES, errno.EPERM):
+            return SpawnError(ErrorCode.PERMISSION, "cannot run %s: working directory %s: %s" % (cmd, cwd, why))
+    if stage in ("setgroups", "setgid", "setuid") and err in (errno.EPERM, errno.EACCES):
+        return SpawnError(ErrorCode.PERMISSION, "cannot run %s: %s failed: %s" % (cmd, stage, why))
+    return SpawnError(ErrorCode.SPAWN_FAILED, "cannot run %s: %s failed: %s" % (cmd, stage, why))
+
+
+def _child(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty: bool, io: tuple, report_fd: int) -> None:
+    """In the forked child: set up and exec, or report the failing stage. Never returns."""
+    stage = "setup"
+    try:
+        # Python ignores these at startup and ignored signals survive exec
+        for name in ("SIGPIPE", "SIGXFSZ"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, signal.SIG_DFL)
+        stage = "setsid"
+        os.setsid()
+        if tty:
+            import fcntl
+            import termios
+
+            stage = "tty"
+            fcntl.ioctl(io[0], termios.TIOCSCTTY, 0)
+        stage = "stdio"
+        for target, fd in enumerate(io):
+            os.dup2(fd, target)  # dup2 makes the copy inheritable
+        for fd in set(io):
+            if fd > 2:
+                os.close(fd)
+        if ident.switch:
+            stage = "setgroups"
+            os.setgroups(ident.groups)
+            stage = "setgid"
+            os.setgid(ident.gid)
+            stage = "setuid"
+            os.setuid(ident.uid)
+        stage = "chdir"
+        os.chdir(cwd)
+        stage = "exec"
+        _exec(argv, env)
+    except _PathError:
+        msg = "path:%d:" % errno.ENOENT
+    except OSError as exc:
+        detail = getattr(exc, "filename", None) or ""
+        msg = "%s:%d:%s" % (stage, exc.errno or 0, detail)
+    except BaseException as exc:
+        msg = "%s:0:%r" % (stage, exc)
+    else:  # pragma: no cover - _exec never returns normally
+        msg = "exec:0:returned"
+    try:
+        os.write(report_fd, msg.encode("utf-8", "replace"))
+    finally:
+        os._exit(127)
+
+
+def _exec(argv: List[str], env: Dict[str, str]) -> None:
+    """execve with execvp-style PATH search in the *child's* environment."""
+    prog = argv[0]
+    if "/" in prog:
+        _execve(prog, argv, env)
+    saved: Optional[OSError] = None
+    for d in env.get("PATH", DEFAULT_PATH).split(":"):
+        full = os.path.join(d or ".", prog)
+        try:
+            _execve(full, argv, env)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            if saved is None:
+                saved = exc  # e.g. EACCES: keep looking, report it if nothing else runs
+    if saved is not None:
+        raise saved
+    raise _PathError()
+
+
+def _execve(path: str, argv: List[str], env: Dict[str, str]) -> None:
+    try:
+        os.execve(path, argv, env)
+    except OSError as exc:
+        if exc.errno == errno.ENOEXEC:  # a script without "#!": run it with sh, as execvp does
+            try:
+                os.execve("/bin/sh", ["sh", path] + argv[1:], env)
+            except OSError:
+                pass
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
+class _PathError(Exception):
+    """argv[0] has no slash and is in no PATH directory."""
