@@ -131,11 +131,12 @@ class GrpcConfig(_Section):
 class DaemonConfig(_Section):
     """`arcbox-vm serve` behaviour.
 
-    on_shutdown: what SIGTERM/SIGINT do to sandboxes: "remove" them all.
+    on_shutdown: what SIGTERM/SIGINT do to sandboxes: "leave" them running (recorded in the
+      state database; the next start re-adopts them) or "remove" them all.
     max_file_mib: largest file accepted by UploadFile (0 = no limit).
     """
 
-    on_shutdown: Literal["remove"] = "remove"
+    on_shutdown: Literal["leave", "remove"] = "leave"
     max_file_mib: int = Field(4096, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["logfmt", "json"] = "logfmt"

@@ -128,12 +128,14 @@ class SandboxSummary:
 @dataclass(frozen=True)
 class SandboxEvent:
     """A lifecycle event. action: created, ready, running, idle, stopping, stopped, failed,
-    removed — or "lagged" (this subscriber missed `attributes["missed"]` events)."""
+    removed — or "lagged" (this subscriber missed `attributes["missed"]` events, which
+    happens only when it fell behind the retained part of the event log)."""
 
     sandbox_id: str
     action: str
     timestamp_ns: int
     attributes: dict[str, str] = field(default_factory=dict)
+    id: int = 0  # position in the event log (monotonic); resume with subscribe_events(since=id)
 
 
 @dataclass(frozen=True)

@@ -418,7 +418,7 @@ class AgentListener:
             if vmm_exit is not None and vmm_exit in done:
                 raise BootFailed(describe_exit() if callable(describe_exit) else "the VMM exited during boot")
 
-    async def close(self) -> None:
+    async def close(self, unlink: bool = True) -> None:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -427,5 +427,6 @@ class AgentListener:
         while not self._conns.empty():
             _, w = self._conns.get_nowait()
             w.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()

@@ -1,7 +1,9 @@
 """Run the daemon: one SandboxManager, served on the Unix socket and optionally TCP.
 
 SIGTERM/SIGINT: stop accepting calls, give running streams a short grace period, cancel
-the rest, then remove the sandboxes (daemon.on_shutdown) and release the data dir.
+the rest, then leave the sandboxes running for the next start to adopt, or remove them
+(daemon.on_shutdown), and release the data dir. VMM processes run in their own session,
+so even a daemon killed with SIGKILL leaves them running for the next start.
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         log.info("shutting down: no new calls; %.0f s grace for running streams", STREAM_GRACE_S)
     finally:
         await asyncio.gather(*(s.stop(STREAM_GRACE_S) for s in servers), return_exceptions=True)
-        log.info("removing sandboxes (daemon.on_shutdown=%s)", cfg.daemon.on_shutdown)
-        await manager.close()
+        leave = cfg.daemon.on_shutdown == "leave"
+        log.info("%s sandboxes (daemon.on_shutdown=%s)", "leaving running" if leave else "removing",
+                 cfg.daemon.on_shutdown)
+        await manager.close(remove_sandboxes=not leave)
         with contextlib.suppress(FileNotFoundError):
             unix_path.unlink()
         log.info("stopped")

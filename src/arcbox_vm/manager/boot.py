@@ -83,6 +83,16 @@ class BootedVm:
         except asyncio.TimeoutError:
             return False
 
+    async def detach(self) -> None:
+        """Let go of the VM without stopping it (it keeps running for a later adopter):
+        close our end of the agent channel and the listener; the guest agent keeps its
+        commands running and dials again when a new listener appears at the same path."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        await self.agent.close()
+        await self.listener.close(unlink=False)
+
     async def destroy(self, graceful_timeout: float = 0.0) -> None:
         """Stop the VM (gracefully first if a timeout is given) and remove everything."""
         if self._destroyed:

@@ -1,53 +1,68 @@
-"""Event fan-out: every subscriber has its own bounded queue.
+"""The event log and its subscribers.
 
-Publishing never waits: when a subscriber's queue is full its oldest events are dropped
-and it is told, with a "lagged" event carrying the count, the next time it reads. A slow
-subscriber therefore never slows the manager or the other subscribers.
+Every event is appended to the state database first (monotonic id), then subscribers are
+woken. A subscription reads the log from its own position in bounded batches, so:
+- a slow subscriber holds no memory and never slows the manager or anyone else;
+- a client that reconnects with `since=<last id it saw>` misses nothing (at-least-once;
+  ids let it drop duplicates);
+- only a subscriber that falls behind the retained window (`retain` newest events) is
+  told it lagged, with the number of events it missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
+from collections import deque
 from typing import AsyncIterator
 
 from arcbox_vm.models import SandboxEvent
+from arcbox_vm.storage.state import StateStore, StoredEvent
 
-DEFAULT_CAPACITY = 256
+DEFAULT_RETAIN = 100_000
+_BATCH = 256
+
+
+def _to_event(ev: StoredEvent) -> SandboxEvent:
+    return SandboxEvent(ev.sandbox_id, ev.action, ev.timestamp_ns, ev.attributes, ev.id)
 
 
 class EventSubscription:
     """Async iterator of SandboxEvent. `close()` (or `async with`) unsubscribes."""
 
-    def __init__(self, bus: "EventBus", capacity: int) -> None:
-        self._bus = bus
-        self._buf: collections.deque[SandboxEvent] = collections.deque()
-        self._capacity = capacity
-        self._missed = 0
+    def __init__(self, log: "EventLog", after_id: int) -> None:
+        self._log = log
+        self.position = after_id  # id of the last event handed out
+        self._buf: deque[SandboxEvent] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
-
-    def _push(self, event: SandboxEvent) -> None:
-        if len(self._buf) >= self._capacity:
-            self._buf.popleft()
-            self._missed += 1
-        self._buf.append(event)
-        self._wakeup.set()
 
     def __aiter__(self) -> AsyncIterator[SandboxEvent]:
         return self
 
+    def _fill(self) -> SandboxEvent | None:
+        oldest = self._log.oldest_id()
+        if oldest and self.position < oldest - 1:
+            missed = oldest - 1 - self.position
+            self.position = oldest - 1
+            return SandboxEvent("", "lagged", time.time_ns(), {"missed": str(missed)}, self.position)
+        for ev in self._log.store.events_since(self.position, _BATCH):
+            self._buf.append(_to_event(ev))
+        return None
+
     async def __anext__(self) -> SandboxEvent:
         while True:
-            if self._missed:
-                missed, self._missed = self._missed, 0
-                return SandboxEvent("", "lagged", time.time_ns(), {"missed": str(missed)})
+            if not self._buf:
+                self._wakeup.clear()
+                lagged = self._fill()
+                if lagged is not None:
+                    return lagged
             if self._buf:
-                return self._buf.popleft()
+                ev = self._buf.popleft()
+                self.position = ev.id
+                return ev
             if self._closed:
                 raise StopAsyncIteration
-            self._wakeup.clear()
             await self._wakeup.wait()
 
     async def recv(self, timeout: float | None = None) -> SandboxEvent:
@@ -57,7 +72,7 @@ class EventSubscription:
     def close(self) -> None:
         self._closed = True
         self._wakeup.set()
-        self._bus._subs.discard(self)
+        self._log._subs.discard(self)
 
     async def __aenter__(self) -> "EventSubscription":
         return self
@@ -66,21 +81,42 @@ class EventSubscription:
         self.close()
 
 
-class EventBus:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        self.capacity = capacity
+class EventLog:
+    def __init__(self, store: StateStore, retain: int = DEFAULT_RETAIN) -> None:
+        self.store = store
+        self.retain = retain
         self._subs: set[EventSubscription] = set()
+        self._oldest: int | None = None
+        self._appended = 0
 
-    def subscribe(self) -> EventSubscription:
-        sub = EventSubscription(self, self.capacity)
+    def oldest_id(self) -> int:
+        if self._oldest is None:
+            row = self.store.db.execute("SELECT MIN(id) FROM events").fetchone()
+            self._oldest = int(row[0] or 0)
+        return self._oldest
+
+    def subscribe(self, since: int | None = None) -> EventSubscription:
+        """From now on (since=None), or every event after id `since` (0 = the whole log)."""
+        start = self.store.last_event_id() if since is None else max(0, int(since))
+        sub = EventSubscription(self, start)
         self._subs.add(sub)
         return sub
 
-    def publish(self, sandbox_id: str, action: str, **attributes: str) -> SandboxEvent:
-        event = SandboxEvent(sandbox_id, action, time.time_ns(), {k: str(v) for k, v in attributes.items()})
+    def append(self, sandbox_id: str, action: str, **attributes: object) -> SandboxEvent:
+        """Record the event (raises StateError if it cannot be written), then wake subscribers."""
+        stored = self.store.append_event(sandbox_id, action, {k: str(v) for k, v in attributes.items()})
+        self._appended += 1
+        if self._appended % 1000 == 0:
+            self._prune(stored.id)
         for sub in list(self._subs):
-            sub._push(event)
-        return event
+            sub._wakeup.set()
+        return _to_event(stored)
+
+    def _prune(self, last_id: int) -> None:
+        cutoff = last_id - self.retain
+        if cutoff > 0:
+            self.store.db.execute("DELETE FROM events WHERE id <= ?", (cutoff,))
+            self._oldest = None
 
     def close(self) -> None:
         for sub in list(self._subs):

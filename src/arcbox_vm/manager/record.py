@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,42 @@ class SandboxRecord:
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     removed: bool = False
+    removing: bool = False  # persisted: a restart finishes a half-done removal
+    pid: int | None = None
+    pid_start: int | None = None
+
+    _SPEC_FIELDS = ("labels", "vcpus", "memory_mib", "kernel", "rootfs", "initrd", "boot_args", "env",
+                    "working_dir", "user", "ttl_seconds", "network_mode")
+
+    def to_row(self) -> dict:
+        """The persisted form (see storage/state.py)."""
+        lease = None
+        if self.lease is not None:
+            lease = json.dumps({**self.lease.__dict__, "boot_args": list(self.lease.boot_args)})
+        return {
+            "id": self.id, "state": self.state.value,
+            "spec": json.dumps({k: getattr(self, k) for k in self._SPEC_FIELDS}),
+            "workdir": str(self.workdir), "vmm": self.vmm, "pid": self.pid, "pid_start": self.pid_start,
+            "lease": lease, "created_at": self.created_at, "ready_at": self.ready_at,
+            "last_exited_at": self.last_exited_at, "last_exit_code": self.last_exit_code, "error": self.error,
+            "removing": self.removing,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> "SandboxRecord":
+        spec = json.loads(row["spec"])
+        rec = cls(id=row["id"], workdir=Path(row["workdir"]), **{k: spec[k] for k in cls._SPEC_FIELDS})
+        rec.state = SandboxState(row["state"])
+        rec.vmm = row["vmm"] or ""
+        rec.pid, rec.pid_start = row["pid"], row["pid_start"]
+        if row["lease"]:
+            data = json.loads(row["lease"])
+            data["boot_args"] = tuple(data["boot_args"])
+            rec.lease = NetworkLease(**data)
+        rec.created_at, rec.ready_at = row["created_at"], row["ready_at"]
+        rec.last_exited_at, rec.last_exit_code, rec.error = row["last_exited_at"], row["last_exit_code"], row["error"]
+        rec.removing = bool(row["removing"])
+        return rec
 
     def info(self) -> SandboxInfo:
         net = (SandboxNetworkInfo(self.lease.ip, self.lease.gateway, self.lease.tap_name)

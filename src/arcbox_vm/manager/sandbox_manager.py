@@ -30,14 +30,16 @@ from arcbox_vm.errors import (
     SandboxNotFound,
 )
 from arcbox_vm.manager.boot import BootRequest, boot_vm
-from arcbox_vm.manager.events import EventBus, EventSubscription
+from arcbox_vm.manager.events import EventLog, EventSubscription
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.images import ImageResolver
-from arcbox_vm.manager.leftovers import remove_leftovers
+from arcbox_vm.manager.recovery import recover
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.ports import VmmDriver
+from arcbox_vm.storage.state import StateStore
+from arcbox_vm.vmm.adopted import process_start_time
 from arcbox_vm.vmm.select import select_driver
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ class SandboxManager:
         self.data_dir = self.config.data_dir
         self._driver = driver
         self._sandboxes: dict[str, SandboxRecord] = {}
-        self._events = EventBus()
+        self._store = StateStore(self.data_dir)
+        self._events: EventLog | None = None
         self._network = TapNetwork(self.config.network, self.data_dir)
         self._images = ImageResolver(self.config, self.data_dir)
         self._lock_fd: int | None = None
@@ -89,10 +92,19 @@ class SandboxManager:
                 return
             (self.data_dir / "sandboxes").mkdir(parents=True, exist_ok=True)
             self._take_lock()
-            await remove_leftovers(self.data_dir)
-            if os.geteuid() == 0:
-                await self._network.start()
+            try:
+                self._open_store()
+                await recover(self)
+            except BaseException:
+                self._store.close()
+                self._release_lock()
+                raise
             self._started = True
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _take_lock(self) -> None:
         fd = os.open(self.data_dir / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -104,20 +116,39 @@ class SandboxManager:
                               "data dir (firecracker.data_dir)") from None
         self._lock_fd = fd
 
-    async def close(self) -> None:
-        """Remove every sandbox, undo network set-up, release the data dir."""
+    async def close(self, remove_sandboxes: bool = True) -> None:
+        """Release the data dir. remove_sandboxes=True (default) removes every sandbox and
+        undoes the network set-up; False leaves the VMs running, recorded in the state
+        database, for the next manager on this data dir to adopt."""
         if self._closed:
             return
         self._closed = True
-        for sb in list(self._sandboxes.values()):
+        if not self._started:
+            return
+        if remove_sandboxes:
+            for sb in list(self._sandboxes.values()):
+                with contextlib.suppress(Exception):
+                    await self._remove(sb, reason="manager_closed")
             with contextlib.suppress(Exception):
-                await self._remove(sb, reason="manager_closed")
-        with contextlib.suppress(Exception):
-            await self._network.close()
-        self._events.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+                await self._network.close()
+        else:
+            await self._detach_all()
+        if self._events is not None:
+            self._events.close()
+        self._store.close()
+        self._release_lock()
+
+    async def _detach_all(self) -> None:
+        """Let go of every VM without stopping it (booting ones cannot be adopted: removed)."""
+        for sb in list(self._sandboxes.values()):
+            if sb.state == S.STARTING:
+                with contextlib.suppress(Exception):
+                    await self._remove(sb, reason="manager_closed")
+                continue
+            self._cancel_tasks(sb, "watch", "ttl", "boot")
+            vm, sb.vm = sb.vm, None
+            if vm is not None:
+                await vm.detach()
 
     async def __aenter__(self) -> "SandboxManager":
         await self._ensure_started()
@@ -150,11 +181,42 @@ class SandboxManager:
             out.append(sb.summary())
         return sorted(out, key=lambda s: s.created_at)
 
-    def subscribe_events(self) -> EventSubscription:
-        return self._events.subscribe()
+    def subscribe_events(self, since: int | None = None) -> EventSubscription:
+        """Events from now on, or every event after id `since` (replayed from the log)."""
+        if self._closed:
+            raise ArcboxError("this SandboxManager is closed; create a new one")
+        return self._open_store().subscribe(since)
+
+    def _open_store(self) -> EventLog:
+        """Open the state database (sync and cheap, so subscribing works before start)."""
+        if self._events is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._store.open()
+            self._events = EventLog(self._store)
+        return self._events
+
+    async def start(self) -> None:
+        """Open the state, adopt surviving VMs, clean up orphans (done lazily otherwise)."""
+        await self._ensure_started()
+
+    def _save(self, sb: SandboxRecord) -> None:
+        """Persist the record; must happen before the change is announced."""
+        if sb.vm is not None and sb.vm.process.returncode is None:
+            sb.pid = sb.vm.process.pid
+            if sb.pid_start is None:
+                sb.pid_start = process_start_time(sb.pid)
+        elif sb.vm is None:
+            sb.pid = sb.pid_start = None
+        self._store.put_sandbox(sb.to_row(), sb.lease.ip if sb.lease else None)
 
     def _emit(self, sb: SandboxRecord, action: str, **attrs: Any) -> None:
-        self._events.publish(sb.id, action, **attrs)
+        """Persist the record's new state, then append and announce the event."""
+        assert self._events is not None
+        if action == "removed":
+            self._store.delete_sandbox(sb.id)
+        else:
+            self._save(sb)
+        self._events.append(sb.id, action, **attrs)
 
     # -- create ----------------------------------------------------------------------
 
@@ -182,10 +244,11 @@ class SandboxManager:
         try:
             if sb.network_mode == "tap":
                 sb.lease = await self._network.allocate(sid)
+            self._emit(sb, "created")  # recorded before anything else happens
         except BaseException:
             del self._sandboxes[sid]
+            await self._release_network(sb)
             raise
-        self._emit(sb, "created")
         sb.tasks["boot"] = asyncio.create_task(self._boot(sb), name=f"boot-{sid}")
         return sid, sb.lease.ip if sb.lease else ""
 
@@ -215,7 +278,19 @@ class SandboxManager:
         sb.vm = vm
         sb.state = S.READY
         sb.ready_at = time.time()
-        self._emit(sb, "ready")
+        try:
+            self._emit(sb, "ready")
+        except ArcboxError as exc:  # could not record it: do not run an unrecorded VM
+            sb.vm = None
+            await vm.destroy()
+            await self._release_network(sb)
+            sb.state = S.FAILED
+            sb.error = str(exc)
+            return
+        self._start_watchers(sb)
+
+    def _start_watchers(self, sb: SandboxRecord) -> None:
+        """VMM-exit watcher, and the TTL timer (counted from ready) when one is set."""
         sb.tasks["watch"] = asyncio.create_task(self._watch_vmm(sb), name=f"watch-{sb.id}")
         if sb.ttl_seconds > 0:
             sb.tasks["ttl"] = asyncio.create_task(self._ttl(sb), name=f"ttl-{sb.id}")
@@ -234,7 +309,7 @@ class SandboxManager:
         self._emit(sb, "failed", error=sb.error, reason="vmm_exited")
 
     async def _ttl(self, sb: SandboxRecord) -> None:
-        await asyncio.sleep(sb.ttl_seconds)
+        await asyncio.sleep(max(0.0, (sb.ready_at or time.time()) + sb.ttl_seconds - time.time()))
         if not sb.removed:
             sb.tasks.pop("ttl", None)  # do not cancel ourselves
             await self._remove(sb, reason="ttl")
@@ -283,6 +358,9 @@ class SandboxManager:
         if sb.removed:
             return
         sb.removed = True
+        sb.removing = True
+        with contextlib.suppress(ArcboxError):
+            self._save(sb)  # a restart finishes what this starts
         self._cancel_tasks(sb, "watch", "ttl")
         boot = sb.tasks.pop("boot", None)
         if boot is not None and not boot.done():
@@ -326,13 +404,20 @@ class SandboxManager:
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
         session = await sb.vm.agent.exec(request)
+        channel = session.channel
+        with contextlib.suppress(ArcboxError):
+            self._store.put_exec(sb.id, channel, list(request["argv"]))
         sb.active_execs += 1
         if sb.active_execs == 1 and sb.state == S.READY:
             sb.state = S.RUNNING
             self._emit(sb, "running")
 
         def done(exit_code: int | None) -> None:
+            with contextlib.suppress(ArcboxError):
+                self._store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
             sb.active_execs -= 1
+            if sb.removed or self._closed:
+                return
             if exit_code is not None:
                 sb.last_exit_code = exit_code
                 sb.last_exited_at = time.time()

@@ -49,14 +49,24 @@ class TapNetwork:
         self.pool = IpPool(cfg.cidr, cfg.gateway)
         self.netns = cfg.netns
         self._created_netns = False
+        # "we created this namespace" must survive a restart that adopts running VMs
+        self._netns_marker = Path(data_dir) / "netns-created"
         self._started = False
 
-    async def start(self) -> None:
+    async def start(self, keep_taps: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Create the namespace if needed; remove our TAPs that no sandbox owns (`keep_taps`
+        are re-adopted ones) and a stale NAT table; install NAT if configured."""
         if self._started:
             return
         if self.netns:
-            self._created_netns = netns.ensure(self.netns)
+            created = netns.ensure(self.netns)
+            marked = self._netns_marker.exists() and self._netns_marker.read_text().strip() == self.netns
+            self._created_netns = created or marked
+            if created:
+                self._netns_marker.write_text(self.netns + "\n")
         for name in await tap.list_taps(self.netns, self.tap_prefix):
+            if name in keep_taps:
+                continue
             log.warning("removing TAP %s left behind by an earlier manager", name)
             await tap.delete_tap(self.netns, name)
         await nat.remove(self.netns, self.tag)
@@ -81,6 +91,12 @@ class TapNetwork:
             args.append("arcbox.dns=" + ",".join(self.cfg.dns))
         return NetworkLease(ip, self.cfg.gateway, self.pool.netmask, name, guest_mac(ip), tuple(args))
 
+    async def release_orphan(self, lease: NetworkLease) -> None:
+        """Delete the TAP of a lease the pool does not hold (found in the state at start)."""
+        if self.netns and not netns.exists(self.netns):
+            return  # opening a missing namespace would create it
+        await tap.delete_tap(self.netns, lease.tap_name)
+
     async def release(self, lease: NetworkLease) -> None:
         try:
             await tap.delete_tap(self.netns, lease.tap_name)
@@ -95,4 +111,5 @@ class TapNetwork:
         await nat.remove(self.netns, self.tag)
         if self._created_netns:
             netns.remove(self.netns)
+            self._netns_marker.unlink(missing_ok=True)
         self._started = False
