@@ -61,7 +61,7 @@ def summary(s: SandboxSummary) -> pb.SandboxSummary:
 
 def event(ev: SandboxEvent) -> pb.SandboxEvent:
     return pb.SandboxEvent(sandbox_id=ev.sandbox_id, action=ev.action, timestamp=ev.timestamp_ns,
-                           attributes=ev.attributes)
+                           attributes=ev.attributes, id=ev.id)
 
 
 def file_stat(st: FileStat) -> pb.FileStat:

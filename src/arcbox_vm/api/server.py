@@ -112,7 +112,7 @@ class SandboxServicer:
     @streaming
     async def Events(self, request: pb.SandboxEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SandboxEvent]:
         _check(request)
-        sub = self.mgr.subscribe_events()
+        sub = self.mgr.subscribe_events(request.since if request.HasField("since") else None)
         try:
             async for ev in sub:
                 if ev.action != "lagged" and request.id and ev.sandbox_id != request.id:

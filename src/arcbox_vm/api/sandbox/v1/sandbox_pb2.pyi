@@ -304,15 +304,17 @@ class ListSandboxesResponse(_message.Message):
     def __init__(self, sandboxes: _Optional[_Iterable[_Union[SandboxSummary, _Mapping]]] = ...) -> None: ...
 
 class SandboxEventsRequest(_message.Message):
-    __slots__ = ("id", "action")
+    __slots__ = ("id", "action", "since")
     ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     action: str
-    def __init__(self, id: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+    since: int
+    def __init__(self, id: _Optional[str] = ..., action: _Optional[str] = ..., since: _Optional[int] = ...) -> None: ...
 
 class SandboxEvent(_message.Message):
-    __slots__ = ("sandbox_id", "action", "timestamp", "attributes")
+    __slots__ = ("sandbox_id", "action", "timestamp", "attributes", "id")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -324,11 +326,13 @@ class SandboxEvent(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     action: str
     timestamp: int
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, sandbox_id: _Optional[str] = ..., action: _Optional[str] = ..., timestamp: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    id: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., action: _Optional[str] = ..., timestamp: _Optional[int] = ..., attributes: _Optional[_Mapping[str, str]] = ..., id: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
     __slots__ = ("id", "path", "mode", "uid", "gid", "make_parents", "size")
