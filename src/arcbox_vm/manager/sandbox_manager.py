@@ -16,10 +16,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any
 
 from arcbox_vm.agent import protocol
+from arcbox_vm.agent.host import AgentConnection, FileReader
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import (
     ArcboxError,
@@ -29,13 +31,14 @@ from arcbox_vm.errors import (
     SandboxAlreadyExists,
     SandboxNotFound,
 )
+from arcbox_vm.manager import files as _files
 from arcbox_vm.manager.boot import BootRequest, boot_vm
 from arcbox_vm.manager.events import EventLog, EventSubscription
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.images import ImageResolver
 from arcbox_vm.manager.recovery import recover
 from arcbox_vm.manager.record import SandboxRecord
-from arcbox_vm.models import SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
+from arcbox_vm.models import FileStat, SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.ports import VmmDriver
 from arcbox_vm.storage.state import StateStore
@@ -133,6 +136,9 @@ class SandboxManager:
                 await self._network.close()
         else:
             await self._detach_all()
+            if not any(sb.state in _LIVE for sb in self._sandboxes.values()):
+                with contextlib.suppress(Exception):
+                    await self._network.close()  # nothing to keep: no namespace, TAP or rule
         if self._events is not None:
             self._events.close()
         self._store.close()
@@ -446,6 +452,44 @@ class SandboxManager:
         stream = await self._start_exec(sb, req, ExecHandle)
         assert isinstance(stream, ExecHandle)
         return stream
+
+    # -- files -----------------------------------------------------------------------
+
+    def _file_agent(self, sandbox_id: str) -> AgentConnection:
+        sb = self._get(sandbox_id)
+        if sb.state not in _LIVE or sb.vm is None:
+            raise InvalidState(sb.id, sb.state.value, "files move only in and out of a ready or running sandbox")
+        return sb.vm.agent
+
+    @property
+    def _file_limit(self) -> int:
+        return _files.limit_bytes(self.config.daemon.max_file_mib)
+
+    async def write_file(self, sandbox_id: str, path: str, data: AsyncIterable[bytes], *, mode: int = 0o644,
+                         uid: int = 0, gid: int = 0, make_parents: bool = False, size: int | None = None) -> int:
+        """Stream `data` into the guest file `path`, atomically replacing it; returns bytes written.
+
+        The file gets `mode` and `uid`:`gid`; with a non-root uid the guest creates it with
+        that user's permissions (a root-only directory refuses). `make_parents` creates
+        missing directories (0755, owned by uid:gid). `size`, if given, must match the data.
+        Larger than `daemon.max_file_mib` raises FileTooLarge. The sandbox state is unchanged.
+        """
+        agent = self._file_agent(sandbox_id)
+        return await _files.write_file(agent, path, data, mode=mode, uid=uid, gid=gid, make_parents=make_parents,
+                                       size=size, limit=self._file_limit)
+
+    async def read_file(self, sandbox_id: str, path: str) -> FileReader:
+        """Open the guest file `path` for download: `.size`, async-iterate bytes, `aclose()`."""
+        return await _files.read_file(self._file_agent(sandbox_id), path, limit=self._file_limit)
+
+    async def stat_path(self, sandbox_id: str, path: str) -> FileStat:
+        """Type, size, mode, owner, mtime (and link target) of a guest path; symlinks are followed."""
+        return await _files.stat_path(self._file_agent(sandbox_id), path)
+
+    async def list_dir(self, sandbox_id: str, path: str) -> list[FileStat]:
+        """The entries of a guest directory, sorted by name (the result's `.truncated` is true
+        when the directory was too big to list whole)."""
+        return await _files.list_dir(self._file_agent(sandbox_id), path)
 
     # -- helpers for tests and tools -------------------------------------------------
 

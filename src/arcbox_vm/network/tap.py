@@ -11,18 +11,24 @@ import asyncio
 from contextlib import contextmanager
 from typing import Iterator
 
-from pyroute2 import IPRoute, NetNS
+from pyroute2 import IPRoute
 
 from arcbox_vm.errors import ArcboxError
+from arcbox_vm.network.netns import entered
 
 
 @contextmanager
 def _ipr(netns: str) -> Iterator[IPRoute]:
-    ipr = NetNS(netns) if netns else IPRoute()
-    try:
-        yield ipr
-    finally:
-        ipr.close()
+    """This worker thread inside `netns` (setns, no fork) with a netlink socket there.
+
+    The whole operation runs inside: TAP creation goes through /dev/net/tun, whose
+    devices appear in the namespace of the thread that creates them."""
+    with entered(netns):
+        ipr = IPRoute()
+        try:
+            yield ipr
+        finally:
+            ipr.close()
 
 
 def _create(netns: str, name: str, gateway: str, guest_ip: str) -> None:
