@@ -41,7 +41,7 @@ from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import FileStat, SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.ports import VmmDriver
-from arcbox_vm.storage.state import StateStore
+from arcbox_vm.storage.state import StateError, StateStore
 from arcbox_vm.vmm.adopted import process_start_time
 from arcbox_vm.vmm.select import select_driver
 
@@ -93,7 +93,10 @@ class SandboxManager:
         async with self._start_lock:
             if self._started:
                 return
-            (self.data_dir / "sandboxes").mkdir(parents=True, exist_ok=True)
+            try:
+                (self.data_dir / "sandboxes").mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"cannot use the data dir {self.data_dir}: {exc.strerror}") from None
             self._take_lock()
             try:
                 self._open_store()
@@ -110,7 +113,11 @@ class SandboxManager:
             self._lock_fd = None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.data_dir / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.data_dir / "manager.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot use the data dir {self.data_dir}: {exc.strerror}; check that it is "
+                             "writable and not full") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -101,6 +101,10 @@ class StateStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            # not damage: the data dir cannot be written (read-only, full, permissions)
+            raise StateError(f"the state database {self.path} cannot be opened for writing ({exc}): check that "
+                             f"{self.path.parent} is writable and not full") from None
         except sqlite3.DatabaseError as exc:
             raise StateCorrupt(f"the state database {self.path} cannot be opened ({exc}); {recover}") from None
         if check != "ok":
