@@ -163,15 +163,16 @@ async def main() -> None:
     ap.add_argument("--execs", type=int, default=100)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
-    ap.add_argument("--only", choices=["channel", "manager"], help="run one section only")
+    ap.add_argument("--only", choices=["channel", "manager", "daemon"], help="run one section only")
+    ap.add_argument("--file-mib", type=int, default=256, help="file size for the daemon's upload/download")
     args = ap.parse_args()
     ddir = data_dir()
     (ddir / "sandboxes").mkdir(parents=True, exist_ok=True)
     image = build_image(ddir)
     driver = select_driver(args.vmm)
-    print(f"arcbox-vm bench: vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "
+    print(f"arcbox-vm bench (ratios: first column / second column, measured in this run): vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "
           f"boots={args.boots} execs={args.execs} stream={args.mib} MiB", flush=True)
-    if args.only != "channel":
+    if args.only in (None, "manager"):
         from bench.manager_bench import run as manager_run
 
         print(f"\n{'manager vs bare driver boot':38} {'manager':>14} {'bare boot':>14} {'ratio':>7}")
@@ -179,10 +180,22 @@ async def main() -> None:
             print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
         if args.only == "manager":
             return
-    print()
-    proto = await protocol_side(driver, image, ddir, args)
-    raw = await raw_side(driver, image, ddir, args)
+    raw_rate = None
+    if args.only in (None, "channel"):
+        print()
+        proto = await protocol_side(driver, image, ddir, args)
+        raw = await raw_side(driver, image, ddir, args)
+        raw_rate = args.mib / raw["stream"]
+        print_channel(proto, raw, args)
+    if args.only in (None, "daemon") and driver.name == "qemu":
+        from bench.daemon_bench import run as daemon_run
 
+        print(f"\n{'daemon (gRPC) vs in-process':38} {'daemon':>14} {'in-process':>14} {'ratio':>7}")
+        for name, a, b, r in await daemon_run(image, raw_rate, args.execs, args.file_mib):
+            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+
+
+def print_channel(proto: dict, raw: dict, args) -> None:  # noqa: ANN001
     ms = lambda s: f"{s * 1000:9.1f} ms"  # noqa: E731
     rows = []
     pb, rb = statistics.median(proto["boot"]), statistics.median(raw["boot"])
