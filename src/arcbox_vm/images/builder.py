@@ -27,7 +27,7 @@ from arcbox_vm.images.cache import GuestImage
 
 # Bump when the build code changes what ends up in an image (layout, files written, options):
 # the version is part of every image key.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: agent byte-compiled in the rootfs
 KERNEL_META = apt.KERNEL_META_PACKAGE
 RESOLVED_KERNEL_FILE = "kernel-package.json"
 KEEP_IMAGES = 3  # older images (e.g. with a previous agent) are deleted after a build
