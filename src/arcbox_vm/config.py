@@ -20,6 +20,7 @@ from arcbox_vm.vmm.firecracker.config import FirecrackerConfig, JailerConfig
 from arcbox_vm.vmm.qemu.config import QemuConfig
 
 __all__ = [
+    "AgentConfig",
     "DaemonConfig",
     "DefaultVmConfig",
     "FirecrackerConfig",
@@ -157,6 +158,21 @@ class DefaultVmConfig(_Section):
     boot_args: str = DEFAULT_BOOT_ARGS
 
 
+class AgentConfig(_Section):
+    """Talking to guest agents.
+
+    hello_timeout_s: how long a booting VM gets to say HELLO before it is FAILED.
+    keepalive_interval_s / keepalive_timeout_s: a live agent is pinged this often; one that
+      does not answer for the timeout is declared gone: its command streams end with an
+      error and the sandbox becomes FAILED (reason agent_unresponsive). Generous by
+      default: under software emulation a loaded host answers slowly.
+    """
+
+    hello_timeout_s: float = Field(120.0, gt=0)
+    keepalive_interval_s: float = Field(10.0, gt=0)
+    keepalive_timeout_s: float = Field(60.0, gt=0)
+
+
 class VmmConfig(_Section):
     """The whole configuration. `backend` picks the VMM ("auto": Firecracker if usable, else QEMU)."""
 
@@ -167,6 +183,7 @@ class VmmConfig(_Section):
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     defaults: DefaultVmConfig = Field(default_factory=DefaultVmConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
 
     @property
     def data_dir(self) -> Path:

@@ -5,23 +5,41 @@ One `AgentConnection` wraps the byte stream the VMM hands us when the guest agen
 reader task demultiplexes frames to `ExecSession`s by channel number. Output credit is
 granted back to the guest only as the consumer takes chunks out, so a slow reader stops
 the guest's pipes instead of growing host memory.
+
+File transfers (`write_file`, `read_file`, `stat`, `list_dir`) use their own channels and
+the same credit scheme in both directions: an upload sends FILE_DATA only against credit
+the agent returns as it writes to disk, a download grants credit back only as the caller
+takes chunks out. Neither side holds more than one window (1 MiB) per transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import os
+import posixpath
 import time
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from arcbox_vm.agent import protocol as p
-from arcbox_vm.errors import AgentDisconnected, AgentError, BootFailed, ExecError
-from arcbox_vm.models import OutputChunk
+from arcbox_vm.errors import (
+    AgentDisconnected,
+    AgentError,
+    BootFailed,
+    ExecError,
+    FileTooLarge,
+    GuestFileError,
+    GuestFileNotFound,
+    GuestPermissionDenied,
+    InvalidArgument,
+)
+from arcbox_vm.models import FileStat, OutputChunk
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +201,7 @@ class AgentConnection:
         self._writer = writer
         self.hello = hello
         self._decoder = decoder
-        self._sessions: dict[int, ExecSession] = {}
+        self._sessions: dict[int, Any] = {}  # channel -> ExecSession or a file operation
         self._channels = itertools.count(1)
         self._write_lock = asyncio.Lock()
         self._pings: dict[bytes, asyncio.Future[float]] = {}
@@ -276,6 +294,17 @@ class AgentConnection:
         with contextlib.suppress(AgentDisconnected):
             await self._send(data)
 
+    def _send_nowait(self, data: bytes) -> None:
+        """Queue a small frame without waiting (cleanup of a failed or cancelled operation).
+
+        Safe next to `_send`: `write()` appends whole frames to the transport's buffer, the
+        lock only serialises waiting for it to drain.
+        """
+        if self.closed.done():
+            return
+        with contextlib.suppress(Exception):
+            self._writer.write(data)
+
     # -- public operations -----------------------------------------------------------
 
     async def exec(self, request: dict[str, Any]) -> ExecSession:
@@ -293,6 +322,117 @@ class AgentConnection:
             self._sessions.pop(channel, None)
             raise
         return session
+
+    # -- files -----------------------------------------------------------------------
+
+    @property
+    def supports_files(self) -> bool:
+        return p.FEATURE_FILES in (self.hello.get("features") or [])
+
+    def _require_files(self) -> None:
+        if not self.supports_files:
+            raise GuestFileError("the guest agent is too old for file transfer; rebuild the image "
+                                 "(`arcbox-vm image build`) or re-inject the agent")
+
+    def _open_channel(self, op: Any) -> None:
+        self._sessions[op.channel] = op
+
+    async def write_file(self, path: str, chunks: AsyncIterable[bytes], *, mode: int = 0o644, uid: int = 0,
+                         gid: int = 0, make_parents: bool = False, size: int | None = None,
+                         max_bytes: int = 0) -> int:
+        """Stream `chunks` into the guest file `path` (atomically replaced); returns bytes written.
+
+        The guest writes to a temporary file next to `path` and renames it into place after
+        fsync; any failure (guest error, an exception from `chunks`, cancellation, a lost
+        channel) removes the temporary file. `max_bytes` > 0 aborts with FileTooLarge once
+        more than that many bytes came from `chunks`. Memory: one 64 KiB frame at a time.
+        """
+        self._require_files()
+        body = p.file_write_request(path, mode, uid, gid, make_parents, size)
+        _check_request(p.MsgType.FILE_WRITE, body)
+        op = _FileWrite(self, next(self._channels), path)
+        self._open_channel(op)
+        try:
+            await self._send(p.encode_json(p.MsgType.FILE_WRITE, op.channel, body))
+            await op.ready
+            sent = 0
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                view = memoryview(chunk).cast("B")
+                sent += len(view)
+                if max_bytes and sent > max_bytes:
+                    raise FileTooLarge(f"{path}: the upload exceeds the limit of {max_bytes} bytes")
+                if size is not None and sent > size:
+                    raise InvalidArgument(f"{path}: the upload sent more than its declared size of {size} bytes")
+                while view:
+                    n = await op.take_credit(len(view))
+                    await self._send(p.encode_frame(p.MsgType.FILE_DATA, op.channel, bytes(view[:n])))
+                    view = view[n:]
+            op.check()
+            await self._send(p.encode_frame(p.MsgType.FILE_END, op.channel))
+            return await op.done
+        except BaseException:
+            op.cancel()
+            raise
+        finally:
+            self._sessions.pop(op.channel, None)
+
+    async def read_file(self, path: str, *, max_bytes: int = 0) -> "FileReader":
+        """Open the guest file `path` for streaming: returns once the guest opened it.
+
+        Iterate the reader for bytes chunks; `aclose()` (or `async with`) aborts early.
+        `max_bytes` > 0 refuses (FileTooLarge) a file announced or found to be larger.
+        """
+        self._require_files()
+        body = {"path": path}
+        _check_request(p.MsgType.FILE_READ, body)
+        reader = FileReader(self, next(self._channels), path, max_bytes)
+        self._open_channel(reader)
+        try:
+            await self._send(p.encode_json(p.MsgType.FILE_READ, reader.channel, body))
+            await reader._opened
+        except BaseException:
+            await reader.aclose()
+            raise
+        if max_bytes and reader.size > max_bytes:
+            await reader.aclose()
+            raise FileTooLarge(f"{path} is {reader.size} bytes, more than the limit of {max_bytes} bytes")
+        return reader
+
+    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
+        """What the guest says about `path` (lstat when follow_symlinks is false)."""
+        body = await self._file_request(p.MsgType.FILE_STAT, {"path": path, "follow_symlinks": follow_symlinks},
+                                        p.MsgType.FILE_STAT_RESULT, path)
+        return _file_stat(body, path)
+
+    async def list_dir(self, path: str, *, limit: int = 0) -> "DirListing":
+        """The entries of the guest directory `path`, sorted by name (not following symlinks).
+
+        At most `limit` (0 = the protocol's maximum) entries; `.truncated` says some were left out.
+        """
+        req: dict[str, Any] = {"path": path}
+        if limit:
+            req["limit"] = limit
+        body = await self._file_request(p.MsgType.FILE_LIST, req, p.MsgType.FILE_LIST_RESULT, path)
+        entries = body.get("entries")
+        if not isinstance(entries, list):
+            raise AgentError("the guest agent sent a malformed directory listing")
+        listing = DirListing(_file_stat(e, posixpath.join(path, str(e.get("name", "")))) for e in entries
+                             if isinstance(e, dict))
+        listing.truncated = bool(body.get("truncated"))
+        return listing
+
+    async def _file_request(self, type: int, body: dict[str, Any], reply: int, path: str) -> dict[str, Any]:
+        self._require_files()
+        _check_request(type, body)
+        op = _FileRequest(self, next(self._channels), path, reply)
+        self._open_channel(op)
+        try:
+            await self._send(p.encode_json(type, op.channel, body))
+            return await op.result
+        finally:
+            self._sessions.pop(op.channel, None)
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round trip to the agent in seconds."""
@@ -324,6 +464,323 @@ class AgentConnection:
         with contextlib.suppress(Exception):
             self._writer.close()
             await self._writer.wait_closed()
+
+
+# -- file operations ---------------------------------------------------------------------
+
+READ_COALESCE = 1 << 20  # a FileReader joins queued frames into chunks of up to this many bytes
+
+
+class DirListing(list):
+    """`list_dir`'s result: a list of FileStat plus `truncated` (the guest left entries out)."""
+
+    truncated: bool = False
+
+
+def file_error(body: dict[str, Any], path: str) -> Exception:
+    """The exception for a guest ERROR about a file operation (`.code` holds the guest's code)."""
+    code = str(body.get("code", p.ErrorCode.INTERNAL))
+    msg = str(body.get("message", "")) or f"the guest agent refused the operation on {path} ({code})"
+    exc: Exception
+    if code == p.ErrorCode.NOT_FOUND:
+        exc = GuestFileNotFound(msg, path)
+    elif code == p.ErrorCode.PERMISSION:
+        exc = GuestPermissionDenied(msg, path)
+    elif code == p.ErrorCode.TOO_LARGE:
+        exc = FileTooLarge(msg)
+    elif code == p.ErrorCode.BAD_REQUEST:
+        exc = InvalidArgument(msg)
+    elif code in (p.ErrorCode.INTERNAL, p.ErrorCode.NO_SUCH_CHANNEL, p.ErrorCode.CHANNEL_IN_USE,
+                  p.ErrorCode.UNKNOWN_TYPE, p.ErrorCode.OVERSIZED, p.ErrorCode.BAD_FRAME):
+        exc = AgentError(msg, code=code)
+    else:  # is_a_directory, not_a_directory, exists, no_space, not_regular, io, too_many, ...
+        exc = GuestFileError(msg, path)
+    exc.code = code  # type: ignore[attr-defined]
+    return exc
+
+
+def _check_request(type: int, body: dict[str, Any]) -> None:
+    try:
+        p.validate_file_request(type, body)
+    except p.ProtocolError as exc:
+        raise InvalidArgument(exc.message) from None
+
+
+def _file_stat(body: Any, path: str) -> FileStat:
+    if not isinstance(body, dict):
+        raise AgentError("the guest agent sent a malformed file description")
+    try:
+        return FileStat(path=str(body.get("path") or path), name=str(body.get("name", "")),
+                        type=str(body.get("type", "other")), size=int(body.get("size", 0)),
+                        mode=int(body.get("mode", 0)), uid=int(body.get("uid", 0)), gid=int(body.get("gid", 0)),
+                        mtime=float(body.get("mtime", 0.0)), link_target=str(body.get("link_target", "")))
+    except (TypeError, ValueError) as exc:
+        raise AgentError(f"the guest agent sent a malformed file description: {exc}") from None
+
+
+class _FileOp:
+    """Common part of the file operations registered on a channel."""
+
+    def __init__(self, conn: AgentConnection, channel: int, path: str) -> None:
+        self._conn = conn
+        self.channel = channel
+        self.path = path
+        self.finished = False
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self._conn._sessions.get(self.channel) is self:
+            del self._conn._sessions[self.channel]
+
+    def cancel(self) -> None:
+        """Abandon the operation; the guest is told (it removes a partial upload)."""
+        if not self.finished:
+            self._finish()
+            self._conn._send_nowait(p.encode_error(self.channel, p.ErrorCode.CANCELLED,
+                                                  "the host cancelled the transfer"))
+
+    def _body(self, frame: p.Frame) -> dict[str, Any] | None:
+        try:
+            return frame.json()
+        except p.ProtocolError as exc:
+            self._fail(AgentError(f"the guest agent sent a malformed {frame!r}: {exc.message}"))
+            return None
+
+    def _fail(self, exc: BaseException) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class _FileRequest(_FileOp):
+    """FILE_STAT / FILE_LIST: one request, one answer."""
+
+    def __init__(self, conn: AgentConnection, channel: int, path: str, reply: int) -> None:
+        super().__init__(conn, channel, path)
+        self.reply = reply
+        self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    def _on_frame(self, frame: p.Frame) -> None:
+        if frame.type == self.reply:
+            body = self._body(frame)
+            if body is not None and not self.result.done():
+                self.result.set_result(body)
+            self._finish()
+        elif frame.type == p.MsgType.ERROR:
+            body = self._body(frame)
+            if body is not None:
+                self._fail(file_error(body, self.path))
+        else:
+            log.warning("unexpected %r on file channel %d", frame, self.channel)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc)
+        self._finish()
+
+    def _on_disconnect(self, exc: BaseException) -> None:
+        self._fail(exc)
+
+
+class _FileWrite(_FileOp):
+    """The host half of an upload: waits for FILE_READY, spends credit, waits for FILE_DONE."""
+
+    def __init__(self, conn: AgentConnection, channel: int, path: str) -> None:
+        super().__init__(conn, channel, path)
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[str] = loop.create_future()
+        self.done: asyncio.Future[int] = loop.create_future()
+        self.credit = p.INITIAL_WINDOW
+        self._credit_event = asyncio.Event()
+        self.error: BaseException | None = None
+
+    def _on_frame(self, frame: p.Frame) -> None:
+        t = frame.type
+        if t == p.MsgType.WINDOW:
+            try:
+                self.credit += p.decode_window(frame.payload)
+            except p.ProtocolError as exc:
+                self._fail(AgentError(f"the guest agent sent a malformed WINDOW: {exc.message}"))
+                return
+            self._credit_event.set()
+        elif t == p.MsgType.FILE_READY:
+            if self._body(frame) is not None and not self.ready.done():
+                self.ready.set_result(self.path)
+        elif t == p.MsgType.FILE_DONE:
+            body = self._body(frame)
+            if body is not None:
+                if not self.ready.done():
+                    self.ready.set_result(self.path)
+                if not self.done.done():
+                    self.done.set_result(int(body.get("size", 0)))
+                self._finish()
+        elif t == p.MsgType.ERROR:
+            body = self._body(frame)
+            if body is not None:
+                self._fail(file_error(body, self.path))
+        else:
+            log.warning("unexpected %r on file channel %d", frame, self.channel)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        for fut in (self.ready, self.done):
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: `done` may never be awaited after an early failure
+        self._credit_event.set()
+        self._finish()
+
+    def _on_disconnect(self, exc: BaseException) -> None:
+        self._fail(exc)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def take_credit(self, want: int) -> int:
+        """Wait for credit; returns how many bytes (<= want, <= one frame) may be sent now."""
+        while self.credit <= 0 and self.error is None:
+            self._credit_event.clear()
+            await self._credit_event.wait()
+        self.check()
+        n = min(want, self.credit, p.DATA_CHUNK)
+        self.credit -= n
+        return n
+
+
+class FileReader:
+    """A download in progress: `size` (as announced), `info` (a FileStat), async-iterates bytes.
+
+    Credit is granted back to the guest only as chunks are taken, so a slow consumer
+    stops the guest's reads; at most one window (1 MiB) is ever queued here. A guest that
+    sends beyond its credit is cut off. `aclose()` aborts the transfer (also `async with`).
+    """
+
+    def __init__(self, conn: AgentConnection, channel: int, path: str, max_bytes: int = 0) -> None:
+        self._conn = conn
+        self.channel = channel
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.info: FileStat | None = None
+        self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._event = asyncio.Event()
+        self._granted = p.INITIAL_WINDOW  # credit given to the guest, in total
+        self._received = 0
+        self._consumed = 0  # taken by the consumer, not yet granted back
+        self._delivered = 0
+        self._eof = False
+        self._error: BaseException | None = None
+        self.finished = False
+
+    # -- frames from the guest --------------------------------------------------------
+
+    def _on_frame(self, frame: p.Frame) -> None:
+        t = frame.type
+        if t == p.MsgType.FILE_DATA:
+            self._received += len(frame.payload)
+            if self._received > self._granted:
+                self._fail(AgentError(f"the guest agent sent more of {self.path} than the window allows; "
+                                      "transfer aborted", code=p.ErrorCode.BAD_REQUEST), tell_guest=True)
+                return
+            self._queue.append(frame.payload)
+            self._event.set()
+        elif t == p.MsgType.FILE_INFO:
+            try:
+                self.info = _file_stat(frame.json(), self.path)
+            except (p.ProtocolError, AgentError) as exc:
+                self._fail(AgentError(f"the guest agent sent a malformed FILE_INFO: {exc}"), tell_guest=True)
+                return
+            self.size = self.info.size
+            if not self._opened.done():
+                self._opened.set_result(None)
+        elif t == p.MsgType.FILE_END:
+            self._eof = True
+            self._event.set()
+            self._unregister()
+        elif t == p.MsgType.ERROR:
+            try:
+                body = frame.json()
+            except p.ProtocolError:
+                body = {}
+            self._fail(file_error(body, self.path))
+        else:
+            log.warning("unexpected %r on file channel %d", frame, self.channel)
+
+    def _on_disconnect(self, exc: BaseException) -> None:
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException, tell_guest: bool = False) -> None:
+        if self._error is None and not self._eof:
+            self._error = exc
+        if not self._opened.done():
+            self._opened.set_exception(exc)
+            self._opened.exception()
+        self._queue.clear()
+        self._event.set()
+        if tell_guest and not self.finished:
+            self._conn._send_nowait(p.encode_error(self.channel, p.ErrorCode.CANCELLED, "transfer aborted by the host"))
+        self._unregister()
+
+    def _unregister(self) -> None:
+        self.finished = True
+        if self._conn._sessions.get(self.channel) is self:
+            del self._conn._sessions[self.channel]
+
+    # -- consumer side ---------------------------------------------------------------
+
+    def __aiter__(self) -> "FileReader":
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._queue:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+        parts = [self._queue.popleft()]
+        total = len(parts[0])
+        while self._queue and total + len(self._queue[0]) <= READ_COALESCE:
+            total += len(self._queue[0])
+            parts.append(self._queue.popleft())
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._delivered += total
+        if self.max_bytes and self._delivered > self.max_bytes:
+            await self.aclose()
+            raise FileTooLarge(f"{self.path} grew beyond the limit of {self.max_bytes} bytes while it was read")
+        await self._grant(total)
+        return data
+
+    async def _grant(self, n: int) -> None:
+        self._consumed += n
+        if self._consumed >= p.INITIAL_WINDOW // 4 and not self.finished:
+            inc, self._consumed = self._consumed, 0
+            self._granted += inc
+            with contextlib.suppress(AgentDisconnected):
+                await self._conn._send(p.encode_window(self.channel, inc))
+
+    async def read_all(self) -> bytes:
+        """Everything, in memory (for small files)."""
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        """Stop the transfer (the guest closes the file); safe to call more than once."""
+        if not self.finished:
+            self._unregister()
+            self._conn._send_nowait(p.encode_error(self.channel, p.ErrorCode.CANCELLED, "the host closed the download"))
+        self._queue.clear()
+        if self._error is None and not self._eof:
+            self._error = AgentError(f"the download of {self.path} was closed", code="closed")
+        if not self._opened.done():
+            self._opened.cancel()
+
+    async def __aenter__(self) -> "FileReader":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _hello_ack() -> bytes:

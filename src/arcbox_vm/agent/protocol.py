@@ -13,15 +13,47 @@ Frame layout (big-endian, 12-byte header)::
     magic   2 bytes   b"AV"        lets a reader resynchronise after garbage
     type    u8        MsgType
     flags   u8        reserved, must be 0 (ignored by readers)
-    channel u32       0 = connection control; N > 0 = one exec session (host picks N)
+    channel u32       0 = connection control; N > 0 = one exec session or file operation (host picks N)
     length  u32       payload length, at most ``max_payload`` (default 1 MiB)
     payload           ``length`` bytes: raw bytes for data frames, UTF-8 JSON objects otherwise
 
-Flow control: data frames (STDOUT/STDERR guest->host, STDIN host->guest) spend credit.
+Flow control: data frames (STDOUT/STDERR guest->host, STDIN host->guest, FILE_DATA either
+way) spend credit.
 Each direction of each channel starts with ``INITIAL_WINDOW`` bytes of credit; the
 receiver returns credit with WINDOW frames (payload: u32 increment) as it consumes data.
 A sender with no credit stops reading its source (the child's pipes, the user's stdin),
 so memory stays bounded on both sides whatever the reader's speed.
+
+File transfer (channel N > 0, feature "files" in HELLO; frame types 0x30-0x3F): the host
+opens a channel with FILE_WRITE, FILE_READ, FILE_STAT or FILE_LIST. Requests carry absolute
+``path`` strings (no NUL) and optional ``uid``/``gid`` (default 0): the agent performs the
+filesystem calls with those credentials (fsuid/fsgid + supplementary groups), so a request
+can do exactly what that user could do in the guest, no more.
+
+- write: FILE_WRITE {path, mode, uid, gid, make_parents, size?} -> FILE_READY {path} (or
+  ERROR); FILE_DATA* (host->guest, spends guest-granted credit, returned with WINDOW as the
+  agent writes it to disk); FILE_END -> FILE_DONE {size, path} after fchown/fchmod, fsync
+  and an atomic rename of ``.NAME.arcbox-tmp-XXXXXXXX`` (same directory) over the target,
+  or ERROR. An ERROR either way, or a lost connection, removes the temporary file. A
+  symlink at the target is followed; a directory refuses; a character device (e.g.
+  /dev/null) is written in place; other special files refuse (``not_regular``). With
+  ``size`` the agent refuses up front when the filesystem lacks the space, and at FILE_END
+  when the byte count differs.
+- read: FILE_READ {path} -> FILE_INFO {stat} then FILE_DATA* (guest->host, spends
+  host-granted credit) then FILE_END; or ERROR. The host aborts with ERROR (``cancelled``).
+- stat: FILE_STAT {path, follow_symlinks} -> FILE_STAT_RESULT {stat}.
+- list: FILE_LIST {path, limit?} -> FILE_LIST_RESULT {path, entries: [stat without
+  "path"...], truncated}. Entries are lstat'ed and sorted by name; at most ``limit``
+  (default and maximum LIST_LIMIT) and never more than fit one frame. A bigger directory
+  is not read to its end: ``truncated`` is true and which entries came is arbitrary.
+
+A stat object: {path, name, type ("file"|"dir"|"symlink"|"other"), size, mode (permission
+bits, st_mode & 0o7777), uid, gid, mtime (float seconds), link_target ("" unless symlink)}.
+Names that are not UTF-8 are sent with U+FFFD in place of the undecodable bytes.
+The host cancels a transfer with ERROR {code: "cancelled"} on its channel; frames that
+arrive on a channel after it ended are ignored.
+File errors use the codes not_found, permission, is_a_directory, not_a_directory, exists,
+no_space, too_large, not_regular, io (and bad_request for malformed requests).
 
 Decoding never raises on bad input: ``FrameDecoder.feed`` yields ``Frame`` objects and
 ``DecodeError`` objects; the caller answers errors with an ERROR frame and keeps going.
@@ -88,10 +120,22 @@ class MsgType(enum.IntEnum):
     SIGNAL = 0x18  # host->guest JSON {"signal"}: sent to the session's process group
     WINDOW = 0x19  # either way, u32 credit increment for the opposite data direction
 
-    # 0x30-0x3F are reserved for file transfer (write/read/stat/list).
+    # --- file transfer (channel N > 0; 0x30-0x3F; see the module docstring) ---
+    FILE_WRITE = 0x30  # host->guest JSON {"path", "mode", "uid", "gid", "make_parents", "size"?}
+    FILE_READY = 0x31  # guest->host JSON {"path"}: the write is open, send FILE_DATA
+    FILE_DATA = 0x32  # raw bytes, host->guest (write) or guest->host (read); spends credit
+    FILE_END = 0x33  # empty: host->guest "all data sent" (write), guest->host "end of file" (read)
+    FILE_DONE = 0x34  # guest->host JSON {"size", "path"}: written, synced, renamed into place
+    FILE_READ = 0x35  # host->guest JSON {"path", "uid"?, "gid"?}
+    FILE_INFO = 0x36  # guest->host JSON stat object of the opened file; FILE_DATA follows
+    FILE_STAT = 0x37  # host->guest JSON {"path", "follow_symlinks"?, "uid"?, "gid"?}
+    FILE_STAT_RESULT = 0x38  # guest->host JSON stat object
+    FILE_LIST = 0x39  # host->guest JSON {"path", "limit"?, "uid"?, "gid"?}
+    FILE_LIST_RESULT = 0x3A  # guest->host JSON {"path", "entries": [stat...], "truncated"}
+    # 0x3B-0x3F stay reserved for file transfer.
 
 
-DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR})
+DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR, MsgType.FILE_DATA})
 JSON_TYPES = frozenset(
     {
         MsgType.HELLO,
@@ -103,8 +147,26 @@ JSON_TYPES = frozenset(
         MsgType.EXIT,
         MsgType.RESIZE,
         MsgType.SIGNAL,
+        MsgType.FILE_WRITE,
+        MsgType.FILE_READY,
+        MsgType.FILE_DONE,
+        MsgType.FILE_READ,
+        MsgType.FILE_INFO,
+        MsgType.FILE_STAT,
+        MsgType.FILE_STAT_RESULT,
+        MsgType.FILE_LIST,
+        MsgType.FILE_LIST_RESULT,
     }
 )
+FILE_REQUEST_TYPES = frozenset({MsgType.FILE_WRITE, MsgType.FILE_READ, MsgType.FILE_STAT, MsgType.FILE_LIST})
+
+FEATURE_FILES = "files"
+"""HELLO ``features`` entry of agents that implement the FILE_* messages."""
+
+LIST_LIMIT = 10000
+"""Most entries one FILE_LIST_RESULT carries (the frame size caps it further)."""
+
+MAX_PATH = 4096  # longest path a file request may name (PATH_MAX)
 
 
 class ErrorCode:
@@ -123,6 +185,15 @@ class ErrorCode:
     PERMISSION = "permission"  # not executable / not allowed
     NO_SUCH_USER = "no_such_user"
     INTERNAL = "internal"
+    # file transfer (NOT_FOUND and PERMISSION above apply too)
+    IS_A_DIRECTORY = "is_a_directory"
+    NOT_A_DIRECTORY = "not_a_directory"
+    EXISTS = "exists"
+    NO_SPACE = "no_space"  # ENOSPC / EDQUOT
+    TOO_LARGE = "too_large"  # EFBIG, or a limit
+    NOT_REGULAR = "not_regular"  # a FIFO, socket or device where a regular file is needed
+    IO = "io"  # any other OS error (message says which)
+    CANCELLED = "cancelled"  # host->guest: abandon this transfer
 
 
 class Frame:
@@ -372,4 +443,59 @@ def validate_exec_request(obj: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0 or timeout == float("inf"):
         raise bad("timeout must be a finite number >= 0")
     out["timeout"] = float(timeout)
+    return out
+
+
+def file_write_request(
+    path: str, mode: int = 0o644, uid: int = 0, gid: int = 0, make_parents: bool = False, size: Optional[int] = None
+) -> Dict[str, Any]:
+    """Build a FILE_WRITE body. ``size`` (optional) is the number of bytes that will follow."""
+    body: Dict[str, Any] = {"path": path, "mode": int(mode), "uid": int(uid), "gid": int(gid),
+                            "make_parents": bool(make_parents)}
+    if size is not None:
+        body["size"] = int(size)
+    return body
+
+
+def check_path(path: object) -> str:
+    """An absolute path without NUL, at most MAX_PATH bytes; raises ProtocolError(BAD_REQUEST)."""
+    if not isinstance(path, str) or not path:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "path must be a non-empty string")
+    if "\x00" in path:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "path must not contain NUL characters")
+    if not path.startswith("/"):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "path must be absolute (start with '/'), got %r" % path[:200])
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "path is longer than %d bytes" % MAX_PATH)
+    return path
+
+
+def _uint(obj: Dict[str, Any], key: str, default: int, hi: int) -> int:
+    val = obj.get(key, default)
+    if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= hi:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "%s must be an integer in 0..%d" % (key, hi))
+    return val
+
+
+def validate_file_request(type: int, obj: Dict[str, Any]) -> Dict[str, Any]:
+    """Check a FILE_WRITE/READ/STAT/LIST body; returns it normalised. Raises ProtocolError."""
+    out: Dict[str, Any] = {"path": check_path(obj.get("path")),
+                           "uid": _uint(obj, "uid", 0, 0xFFFFFFFE), "gid": _uint(obj, "gid", 0, 0xFFFFFFFE)}
+    if type == MsgType.FILE_WRITE:
+        out["mode"] = _uint(obj, "mode", 0o644, 0o7777)
+        mp = obj.get("make_parents", False)
+        if not isinstance(mp, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "make_parents must be a boolean")
+        out["make_parents"] = mp
+        size = obj.get("size")
+        out["size"] = None if size is None else _uint(obj, "size", 0, (1 << 63) - 1)
+    elif type == MsgType.FILE_STAT:
+        follow = obj.get("follow_symlinks", True)
+        if not isinstance(follow, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "follow_symlinks must be a boolean")
+        out["follow_symlinks"] = follow
+    elif type == MsgType.FILE_LIST:
+        out["limit"] = _uint(obj, "limit", LIST_LIMIT, LIST_LIMIT) or LIST_LIMIT
+    elif type != MsgType.FILE_READ:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "not a file request type: %r" % (type,))
     return out

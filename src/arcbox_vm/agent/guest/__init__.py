@@ -12,6 +12,7 @@ Copied into guest images by ``arcbox_vm.agent.bundle``; the launcher calls
 - ``transport`` opening the channel to the host (virtio-serial, vsock, unix socket)
 - ``agent``     the single-threaded event loop and frame dispatch
 - ``session``   one exec session: pipes/pty, credit-based output, stdin, exit tracking
+- ``files``     file transfer: atomic writes, streamed reads, stat, list, per-request uid/gid
 - ``spawn``     user/env/cwd resolution and fork+exec with error reporting
 - ``procs``     wait-status decoding, reaping, killing a session's processes
 - ``power``     the shutdown sequence (TERM, KILL, sync, reboot/poweroff)

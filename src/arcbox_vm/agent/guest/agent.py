@@ -13,6 +13,11 @@ Robustness rules:
   backoff and says HELLO again;
 - an unexpected exception in one handler is logged, and only what it touched (one
   session, or the channel) is dropped.
+
+File transfers (``files``) share the loop: a write session writes each FILE_DATA frame as
+it is decoded (the channel is read 256 KiB at a time), read sessions are pumped once per
+iteration within ``files.READ_BUDGET`` and their credit. Unlike exec sessions they do not
+survive the channel: a lost connection or a shutdown aborts them (temporary files removed).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from arcbox_vm.agent.protocol import DecodeError, ErrorCode, Frame, MsgType, Pro
 
 from . import AGENT_VERSION, procs
 from .log import log, log_exc
-from .transport import Conn, Transport
+from .transport import READ_SIZE, Conn, Transport
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
@@ -39,10 +44,13 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
 MAX_SESSIONS = 256
 HIGH_WATER = 256 * 1024  # queued output bytes above which sessions stop reading their pipes
 INPUT_PAUSE = 8 << 20  # queued output bytes above which the channel is not read (host not reading)
+CONN_READ_BUDGET = 256 * 1024  # channel bytes taken per wakeup, so one busy channel cannot starve the loop
+SMALL_READ = 4096  # a virtio-serial port's buffer size
 RETRY_MIN = 0.1
 RETRY_MAX = 1.0
 VERSION_RETRY = 10.0  # the host refused our protocol version: try again much later
-FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow_control", "shutdown", "ping"]
+FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow_control", "shutdown", "ping",
+            protocol.FEATURE_FILES]
 RECENT_CHANNELS = 1024  # finished channels remembered so late WINDOW/STDIN frames are ignored quietly
 
 _R = selectors.EVENT_READ
@@ -71,6 +79,7 @@ class Agent:
         self.sessions: Dict[int, Session] = {}  # channel -> Session (attached to the current connection)
         self.detached: Set[Session] = set()  # sessions that outlived their connection or were abandoned
         self.by_pid: Dict[int, Session] = {}
+        self.files: Dict[int, Any] = {}  # channel -> WriteSession / ReadSession (current connection only)
         self._recent: Deque[int] = collections.deque()
         self._recent_set: Set[int] = set()
         self.next_connect = 0.0
@@ -134,6 +143,8 @@ class Agent:
         if self.conn is not None and self.conn.out_bytes:
             self._flush()
         can_send = self.conn is not None and self.conn.out_bytes < HIGH_WATER
+        if can_send and self.files:
+            self._pump_files()
         for s in self._all_sessions():
             try:
                 s.sync(can_send)
@@ -164,6 +175,8 @@ class Agent:
             self._end_session(data, ErrorCode.INTERNAL, "agent error while serving the session")
 
     def _next_timeout(self, now: float) -> Optional[float]:
+        if self._files_pending():
+            return 0.0
         when = []
         if self.conn is None and not self.stopping:
             when.append(self.next_connect)
@@ -201,6 +214,106 @@ class Agent:
             if s.finished:
                 self.detached.discard(s)
                 s.close()
+
+    # ---- file transfers --------------------------------------------------------------
+
+    def _files_pending(self) -> bool:
+        """A read session could send now (so the loop must not sleep)."""
+        if self.conn is None or self.conn.out_bytes >= HIGH_WATER:
+            return False
+        return any(fs.kind == "read" and fs.wants() for fs in self.files.values())
+
+    def _pump_files(self) -> None:
+        """Read sessions send up to READ_BUDGET bytes in all, round-robin, within credit."""
+        from . import files
+
+        budget = files.READ_BUDGET
+        while budget > 0 and self.conn is not None and self.conn.out_bytes < HIGH_WATER:
+            progress = False
+            for fs in [fs for fs in self.files.values() if fs.kind == "read" and fs.wants()]:
+                if budget <= 0:
+                    break
+                try:
+                    budget -= fs.pump(budget)
+                except ProtocolError as exc:
+                    self._send_error(fs.channel, exc.code, exc.message)
+                    continue
+                except Exception as exc:
+                    log_exc("channel %d: reading %s failed" % (fs.channel, fs.path))
+                    self._send_error(fs.channel, ErrorCode.INTERNAL, "agent error reading %s: %s" % (fs.path, exc))
+                    continue
+                progress = True
+                if fs.done:
+                    self._end_file(fs)
+                    log("channel %d: sent %s (%d bytes)" % (fs.channel, fs.path, fs.sent))
+            if not progress:
+                return
+
+    def _end_file(self, fs: Any) -> None:
+        """Forget a file session (finished or aborted); late frames on its channel are ignored."""
+        if self.files.get(fs.channel) is fs:
+            del self.files[fs.channel]
+            self._remember(fs.channel)
+        fs.abort()
+
+    def _abort_files(self, why: str) -> None:
+        for fs in list(self.files.values()):
+            if not fs.done:
+                log("channel %d: %s of %s aborted (%s)" % (fs.channel, fs.kind, fs.path, why))
+            self._end_file(fs)
+
+    def _on_file_request(self, t: MsgType, f: Frame) -> None:
+        ch = f.channel
+        if ch in self.sessions or ch in self.files:
+            raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d is already in use" % ch, ch)
+        from . import files
+
+        try:
+            req = protocol.validate_file_request(t, f.json())
+            if t == MsgType.FILE_STAT:
+                self._send_json(MsgType.FILE_STAT_RESULT, ch, files.stat_path(req))
+                self._remember(ch)
+                return
+            if t == MsgType.FILE_LIST:
+                self._send_json(MsgType.FILE_LIST_RESULT, ch, files.list_dir(req))
+                self._remember(ch)
+                return
+            if len(self.files) >= files.MAX_FILE_SESSIONS:
+                raise ProtocolError(ErrorCode.TOO_MANY, "too many file transfers (limit %d)" % files.MAX_FILE_SESSIONS)
+            if t == MsgType.FILE_WRITE:
+                fs: Any = files.WriteSession(ch, req, self)
+                reply, body = MsgType.FILE_READY, {"path": files.safe_text(fs.target)}
+            else:
+                fs = files.ReadSession(ch, req, self)
+                reply, body = MsgType.FILE_INFO, fs.info
+        except ProtocolError as exc:
+            self._remember(ch)  # data the host pipelined after the request is dropped quietly
+            raise ProtocolError(exc.code, exc.message, ch) from None
+        self.files[ch] = fs
+        self._recent_set.discard(ch)
+        self._send_json(reply, ch, body)
+
+    def _on_file_frame(self, fs: Any, t: MsgType, f: Frame) -> None:
+        ch = f.channel
+        if t == MsgType.ERROR:  # the host gave up: abort, never answer
+            body = _json_or_empty(f)
+            log("channel %d: host cancelled the %s of %s (%s)" % (ch, fs.kind, fs.path, body.get("code", "?")))
+            self._end_file(fs)
+            return
+        if fs.kind == "write":
+            if t == MsgType.FILE_DATA:
+                fs.on_data(f.payload)
+            elif t == MsgType.FILE_END:
+                body = fs.finish()
+                self._end_file(fs)
+                self._send_json(MsgType.FILE_DONE, ch, body)
+                log("channel %d: wrote %s (%d bytes)" % (ch, fs.target, fs.written))
+            else:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "%s is not valid on a file write channel" % t.name, ch)
+        elif t == MsgType.WINDOW:
+            fs.on_window(protocol.decode_window(f.payload))
+        else:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "%s is not valid on a file read channel" % t.name, ch)
 
     # ---- the channel -----------------------------------------------------------------
 
@@ -269,17 +382,40 @@ class Agent:
             self.disconnect("write failed: %s" % exc)
 
     def _read_conn(self) -> None:
-        assert self.conn is not None
-        try:
-            data = self.conn.read()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.disconnect("read failed: %s" % exc)
-            return
-        if not data:
-            self.disconnect("EOF")
-            return
+        """Take up to CONN_READ_BUDGET bytes off the channel and handle the frames in them.
+
+        Several reads per wakeup: a virtio-serial port hands out one 4 KiB buffer per
+        read(2), and one loop iteration per 4 KiB would cap uploads at a few MiB/s. Once a
+        read came back short, the next ones ask for SMALL_READ only: allocating a 256 KiB
+        buffer for every 4 KiB costs more than the read itself under emulation.
+        """
+        conn = self.conn
+        assert conn is not None
+        parts: List[bytes] = []
+        total = 0
+        size = READ_SIZE
+        end: Optional[str] = None
+        while total < CONN_READ_BUDGET:
+            try:
+                data = os.read(conn.fd, size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                end = "read failed: %s" % exc
+                break
+            if not data:
+                end = "EOF"
+                break
+            parts.append(data)
+            total += len(data)
+            if len(data) <= SMALL_READ:
+                size = SMALL_READ
+        if parts:
+            self._handle_input(parts[0] if len(parts) == 1 else b"".join(parts))
+        if end is not None and self.conn is conn:
+            self.disconnect(end)
+
+    def _handle_input(self, data: bytes) -> None:
         for item in self.decoder.feed(data):
             if self.conn is None:
                 break  # a frame made us disconnect (e.g. version refused)
@@ -307,6 +443,7 @@ class Agent:
         self.conn_events = 0
         conn.close()
         self.conn = None
+        self._abort_files("channel lost")
         live = self.got_frames
         for s in self.sessions.values():
             s.detach()
@@ -338,6 +475,10 @@ class Agent:
     def _send_error(self, channel: int, code: str, message: str) -> None:
         """ERROR on ``channel``; on a live session's channel that ends the session."""
         self._send_json(MsgType.ERROR, channel, {"code": code, "message": message})
+        fs = self.files.get(channel) if channel and code != ErrorCode.CHANNEL_IN_USE else None
+        if fs is not None:
+            log("channel %d: %s of %s ended by error %s: %s" % (channel, fs.kind, fs.path, code, message))
+            self._end_file(fs)
         s = self.sessions.get(channel) if channel else None
         if s is not None and code != ErrorCode.CHANNEL_IN_USE:
             log("channel %d: ended by error %s: %s" % (channel, code, message))
@@ -419,7 +560,7 @@ class Agent:
             import pwd  # noqa: F401
             import termios  # noqa: F401
 
-            from . import session, spawn  # noqa: F401
+            from . import files, session, spawn  # noqa: F401
         except Exception:
             log_exc("warm-up imports failed")
 
@@ -428,6 +569,13 @@ class Agent:
         if t == MsgType.EXEC:
             self._on_exec(f)
             return
+        if t in protocol.FILE_REQUEST_TYPES:
+            self._on_file_request(t, f)
+            return
+        fs = self.files.get(ch)
+        if fs is not None:
+            self._on_file_frame(fs, t, f)
+            return
         s = self.sessions.get(ch)
         if t == MsgType.ERROR:
             if s is not None:  # the host gave up on this session
@@ -435,12 +583,14 @@ class Agent:
                 log("channel %d: host ended the session (%s)" % (ch, body.get("code", "?")))
                 self._abandon(s)
             return  # never answer an ERROR with an ERROR
-        if t not in (MsgType.STDIN, MsgType.STDIN_EOF, MsgType.WINDOW, MsgType.RESIZE, MsgType.SIGNAL):
+        if t not in _HOST_CHANNEL_TYPES:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "%s is not valid from the host" % t.name, ch)
         if s is None:
             if ch in self._recent_set:
-                return  # raced with EXIT: the host will see the EXIT and stop
-            raise ProtocolError(ErrorCode.NO_SUCH_CHANNEL, "no exec session on channel %d" % ch, ch)
+                return  # raced with EXIT / FILE_DONE / an error: the host will see it and stop
+            raise ProtocolError(ErrorCode.NO_SUCH_CHANNEL, "no session on channel %d" % ch, ch)
+        if t in (MsgType.FILE_DATA, MsgType.FILE_END):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "%s is not valid on an exec channel" % t.name, ch)
         if t == MsgType.STDIN:
             s.on_stdin(f.payload)
         elif t == MsgType.STDIN_EOF:
@@ -461,7 +611,7 @@ class Agent:
 
     def _on_exec(self, f: Frame) -> None:
         ch = f.channel
-        if ch in self.sessions:
+        if ch in self.sessions or ch in self.files:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d already has a running session" % ch, ch)
         if len(self.sessions) + len(self.detached) >= MAX_SESSIONS:
             raise ProtocolError(ErrorCode.TOO_MANY, "too many sessions (limit %d)" % MAX_SESSIONS, ch)
@@ -496,6 +646,7 @@ class Agent:
             return
         self.stopping = True
         log("shutting down (%s)" % reason)
+        self._abort_files("shutdown")
         self._flush_briefly(1.0)
         if self.pid1:
             from . import power
@@ -530,6 +681,19 @@ class Agent:
             except OSError:
                 return
             select.select([], [self.conn.fd], [], max(0.0, deadline - time.monotonic()))
+
+
+_HOST_CHANNEL_TYPES = frozenset(
+    {
+        MsgType.STDIN,
+        MsgType.STDIN_EOF,
+        MsgType.WINDOW,
+        MsgType.RESIZE,
+        MsgType.SIGNAL,
+        MsgType.FILE_DATA,
+        MsgType.FILE_END,
+    }
+)
 
 
 def _u16(v: object) -> bool:
