@@ -457,7 +457,29 @@ class AgentConnection:
         except (AgentDisconnected, asyncio.TimeoutError):
             return False
 
+    def start_keepalive(self, interval: float, timeout: float) -> None:
+        """Ping every `interval` s; no answer for `timeout` s declares the agent gone: every
+        session then ends with AgentDisconnected and `closed` resolves (never a hang)."""
+        self._keepalive = asyncio.create_task(self._keepalive_loop(interval, timeout), name="agent-keepalive")
+
+    async def _keepalive_loop(self, interval: float, timeout: float) -> None:
+        while not self.closed.done():
+            await asyncio.sleep(interval)
+            try:
+                await self.ping(timeout)
+            except asyncio.TimeoutError:
+                log.warning("the guest agent did not answer a ping for %.0f s; giving up on it", timeout)
+                self._teardown(AgentDisconnected(f"the guest agent did not answer for {timeout:.0f} s "
+                                                 "(the VM is frozen or overloaded)"))
+                self._reader_task.cancel()
+                return
+            except AgentDisconnected:
+                return
+
     async def close(self) -> None:
+        keepalive = getattr(self, "_keepalive", None)
+        if keepalive is not None:
+            keepalive.cancel()
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader_task

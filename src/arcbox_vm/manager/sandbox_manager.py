@@ -277,6 +277,7 @@ class SandboxManager:
                 extra_boot_args=lease.boot_args if lease else (),
                 tap_name=lease.tap_name if lease else None, guest_mac=lease.mac if lease else None,
                 netns=self._network.netns if lease else "",
+                hello_timeout=self.config.agent.hello_timeout_s,
             )
             vm = await boot_vm(driver, req)
         except asyncio.CancelledError:
@@ -309,17 +310,31 @@ class SandboxManager:
             sb.tasks["ttl"] = asyncio.create_task(self._ttl(sb), name=f"ttl-{sb.id}")
 
     async def _watch_vmm(self, sb: SandboxRecord) -> None:
-        """An unexpected VMM exit makes the sandbox FAILED (reason vmm_exited)."""
-        assert sb.vm is not None
-        code = await sb.vm.process.wait()
-        if sb.state not in _LIVE or sb.removed:
+        """An unexpected VMM exit (reason vmm_exited) or an agent that stopped answering
+        its keepalive (reason agent_unresponsive; the VMM is then killed) fails the sandbox."""
+        vm = sb.vm
+        assert vm is not None
+        a = self.config.agent
+        vm.agent.start_keepalive(a.keepalive_interval_s, a.keepalive_timeout_s)
+        exited = asyncio.ensure_future(vm.process.wait())
+        try:
+            await asyncio.wait({exited, vm.agent.closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():  # a guest that powers off closes the channel just before
+                await asyncio.wait({exited}, timeout=5.0)
+        finally:
+            if not exited.done():
+                exited.cancel()
+        if sb.state not in _LIVE or sb.removed or sb.vm is not vm:
             return  # stop/remove in progress: they own the outcome
+        if exited.done() and not exited.cancelled():
+            reason, sb.error = "vmm_exited", f"the VMM exited unexpectedly (status {exited.result()})"
+        else:
+            reason, sb.error = "agent_unresponsive", f"the guest agent stopped answering: {vm.agent.closed.result()}"
         sb.state = S.FAILED
-        sb.error = f"the VMM exited unexpectedly (status {code})"
-        vm, sb.vm = sb.vm, None
+        sb.vm = None
         await vm.destroy()
         await self._release_network(sb)
-        self._emit(sb, "failed", error=sb.error, reason="vmm_exited")
+        self._emit(sb, "failed", error=sb.error, reason=reason)
 
     async def _ttl(self, sb: SandboxRecord) -> None:
         await asyncio.sleep(max(0.0, (sb.ready_at or time.time()) + sb.ttl_seconds - time.time()))
