@@ -118,3 +118,7 @@ class GuestPermissionDenied(GuestFileError):
 
 class FileTooLarge(ResourceExhausted):
     """A transfer is larger than the configured limit."""
+
+
+class GuestNoSpace(GuestFileError, ResourceExhausted):
+    """The guest's filesystem is full."""

@@ -590,19 +590,21 @@ def _other_pythons() -> List[str]:
     return found
 
 
-@pytest.mark.parametrize("python", _other_pythons() or [None])
-def test_agent_runs_on_older_pythons(python: Optional[str]) -> None:
-    if python is None:
-        pytest.skip("no python3.8/3.9 on PATH (or set AGENT_TEST_PYTHONS)")
-    a = AgentProcess(python=python)
-    try:
-        client, hello = a.connect()
-        assert hello["proto"] == 1
-        res = client.run(["sh", "-c", "echo old; exit 3"], tty=False)
-        assert bytes(res.stdout) == b"old\n" and res.code == 3
-        assert b"/dev/pts/" in client.run(["tty"], ch=2, tty=True).stdout
-    finally:
-        a.stop()
+# Defined only where an older interpreter exists (a developer's machine or AGENT_TEST_PYTHONS);
+# everywhere, test_guest_sources_parse_as_python38 below checks the syntax statically.
+_OLDER_PYTHONS = _other_pythons()
+if _OLDER_PYTHONS:
+    @pytest.mark.parametrize("python", _OLDER_PYTHONS)
+    def test_agent_runs_on_older_pythons(python: str) -> None:
+        a = AgentProcess(python=python)
+        try:
+            client, hello = a.connect()
+            assert hello["proto"] == 1
+            res = client.run(["sh", "-c", "echo old; exit 3"], tty=False)
+            assert bytes(res.stdout) == b"old\n" and res.code == 3
+            assert b"/dev/pts/" in client.run(["tty"], ch=2, tty=True).stdout
+        finally:
+            a.stop()
 
 
 # ---- static checks on the guest sources ----------------------------------------------------------

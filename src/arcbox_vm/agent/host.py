@@ -36,6 +36,7 @@ from arcbox_vm.errors import (
     FileTooLarge,
     GuestFileError,
     GuestFileNotFound,
+    GuestNoSpace,
     GuestPermissionDenied,
     InvalidArgument,
 )
@@ -510,6 +511,8 @@ def file_error(body: dict[str, Any], path: str) -> Exception:
         exc = GuestPermissionDenied(msg, path)
     elif code == p.ErrorCode.TOO_LARGE:
         exc = FileTooLarge(msg)
+    elif code == "no_space":
+        exc = GuestNoSpace(msg, path)
     elif code == p.ErrorCode.BAD_REQUEST:
         exc = InvalidArgument(msg)
     elif code in (p.ErrorCode.INTERNAL, p.ErrorCode.NO_SUCH_CHANNEL, p.ErrorCode.CHANNEL_IN_USE,

@@ -17,6 +17,7 @@ from arcbox_vm import errors as e
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.SandboxNotFound, grpc.StatusCode.NOT_FOUND),
     (e.GuestFileNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.GuestNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.SandboxAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (e.InvalidState, grpc.StatusCode.FAILED_PRECONDITION),
     (e.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
