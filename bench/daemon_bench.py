@@ -77,7 +77,7 @@ def daemon_side(image, tmp: Path, execs: int, file_mib: int) -> dict:
         block = os.urandom(CHUNK)
 
         def upload():
-            yield pb.UploadRequest(header=pb.UploadHeader(id=sid, path="/tmp/bench.bin", size=file_mib * CHUNK))
+            yield pb.UploadRequest(header=pb.UploadHeader(id=sid, path="/root/bench.bin", size=file_mib * CHUNK))
             for _ in range(file_mib):
                 yield pb.UploadRequest(data=block)
 
@@ -85,7 +85,7 @@ def daemon_side(image, tmp: Path, execs: int, file_mib: int) -> dict:
         stub.UploadFile(upload())
         res["upload_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        got = sum(len(c.data) for c in stub.DownloadFile(pb.DownloadRequest(id=sid, path="/tmp/bench.bin")))
+        got = sum(len(c.data) for c in stub.DownloadFile(pb.DownloadRequest(id=sid, path="/root/bench.bin")))
         res["download_s"] = time.perf_counter() - t
         assert got == file_mib * CHUNK, got
         res["rss_after_files_kib"] = _rss_kib(proc.pid)

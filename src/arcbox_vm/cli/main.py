@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from arcbox_vm.cli.daemon_cmds import register as register_daemon_commands
 from arcbox_vm.cli.image import image_app
 from arcbox_vm.cli.run import run_command
 from arcbox_vm.cli.serve import serve_command
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.command("run", context_settings={"allow_interspersed_args": False})(run_command)
 app.command("serve")(serve_command)
 app.add_typer(image_app, name="image", help="Build guest images and put the agent into existing ones.")
+register_daemon_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,300 @@
+"""Docker-style commands that talk to the arcbox-vm daemon through the client.
+
+    create   register + boot a sandbox; prints its id as the last stdout line
+    ls       list sandboxes (table, -q ids, --json)
+    inspect  one sandbox as JSON
+    exec     run a command in a sandbox (see exec_cmd.py for -i / -t / exit codes)
+    cp       copy a file in or out (see cp.py)
+    stop     halt sandboxes
+    rm       remove sandboxes
+    events   lifecycle events (see `events --help` for when it stops)
+    logs     the VM's serial console
+
+`register(app)` adds them to the main typer app. Every command takes the connection
+options (common.py). Exit codes: 0 ok, 1 error (one `arcbox-vm: ...` line on stderr),
+130 interrupted; exec passes the command's code through (124/126/127 documented there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+from rich.console import Console
+
+from arcbox_vm.cli.common import EXIT_ERROR, ConnectOptions, daemon_command, fail, host_path, one_line
+from arcbox_vm.cli.parsing import parse_env, parse_labels
+from arcbox_vm.errors import ArcboxError
+
+if TYPE_CHECKING:
+    from arcbox_vm.client.aio import AsyncClient
+    from arcbox_vm.models import SandboxInfo, SandboxSummary
+
+# The client (and with it grpc) is imported inside the commands that use it, so that
+# `arcbox-vm run` and `--help` do not pay for it.
+
+__all__ = ["register"]
+
+DEFAULT_EVENTS_IDLE = 2.0
+
+
+def _status(message: str) -> contextlib.AbstractContextManager[object]:
+    """A spinner on stderr when it is a terminal; silent otherwise (scripts, tests)."""
+    err = Console(stderr=True)
+    return err.status(message, spinner="dots") if err.is_terminal else contextlib.nullcontext()
+
+
+@daemon_command
+def create(
+    id: Optional[str] = typer.Option(None, "--id", help="Sandbox id (1-63 of [A-Za-z0-9-]); default: a new UUID."),
+    label: list[str] = typer.Option([], "--label", "-l", help="KEY=VALUE label (repeatable)."),
+    vcpus: int = typer.Option(0, "--vcpus", min=0, max=32, help="vCPUs [default: the daemon's]."),
+    memory: int = typer.Option(0, "--memory", "-m", min=0, help="Memory in MiB [default: the daemon's]."),
+    kernel: Optional[Path] = typer.Option(None, "--kernel", help="Kernel on the daemon's host."),
+    rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="ext4 root filesystem on the daemon's host."),
+    initrd: Optional[Path] = typer.Option(None, "--initrd", help="Initramfs on the daemon's host."),
+    boot_args: str = typer.Option("", "--boot-args", help="Kernel command line base."),
+    network: str = typer.Option("tap", "--network", help="tap (own IP, NAT if the daemon enables it) or none."),
+    ttl: int = typer.Option(0, "--ttl", min=0, help="Remove the sandbox this many seconds after it is ready."),
+    env: list[str] = typer.Option([], "--env", "-e", help="Default env of its commands: KEY=VALUE or KEY."),
+    workdir: str = typer.Option("", "--workdir", "-w", help="Default working directory of its commands."),
+    user: str = typer.Option("", "--user", "-u", help="Default user of its commands (name, uid or uid:gid)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it is ready (else return at once)."),
+    timeout: float = typer.Option(120.0, "--timeout", min=0, help="With --wait: give up after S seconds."),
+    json_out: bool = typer.Option(False, "--json", help="Print {id, state, ip_address} as JSON."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Create a sandbox; prints its id (the last line of stdout).
+
+    With --wait (default) returns once it is ready; if it fails to boot the error is shown
+    and the failed sandbox kept for `arcbox-vm logs ID` (remove it with `rm -f`)."""
+    if network not in ("tap", "none"):
+        fail(f"--network {network!r}: expected tap or none")
+
+    async def main() -> dict[str, str]:
+        async with conn.client() as client:
+            waiter = client.ready_waiter(id) if wait and id else None
+            if waiter is not None:
+                waiter.subscribe()
+            try:
+                created = await client.create(
+                    id=id, labels=parse_labels(label), vcpus=vcpus, memory_mib=memory, kernel=host_path(kernel),
+                    rootfs=host_path(rootfs), initrd=host_path(initrd), boot_args=boot_args,
+                    network=network,  # type: ignore[arg-type]
+                    ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user)
+            except BaseException:
+                if waiter is not None:
+                    waiter.close()
+                raise
+            out = {"id": created.id, "state": created.state, "ip_address": created.ip_address}
+            if wait:
+                with _status(f"booting sandbox {created.id}"):
+                    info = await (waiter or client.ready_waiter(created.id)).wait(timeout or None)
+                out["state"] = str(info.state)
+            return out
+
+    result = asyncio.run(main())
+    if json_out:
+        from arcbox_vm.cli.output import print_json
+
+        print_json(result)
+    else:
+        print(result["id"], flush=True)
+
+
+@daemon_command
+def ls(
+    state: Optional[str] = typer.Option(None, "--state", help="Only sandboxes in this state (ready, failed, ...)."),
+    label: list[str] = typer.Option([], "--label", "-l", help="Only sandboxes with this KEY=VALUE (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only ids, one a line."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON array."),
+    *, conn: ConnectOptions,
+) -> None:
+    """List sandboxes."""
+    from arcbox_vm.cli.output import print_json, sandbox_table
+
+    async def main() -> "list[SandboxSummary]":
+        async with conn.client() as client:
+            return await client.list(state, parse_labels(label))
+
+    rows = asyncio.run(main())
+    if json_out:
+        print_json(rows)
+    elif quiet:
+        sys.stdout.write("".join(f"{s.id}\n" for s in rows))
+    else:
+        sandbox_table(rows)
+
+
+@daemon_command
+def inspect(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    *, conn: ConnectOptions,
+) -> None:
+    """Show one sandbox as JSON (state, limits, network, timestamps, error)."""
+    from arcbox_vm.cli.output import print_json
+
+    async def main() -> "SandboxInfo":
+        async with conn.client() as client:
+            return await client.inspect(sandbox_id)
+
+    print_json(asyncio.run(main()))
+
+
+@daemon_command
+def exec_(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    cmd: list[str] = typer.Argument(..., metavar="-- CMD [ARGS...]", help="Command to run in the sandbox."),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeatable); KEY alone copies it from here."),
+    workdir: str = typer.Option("", "--workdir", "-w", help="Working directory in the guest."),
+    user: str = typer.Option("", "--user", "-u", help="User in the guest: name, uid or uid:gid."),
+    timeout: float = typer.Option(0.0, "--timeout", min=0, help="Kill the command after S seconds (exit 124)."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Forward stdin to the command."),
+    tty: bool = typer.Option(False, "--tty", "-t", help="Run it on a pseudo-terminal (-it: interactive shell)."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Run a command in a sandbox; exits with its code (124 timeout, 126 cannot execute, 127 not found)."""
+    # Options stop at ID (so the command's own options pass through untouched), which
+    # leaves the `--` of `exec ID -- CMD` in the command: drop it.
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        fail("exec: give the command after the sandbox id: arcbox-vm exec ID -- CMD [ARGS...]")
+    from arcbox_vm.cli.exec_cmd import exec_command
+
+    code = exec_command(conn, sandbox_id, cmd, parse_env(env), workdir, user, timeout, interactive, tty)
+    raise typer.Exit(code)
+
+
+@daemon_command
+def cp(
+    src: str = typer.Argument(..., metavar="SRC", help="ID:/path, a local path, or - (stdin)."),
+    dst: str = typer.Argument(..., metavar="DST", help="ID:/path, a local path, or - (stdout)."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Copy a file into or out of a sandbox (exactly one side is ID:/path)."""
+    from arcbox_vm.cli.cp import copy
+
+    async def main() -> None:
+        async with conn.client() as client:
+            await copy(client, src, dst)
+
+    asyncio.run(main())
+
+
+async def _each(ids: list[str], action: str, conn: ConnectOptions,
+                call: "Callable[[AsyncClient, str], Awaitable[None]]") -> int:
+    """Apply `call(client, id)` to every id: print each id done, report each failure; 1 if any failed."""
+    code = 0
+    async with conn.client() as client:
+        for sandbox_id in ids:
+            try:
+                await call(client, sandbox_id)
+            except ArcboxError as exc:
+                sys.stderr.write(f"arcbox-vm: {action} {sandbox_id}: {one_line(exc)}\n")
+                code = EXIT_ERROR
+            else:
+                print(sandbox_id, flush=True)
+    return code
+
+
+@daemon_command
+def stop(
+    ids: list[str] = typer.Argument(..., metavar="ID..."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", "-t", min=0,
+                                            help="Seconds for the guest to halt before the VM is killed [30]."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Stop sandboxes: the guest halts, then the VM is killed; prints each id stopped."""
+    raise typer.Exit(asyncio.run(_each(ids, "stop", conn, lambda c, i: c.stop(i, timeout))))
+
+
+@daemon_command
+def rm(
+    ids: list[str] = typer.Argument(..., metavar="ID..."),
+    force: bool = typer.Option(False, "--force", "-f", help="Also remove sandboxes that are running a command."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Remove sandboxes and everything made for them; prints each id removed."""
+    raise typer.Exit(asyncio.run(_each(ids, "rm", conn, lambda c, i: c.remove(i, force))))
+
+
+@daemon_command
+def events(
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until interrupted."),
+    id: Optional[str] = typer.Option(None, "--id", help="Only this sandbox's events."),
+    action: Optional[str] = typer.Option(None, "--action", help="Only this action (created, ready, failed, ...)."),
+    since: Optional[int] = typer.Option(None, "--since", min=0, metavar="EVENT_ID",
+                                        help="First replay the retained events after this id (0 = all)."),
+    idle: float = typer.Option(DEFAULT_EVENTS_IDLE, "--idle", min=0.1,
+                               help="Without -f: stop after S seconds without an event."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line (with its event id)."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Print lifecycle events: from now, or replayed from --since, then as they happen.
+
+    With -f they stream until Ctrl-C (exit 0). Without -f they stop once --idle seconds
+    pass without an event, so `arcbox-vm events --since 0` prints the retained history and
+    returns, and a script never blocks forever. Resume later with --since <last id>."""
+    from arcbox_vm.cli.output import event_json, event_line, print_json_line
+
+    async def main() -> None:
+        async with conn.client() as client:
+            stream = client.events(id=id, action=action, since=since)
+            while True:
+                try:
+                    ev = await (anext(stream) if follow else asyncio.wait_for(anext(stream), idle))
+                except (StopAsyncIteration, TimeoutError):
+                    return
+                if json_out:
+                    print_json_line(event_json(ev))
+                else:
+                    print(event_line(ev), flush=True)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+        raise typer.Exit(0) from None
+
+
+@daemon_command
+def logs(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new output until the sandbox is gone."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Print the VM's serial console (kernel and agent messages)."""
+    from arcbox_vm.cli.exec_cmd import write_all
+
+    async def main() -> None:
+        async with conn.client() as client:
+            async for chunk in client.logs(sandbox_id, follow=follow):
+                write_all(1, chunk)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+        raise typer.Exit(0) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the daemon commands to the main `arcbox-vm` app."""
+    no_interspersed = {"allow_interspersed_args": False}
+    app.command("create")(create)
+    app.command("ls")(ls)
+    app.command("inspect")(inspect)
+    app.command("exec", context_settings=no_interspersed)(exec_)
+    app.command("cp")(cp)
+    app.command("stop")(stop)
+    app.command("rm")(rm)
+    app.command("events")(events)
+    app.command("logs")(logs)

@@ -1,0 +1,101 @@
+"""Protobuf messages ↔ the client's data types, in one place.
+
+The wire uses 0 / "" for "unset" (proto3); the Python side uses None, as the in-process
+`SandboxInfo` does. Unknown states are kept as their string rather than rejected, so an
+older client still lists sandboxes of a newer daemon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
+from arcbox_vm.client.types import Created, Output
+from arcbox_vm.errors import InvalidArgument
+from arcbox_vm.models import (
+    FileStat,
+    SandboxEvent,
+    SandboxInfo,
+    SandboxNetworkInfo,
+    SandboxState,
+    SandboxSummary,
+)
+
+__all__ = [
+    "created_from_pb", "event_from_pb", "file_stat_from_pb", "info_from_pb", "output_from_pb", "str_map",
+    "summary_from_pb", "timeout_to_pb", "tty_size_to_pb",
+]
+
+
+def _state(value: str) -> SandboxState:
+    try:
+        return SandboxState(value)
+    except ValueError:
+        return value  # type: ignore[return-value]
+
+
+def _opt_time(seconds: int) -> float | None:
+    return float(seconds) if seconds else None
+
+
+def info_from_pb(m: pb.SandboxInfo) -> SandboxInfo:
+    net = None
+    if m.HasField("network") and m.network.ip_address:
+        net = SandboxNetworkInfo(m.network.ip_address, m.network.gateway, m.network.tap_name)
+    return SandboxInfo(
+        id=m.id, state=_state(m.state), labels=dict(m.labels), vcpus=m.limits.vcpus, memory_mib=m.limits.memory_mib,
+        network=net, created_at=float(m.created_at), ready_at=_opt_time(m.ready_at),
+        last_exited_at=_opt_time(m.last_exited_at),
+        last_exit_code=m.last_exit_code if m.last_exited_at else None,
+        error=m.error or None, vmm=m.vmm,
+    )
+
+
+def summary_from_pb(m: pb.SandboxSummary) -> SandboxSummary:
+    return SandboxSummary(id=m.id, state=_state(m.state), labels=dict(m.labels), ip_address=m.ip_address,
+                          created_at=float(m.created_at))
+
+
+def event_from_pb(m: pb.SandboxEvent) -> SandboxEvent:
+    return SandboxEvent(sandbox_id=m.sandbox_id, action=m.action, timestamp_ns=m.timestamp,
+                        attributes=dict(m.attributes), id=m.id)
+
+
+def created_from_pb(m: pb.CreateSandboxResponse) -> Created:
+    return Created(id=m.id, ip_address=m.ip_address, state=m.state)
+
+
+def output_from_pb(m: pb.RunOutput | pb.ExecOutput) -> Output:
+    return Output(stream=m.stream, data=m.data, exit_code=m.exit_code,  # type: ignore[arg-type]
+                  timed_out=m.timed_out, done=m.done)
+
+
+def file_stat_from_pb(m: pb.FileStat) -> FileStat:
+    return FileStat(path=m.path, name=m.name, type=m.type, size=m.size, mode=m.mode, uid=m.uid, gid=m.gid,
+                    mtime=m.mtime, link_target=m.link_target)
+
+
+def timeout_to_pb(seconds: float | None) -> int:
+    """Seconds → the proto's whole seconds, rounded up (0.5 s must not mean "no timeout")."""
+    if not seconds or seconds <= 0:
+        return 0
+    return min(math.ceil(seconds), 2**32 - 1)
+
+
+def tty_size_to_pb(size: tuple[int, int] | None) -> pb.TerminalSize | None:
+    """(columns, rows) → TerminalSize; None leaves the daemon's default (80x24)."""
+    if size is None:
+        return None
+    cols, rows = size
+    return pb.TerminalSize(width=max(0, int(cols)), height=max(0, int(rows)))
+
+
+def str_map(values: Mapping[str, str] | None) -> dict[str, str]:
+    """Copy a str→str mapping, refusing non-strings early with a message naming them."""
+    out: dict[str, str] = {}
+    for key, value in (values or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"expected strings, got {key!r}: {value!r}")
+        out[key] = value
+    return out
