@@ -131,6 +131,7 @@ class SandboxServicer:
         stream = await self.mgr.run_in_sandbox(
             sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
             convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds)
+        await context.send_initial_metadata(())  # the command runs: a silent one is visible too
         try:
             async for chunk in stream:
                 yield convert.output(chunk, pb.RunOutput, _timed_out(stream, chunk))
@@ -149,6 +150,7 @@ class SandboxServicer:
         handle = await self.mgr.exec_in_sandbox(
             sid, list(init.cmd), dict(init.env), init.working_dir, init.user, init.tty,
             convert.tty_size(init.tty_size, init.HasField("tty_size")), init.timeout_seconds)
+        await context.send_initial_metadata(())  # the command runs: a silent one is visible too
 
         async def pump_input() -> None:
             eof_sent = False
@@ -259,7 +261,4 @@ class SandboxServicer:
 
 
 def _timed_out(stream: Any, chunk: Any) -> bool:
-    if chunk.stream != "exit":
-        return False
-    status = getattr(getattr(stream, "_session", None), "exit_status", None)
-    return bool(status and status.timed_out)
+    return chunk.stream == "exit" and stream.timed_out

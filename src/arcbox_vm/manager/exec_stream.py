@@ -29,6 +29,12 @@ class ExecStream:
     def pid(self) -> int | None:
         return self._session.pid
 
+    @property
+    def timed_out(self) -> bool:
+        """True once the command ended because its timeout killed it."""
+        status = self._session.exit_status
+        return bool(status is not None and status.timed_out)
+
     def _finish(self, exit_code: int | None) -> None:
         if not self._finished:
             self._finished = True
