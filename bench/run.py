@@ -45,7 +45,7 @@ class RawVm:
     def __init__(self, driver, image, ddir: Path) -> None:
         self.driver, self.image = driver, image
         self.sid = "bench-raw-" + secrets.token_hex(3)
-        self.workdir = ddir / "sandboxes" / self.sid
+        self.workdir = ddir / "bench" / self.sid
         self.proc = None
         self.server = None
         self.conn: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -108,7 +108,7 @@ async def protocol_side(driver, image, ddir: Path, args) -> dict:
     vm = None
     for i in range(args.boots):
         sid = "bench-" + secrets.token_hex(3)
-        req = BootRequest(sandbox_id=sid, workdir=ddir / "sandboxes" / sid,
+        req = BootRequest(sandbox_id=sid, workdir=ddir / "bench" / sid,
                           kernel=driver.kernel_for(image.kernel, image.vmlinux), rootfs=image.rootfs,
                           initrd=image.initrd, memory_mib=512)
         t0 = time.perf_counter()
@@ -167,7 +167,7 @@ async def main() -> None:
     ap.add_argument("--file-mib", type=int, default=256, help="file size for the daemon's upload/download")
     args = ap.parse_args()
     ddir = data_dir()
-    (ddir / "sandboxes").mkdir(parents=True, exist_ok=True)
+    (ddir / "bench").mkdir(parents=True, exist_ok=True)
     image = build_image(ddir)
     driver = select_driver(args.vmm)
     print(f"arcbox-vm bench (ratios: first column / second column, measured in this run): vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "

@@ -30,7 +30,7 @@ def guest_image() -> GuestImage:
 @pytest.fixture(scope="session")
 def vm_data_dir() -> Path:
     d = data_dir()
-    (d / "sandboxes").mkdir(parents=True, exist_ok=True)
+    (d / "test-vms").mkdir(parents=True, exist_ok=True)
     return d
 
 
@@ -68,7 +68,7 @@ def no_leftovers_after_the_suite(vm_data_dir: Path):
     """After every test: no VMM process and no sandbox directory may remain."""
     yield
     leftovers = _our_vmm_processes()
-    sandboxes = sorted(p.name for sub in ("sandboxes", "runs") if (vm_data_dir / sub).exists()
+    sandboxes = sorted(p.name for sub in ("sandboxes", "runs", "test-vms") if (vm_data_dir / sub).exists()
                        for p in (vm_data_dir / sub).iterdir())
     assert not leftovers, f"VMM processes left behind: {leftovers}"
     taps = [n for n in os.listdir("/sys/class/net") if re.match(r"^ab[0-9a-f]{4}-", n)]

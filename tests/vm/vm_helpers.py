@@ -35,7 +35,7 @@ def boot_request(backend: str, image: GuestImage, ddir: Path, **kw) -> BootReque
         kernel, rootfs, initrd = Path(os.environ["FC_KERNEL"]), Path(os.environ["FC_ROOTFS"]), None
     else:
         kernel, rootfs, initrd = image.kernel, image.rootfs, image.initrd
-    return BootRequest(sandbox_id=sid, workdir=ddir / "sandboxes" / sid, kernel=kernel, rootfs=rootfs,
+    return BootRequest(sandbox_id=sid, workdir=ddir / "test-vms" / sid, kernel=kernel, rootfs=rootfs,
                        initrd=initrd, **kw)
 
 
