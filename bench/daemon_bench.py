@@ -80,6 +80,7 @@ def daemon_side(image, tmp: Path, execs: int, file_mib: int) -> dict:
             yield pb.UploadRequest(header=pb.UploadHeader(id=sid, path="/root/bench.bin", size=file_mib * CHUNK))
             for _ in range(file_mib):
                 yield pb.UploadRequest(data=block)
+            yield pb.UploadRequest(done=True)
 
         t = time.perf_counter()
         stub.UploadFile(upload())

@@ -127,6 +127,12 @@ def test_malformed_requests(daemon, sid):
     exec_without_init = stub.Exec(iter([pb.ExecInput(stdin=b"hi")]))
     assert code_of(lambda: exec_without_init) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: stub.UploadFile(iter([pb.UploadRequest(data=b"x")]))) == grpc.StatusCode.INVALID_ARGUMENT
+    # a stream that ends without `done` (the client broke off) writes nothing at all
+    unfinished = iter([pb.UploadRequest(header=pb.UploadHeader(id=sid, path="/root/partial.bin")),
+                       pb.UploadRequest(data=b"half")])
+    assert code_of(lambda: stub.UploadFile(unfinished)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: stub.StatPath(pb.StatRequest(id=sid, path="/root/partial.bin"))) == \
+        grpc.StatusCode.NOT_FOUND
 
 
 def test_file_paths_are_confined_to_what_the_guest_allows(daemon, sid):
@@ -134,7 +140,8 @@ def test_file_paths_are_confined_to_what_the_guest_allows(daemon, sid):
 
     def upload(path: str, uid: int = -1, gid: int = -1, parents: bool = False):
         return lambda: stub.UploadFile(iter([pb.UploadRequest(header=pb.UploadHeader(
-            id=sid, path=path, uid=uid, gid=gid, make_parents=parents)), pb.UploadRequest(data=b"x")]))
+            id=sid, path=path, uid=uid, gid=gid, make_parents=parents)), pb.UploadRequest(data=b"x"),
+            pb.UploadRequest(done=True)]))
 
     # as the unprivileged guest user, ".." and absolute tricks get what that user may do
     assert code_of(upload("/home/sandbox/../../root/evil", uid=1000, gid=1000)) == grpc.StatusCode.PERMISSION_DENIED

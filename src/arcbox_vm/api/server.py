@@ -200,9 +200,14 @@ class SandboxServicer:
             async for msg in request_iterator:
                 if isinstance(msg, BadRequest):
                     raise InvalidArgument(msg.reason)
-                if msg.WhichOneof("part") != "data":
-                    raise InvalidArgument("after the header, UploadFile messages must carry `data`")
+                part = msg.WhichOneof("part")
+                if part == "done" and msg.done:
+                    return  # committed: the write completes
+                if part != "data":
+                    raise InvalidArgument("after the header, UploadFile messages must carry `data`, then `done`")
                 yield msg.data
+            # ended without `done`: the client failed mid-way; abort so no partial file appears
+            raise InvalidArgument("the upload ended without its final `done` message; nothing was written")
 
         written = await self.mgr.write_file(
             sid, hdr.path, data(), mode=hdr.mode or 0o644, uid=max(hdr.uid, 0), gid=max(hdr.gid, 0),

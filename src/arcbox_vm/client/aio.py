@@ -253,6 +253,7 @@ class AsyncClient:
             except Exception as exc:
                 source_failed.append(exc)
                 raise
+            yield pb.UploadRequest(done=True)  # commit: only a complete upload is written
 
         try:
             response = await self._unary(self._stub.UploadFile, requests(), sandbox_id=sandbox_id, kind="file",

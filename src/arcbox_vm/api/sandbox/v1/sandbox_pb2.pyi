@@ -353,12 +353,14 @@ class UploadHeader(_message.Message):
     def __init__(self, id: _Optional[str] = ..., path: _Optional[str] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., make_parents: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "done")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
     header: UploadHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    done: bool
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
     __slots__ = ("path", "size")
