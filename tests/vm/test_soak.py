@@ -27,6 +27,14 @@ def test_soak_create_run_remove(tmp_path, guest_image, capsys):
     cfg = write_config(tmp_path / "c.toml", guest_image, data_dir, tmp_path / "d.sock", netns=netns,
                        cidr="10.242.0.0/24", on_shutdown="remove")
     daemon = Daemon(cfg, tmp_path / "d.sock", tmp_path / "daemon.log").start()
+    try:
+        _soak(daemon, data_dir, netns, capsys)
+    finally:
+        daemon.stop()  # also when an assertion failed: never leave a daemon behind
+    assert netns not in netns_list()
+
+
+def _soak(daemon: Daemon, data_dir, netns: str, capsys) -> None:  # noqa: ANN001
     stub = daemon.stub()
     # warm up once so lazily-created things (thread pools, caches) are not counted as leaks
     sid = stub.Create(pb.CreateSandboxRequest()).id
@@ -67,4 +75,3 @@ def test_soak_create_run_remove(tmp_path, guest_image, capsys):
     assert leaks == {"sandboxes": [], "processes": [], "taps": [], "leases": {}, "fds": 0, "dirs": [],
                      "sockdirs": []}
     assert daemon.stop() == 0
-    assert netns not in netns_list()
