@@ -12,7 +12,6 @@ import subprocess
 import pytest
 
 from arcbox_vm import DefaultVmConfig, FirecrackerConfig, SandboxManager, SandboxNetworkSpec, SandboxSpec, VmmConfig
-from arcbox_vm.errors import ArcboxError
 from arcbox_vm.storage.state import StateCorrupt, StateError
 
 

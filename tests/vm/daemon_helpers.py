@@ -15,6 +15,7 @@ import grpc
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from arcbox_vm.images import GuestImage
+from arcbox_vm.manager.leftovers import processes_using
 
 ARCBOX = str(Path(sys.executable).with_name("arcbox-vm"))
 
@@ -113,17 +114,7 @@ def run(stub, sid: str, argv: list[str], timeout: int = 60) -> tuple[bytes, byte
 
 
 def processes_mentioning(path: Path) -> list[int]:
-    needle = str(path).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if needle in f.read() and int(entry) != os.getpid():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
+    return processes_using(path)
 
 
 def taps_in(netns: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 No fork happens in our process: namespaces are made and removed by `ip netns`
 (fork+exec in C), and netlink sockets inside one are opened from a thread that joins it
-with setns(2) (`netlink_in`). Forking a process that runs gRPC threads is unsafe.
+with setns(2) (`entered`). Forking a process that runs gRPC threads is unsafe.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import ctypes
 import ctypes.util
 import os
 import subprocess
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 from arcbox_vm.errors import ArcboxError
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
-T = TypeVar("T")
 
 
 def exists(name: str) -> bool:
@@ -84,9 +82,3 @@ def entered(name: str) -> Iterator[None]:
             _setns(own)
     finally:
         os.close(own)
-
-
-def call_in(name: str, fn: Callable[[], T]) -> T:
-    """`fn()` with the current thread inside namespace `name` (blocking; use from a thread)."""
-    with entered(name):
-        return fn()
