@@ -470,10 +470,133 @@ def test_reconnect_after_the_host_side_closes(agent: AgentProcess) -> None:
         client2, hello = agent.connect()
         assert hello["proto"] == 1 and hello["pid"] == agent.proc.pid
         assert hello.get("sessions") == 1  # the detached session survived
+        assert [d["channel"] for d in hello["detached"]] == [1]
+        assert hello["detached"][0]["pid"] == pid and not hello["detached"][0]["exited"]
         assert alive(pid)
-        assert bytes(client2.run(["echo", "again"], ch=1).stdout) == b"again\n"  # channel numbers start over
+        with pytest.raises(ExecFailed) as err:  # a detached session's channel is not reused
+            client2.exec(1, ["echo", "again"])
+        assert err.value.code == p.ErrorCode.CHANNEL_IN_USE
+        assert bytes(client2.run(["echo", "again"], ch=2).stdout) == b"again\n"
+        assert alive(pid)
     finally:
         kill_token(token)
+
+
+# ---- detach and re-attach ------------------------------------------------------------------------
+
+
+def _attach(client: Client, ch: int) -> Dict[str, Any]:
+    client.send(p.MsgType.ATTACH, ch)
+    f = client.next(ch)
+    if f.type == p.MsgType.ERROR:
+        raise ExecFailed(f.json())
+    assert f.type == p.MsgType.STARTED, f
+    body = f.json()
+    assert body["attached"] is True
+    return body
+
+
+def test_attach_after_reconnect_delivers_spooled_and_later_output(agent: AgentProcess, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    script = ("echo before; while [ ! -e %s ]; do sleep 0.05; done; echo during >&2; "
+              "while [ ! -e %s.2 ]; do sleep 0.05; done; echo after; exit 3") % (go, go)
+    client, _ = agent.connect()
+    pid = client.exec(1, ["sh", "-c", script])
+    assert client.next(1).payload == b"before\n"
+    assert agent.conn is not None
+    agent.conn.close()  # the host "dies"
+    go.touch()  # output while nobody is connected: spooled by the agent
+    time.sleep(0.5)
+    client2, hello = agent.connect()
+    assert [(d["channel"], d["pid"], d["argv0"]) for d in hello["detached"]] == [(1, pid, "sh")]
+    body = _attach(client2, 1)
+    assert body["pid"] == pid and body["stdin_window"] == p.INITIAL_WINDOW and body["stdin_open"] is False
+    f = client2.next(1)
+    assert (f.type, f.payload) == (p.MsgType.STDERR, b"during\n")
+    Path(str(go) + ".2").touch()
+    res = client2.collect(1)
+    assert bytes(res.stdout) == b"after\n" and res.code == 3
+    agent.conn.close()
+    _, hello3 = agent.connect()  # once re-attached and finished it is no longer listed
+    assert hello3["detached"] == []
+
+
+def test_attach_to_a_command_that_finished_while_detached(agent: AgentProcess, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    client, _ = agent.connect()
+    client.exec(7, ["sh", "-c", "while [ ! -e %s ]; do sleep 0.05; done; echo done-detached; exit 5" % go])
+    agent.conn.close()
+    go.touch()
+    time.sleep(0.8)
+    client2, hello = agent.connect()
+    assert hello["detached"][0]["channel"] == 7 and hello["detached"][0]["exited"] is True
+    _attach(client2, 7)
+    res = client2.collect(7)
+    assert bytes(res.stdout) == b"done-detached\n" and res.code == 5
+    with pytest.raises(ExecFailed) as err:  # attached once: gone
+        _attach(client2, 7)
+    assert err.value.code == p.ErrorCode.NO_SUCH_CHANNEL
+
+
+def test_attach_errors(agent: AgentProcess) -> None:
+    client, _ = agent.connect()
+    with pytest.raises(ExecFailed) as err:
+        _attach(client, 42)
+    assert err.value.code == p.ErrorCode.NO_SUCH_CHANNEL
+    token = unique_sleep()
+    try:
+        client.exec(3, ["sleep", token])
+        with pytest.raises(ExecFailed) as err:
+            _attach(client, 3)
+        assert err.value.code == p.ErrorCode.CHANNEL_IN_USE
+    finally:
+        kill_token(token)
+    assert bytes(client.run(["echo", "ok"], ch=4).stdout) == b"ok\n"  # the agent keeps serving
+
+
+def test_detached_output_is_bounded_then_lossless_on_attach(agent: AgentProcess) -> None:
+    total = 4 * p.INITIAL_WINDOW
+    writer = ("import hashlib,sys\nh=hashlib.sha256()\nfor i in range(%d):\n b=bytes([i%%251])*65536\n"
+              " h.update(b); sys.stdout.buffer.write(b)\nsys.stdout.flush()\nsys.stderr.write(h.hexdigest())"
+              % (total // 65536))
+    client, _ = agent.connect()
+    client.send_json(p.MsgType.EXEC, 1, p.exec_request([sys.executable, "-c", writer]))
+    assert client.next(1).type == p.MsgType.STARTED
+    first = client.quiet_for(1, 0.7)  # the initial window, then silence (no grants)
+    got = bytearray(b"".join(f.payload for f in first if f.type == p.MsgType.STDOUT))
+    assert len(got) == p.INITIAL_WINDOW
+    rss_before = rss_kib(agent.proc.pid)
+    agent.conn.close()
+    time.sleep(1.0)  # detached: the agent spools one window's worth, then stops reading
+    assert rss_kib(agent.proc.pid) - rss_before < 8 * 1024
+    client2, hello = agent.connect()
+    pid = hello["detached"][0]["pid"]
+    assert alive(pid) and not hello["detached"][0]["exited"]  # blocked in write(2), not dropped
+    _attach(client2, 1)
+    res = client2.collect(1)
+    got += res.stdout
+    # nothing was in flight when the first connection closed (its window was used up and read),
+    # so not one byte is lost: one window before, one spooled, the rest after ATTACH
+    assert res.code == 0 and len(got) == total
+    assert hashlib.sha256(bytes(got)).hexdigest() == bytes(res.stderr).decode()
+
+
+def test_stdin_works_after_attach(agent: AgentProcess) -> None:
+    client, _ = agent.connect()
+    client.exec(2, ["cat"], stdin=True)
+    client.send(p.MsgType.STDIN, 2, b"one ")
+    f = client.next(2)
+    while f.type == p.MsgType.WINDOW:
+        f = client.next(2)
+    assert (f.type, f.payload) == (p.MsgType.STDOUT, b"one ")
+    agent.conn.close()
+    client2, _ = agent.connect()
+    body = _attach(client2, 2)
+    assert body["stdin_open"] is True and body["stdin_window"] == p.INITIAL_WINDOW
+    client2.send(p.MsgType.STDIN, 2, b"two")
+    client2.send(p.MsgType.STDIN_EOF, 2)
+    res = client2.collect(2)
+    assert bytes(res.stdout) == b"two" and res.code == 0
 
 
 def test_version_error_makes_the_agent_retry_later(agent: AgentProcess) -> None:

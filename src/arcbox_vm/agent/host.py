@@ -75,6 +75,8 @@ class ExecSession:
         self._credit_event = asyncio.Event()
         self._consumed = 0  # output bytes taken by the consumer, not yet granted back
         self._done = False
+        self.attached = False  # True: taken over after a lost connection (see AgentConnection.attach)
+        self.stdin_open = bool(request.get("stdin"))
 
     # -- frames from the guest (called by the connection's reader) --------------------
 
@@ -85,6 +87,10 @@ class ExecSession:
             self._queue.put_nowait(OutputChunk(stream, frame.payload))
         elif t == p.MsgType.STARTED:
             body = frame.json()
+            if body.get("attached"):
+                self.attached = True
+                self._stdin_credit = int(body.get("stdin_window", p.INITIAL_WINDOW))
+                self.stdin_open = bool(body.get("stdin_open", False))
             if not self._started.done():
                 self._started.set_result(int(body.get("pid", 0)))
         elif t == p.MsgType.EXIT:
@@ -203,7 +209,8 @@ class AgentConnection:
         self.hello = hello
         self._decoder = decoder
         self._sessions: dict[int, Any] = {}  # channel -> ExecSession or a file operation
-        self._channels = itertools.count(1)
+        self.detached: dict[int, dict[str, Any]] = _detached_sessions(hello)
+        self._channels = itertools.count(max(self.detached, default=0) + 1)  # never a detached one's number
         self._write_lock = asyncio.Lock()
         self._pings: dict[bytes, asyncio.Future[float]] = {}
         self._shutdown_ack: asyncio.Future[None] | None = None
@@ -306,6 +313,19 @@ class AgentConnection:
         with contextlib.suppress(Exception):
             self._writer.write(data)
 
+    def _new_channel(self) -> int:
+        return next(self._channels)
+
+    def reserve_channels(self, up_to: int) -> None:
+        """Never hand out channel numbers <= `up_to` (they name earlier commands, e.g. in a
+        state database that outlived the previous connection)."""
+        nxt = self._new_channel()
+        self._channels = itertools.count(max(nxt, up_to + 1))
+
+    @property
+    def supports_attach(self) -> bool:
+        return p.FEATURE_ATTACH in (self.hello.get("features") or [])
+
     # -- public operations -----------------------------------------------------------
 
     async def exec(self, request: dict[str, Any]) -> ExecSession:
@@ -313,7 +333,7 @@ class AgentConnection:
 
         Raises ExecError when the guest cannot start it (not found, bad user, ...).
         """
-        channel = next(self._channels)
+        channel = self._new_channel()
         session = ExecSession(self, channel, request)
         self._sessions[channel] = session
         try:
@@ -322,6 +342,30 @@ class AgentConnection:
         except BaseException:
             self._sessions.pop(channel, None)
             raise
+        return session
+
+    async def attach(self, channel: int) -> ExecSession:
+        """Take over a command that kept running, detached, while no host was connected
+        (listed in this connection's HELLO, see `detached`). Its spooled output comes
+        first, then the rest and the exit, as for `exec`.
+
+        Raises ExecError(code="no_such_channel") when the agent has no such session.
+        """
+        if not self.supports_attach:
+            raise ExecError("the guest agent is too old to re-attach commands; rebuild the image "
+                            "(`arcbox-vm image build`) or re-inject the agent", code="unsupported")
+        if channel in self._sessions:
+            raise ExecError(f"channel {channel} is attached already", code=p.ErrorCode.CHANNEL_IN_USE)
+        session = ExecSession(self, channel, {"argv": [str(self.detached.get(channel, {}).get("argv0", ""))]})
+        self._sessions[channel] = session
+        try:
+            await self._send(p.encode_frame(p.MsgType.ATTACH, channel))
+            await session.wait_started()
+        except BaseException:
+            if self._sessions.get(channel) is session:
+                self._sessions.pop(channel, None)
+            raise
+        self.detached.pop(channel, None)
         return session
 
     # -- files -----------------------------------------------------------------------
@@ -351,7 +395,7 @@ class AgentConnection:
         self._require_files()
         body = p.file_write_request(path, mode, uid, gid, make_parents, size)
         _check_request(p.MsgType.FILE_WRITE, body)
-        op = _FileWrite(self, next(self._channels), path)
+        op = _FileWrite(self, self._new_channel(), path)
         self._open_channel(op)
         try:
             await self._send(p.encode_json(p.MsgType.FILE_WRITE, op.channel, body))
@@ -388,7 +432,7 @@ class AgentConnection:
         self._require_files()
         body = {"path": path}
         _check_request(p.MsgType.FILE_READ, body)
-        reader = FileReader(self, next(self._channels), path, max_bytes)
+        reader = FileReader(self, self._new_channel(), path, max_bytes)
         self._open_channel(reader)
         try:
             await self._send(p.encode_json(p.MsgType.FILE_READ, reader.channel, body))
@@ -427,7 +471,7 @@ class AgentConnection:
     async def _file_request(self, type: int, body: dict[str, Any], reply: int, path: str) -> dict[str, Any]:
         self._require_files()
         _check_request(type, body)
-        op = _FileRequest(self, next(self._channels), path, reply)
+        op = _FileRequest(self, self._new_channel(), path, reply)
         self._open_channel(op)
         try:
             await self._send(p.encode_json(type, op.channel, body))
@@ -806,6 +850,17 @@ class FileReader:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _detached_sessions(hello: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """HELLO's "detached" list as {channel: entry}; malformed entries are ignored."""
+    out: dict[int, dict[str, Any]] = {}
+    items = hello.get("detached")
+    for item in items if isinstance(items, list) else []:
+        ch = item.get("channel") if isinstance(item, dict) else None
+        if isinstance(ch, int) and not isinstance(ch, bool) and 0 < ch <= 0xFFFFFFFF:
+            out[ch] = item
+    return out
 
 
 def _hello_ack() -> bytes:

@@ -24,6 +24,24 @@ receiver returns credit with WINDOW frames (payload: u32 increment) as it consum
 A sender with no credit stops reading its source (the child's pipes, the user's stdin),
 so memory stays bounded on both sides whatever the reader's speed.
 
+Detach and re-attach (feature "attach" in HELLO): when the channel is lost (the host's
+daemon died or restarted) exec sessions keep running, *detached*. A detached session
+keeps reading its child's output into a spool of at most INITIAL_WINDOW bytes (so a
+restart within that much output loses nothing and the command does not stall), then stops
+reading, so the child blocks in write(2) instead of output being dropped. A finished
+detached session keeps its spool and exit status. The next HELLO lists them::
+
+    "detached": [{"channel", "pid", "argv0", "tty", "exited"}]
+
+and the host must choose new channel numbers above every listed one. ATTACH on such a
+channel rebinds it to the new connection: the agent answers STARTED {"pid", "attached":
+true, "stdin_window", "stdin_open"} (``stdin_window`` = the STDIN credit the host starts
+with), sends the spool as STDOUT/STDERR frames (it fits the fresh INITIAL_WINDOW of output
+credit) and carries on as a normal session: more output, EXIT. ATTACH on any other channel
+is answered with ERROR no_such_channel (or channel_in_use). Bytes that were in flight
+when the old channel broke (queued in the agent or the VMM, unread by the dead host) are
+lost; everything produced after that is delivered.
+
 File transfer (channel N > 0, feature "files" in HELLO; frame types 0x30-0x3F): the host
 opens a channel with FILE_WRITE, FILE_READ, FILE_STAT or FILE_LIST. Requests carry absolute
 ``path`` strings (no NUL) and optional ``uid``/``gid`` (default 0): the agent performs the
@@ -110,7 +128,7 @@ class MsgType(enum.IntEnum):
 
     # --- exec sessions (channel N > 0, chosen by the host, unique per connection) ---
     EXEC = 0x10  # host->guest JSON ExecRequest (see exec_request())
-    STARTED = 0x11  # guest->host JSON {"pid"}
+    STARTED = 0x11  # guest->host JSON {"pid"} (after ATTACH also "attached", "stdin_window", "stdin_open")
     STDIN = 0x12  # host->guest raw bytes (spends guest-granted credit)
     STDIN_EOF = 0x13  # host->guest, empty: close the child's stdin
     STDOUT = 0x14  # guest->host raw bytes (spends host-granted credit)
@@ -119,6 +137,7 @@ class MsgType(enum.IntEnum):
     RESIZE = 0x17  # host->guest JSON {"rows", "cols"} (TTY sessions)
     SIGNAL = 0x18  # host->guest JSON {"signal"}: sent to the session's process group
     WINDOW = 0x19  # either way, u32 credit increment for the opposite data direction
+    ATTACH = 0x1A  # host->guest, empty or {}: take over the detached session on this channel (feature "attach")
 
     # --- file transfer (channel N > 0; 0x30-0x3F; see the module docstring) ---
     FILE_WRITE = 0x30  # host->guest JSON {"path", "mode", "uid", "gid", "make_parents", "size"?}
@@ -143,6 +162,7 @@ JSON_TYPES = frozenset(
         MsgType.ERROR,
         MsgType.SHUTDOWN,
         MsgType.EXEC,
+        MsgType.ATTACH,
         MsgType.STARTED,
         MsgType.EXIT,
         MsgType.RESIZE,
@@ -162,6 +182,9 @@ FILE_REQUEST_TYPES = frozenset({MsgType.FILE_WRITE, MsgType.FILE_READ, MsgType.F
 
 FEATURE_FILES = "files"
 """HELLO ``features`` entry of agents that implement the FILE_* messages."""
+
+FEATURE_ATTACH = "attach"
+"""HELLO ``features`` entry of agents that keep exec sessions across a lost channel for ATTACH."""
 
 LIST_LIMIT = 10000
 """Most entries one FILE_LIST_RESULT carries (the frame size caps it further)."""

@@ -9,8 +9,10 @@ Robustness rules:
 - bad input never kills the agent: decode errors, unknown types and malformed JSON
   get an ERROR frame (and the stream goes on);
 - an ERROR on channel N ends session N (either direction), as the protocol says;
-- a lost channel leaves exec sessions running (detached); the agent redials with
-  backoff and says HELLO again;
+- a lost channel leaves exec sessions running (detached, output spooled up to a bound);
+  the agent redials with backoff and says HELLO again, listing them, and the host may
+  ATTACH to each (see the protocol module); finished detached sessions are kept for that
+  (the oldest are forgotten beyond KEEP_FINISHED);
 - an unexpected exception in one handler is logged, and only what it touched (one
   session, or the channel) is dropped.
 
@@ -50,7 +52,9 @@ RETRY_MIN = 0.1
 RETRY_MAX = 1.0
 VERSION_RETRY = 10.0  # the host refused our protocol version: try again much later
 FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow_control", "shutdown", "ping",
-            protocol.FEATURE_FILES]
+            protocol.FEATURE_FILES, protocol.FEATURE_ATTACH]
+KEEP_FINISHED = 64  # finished detached sessions (exit status + spool) kept for a late ATTACH
+SPOOL_TOTAL = 16 << 20  # output bytes all detached sessions together may spool
 RECENT_CHANNELS = 1024  # finished channels remembered so late WINDOW/STDIN frames are ignored quietly
 
 _R = selectors.EVENT_READ
@@ -77,7 +81,9 @@ class Agent:
         self.conn_events = 0
         self.decoder = protocol.FrameDecoder()
         self.sessions: Dict[int, Session] = {}  # channel -> Session (attached to the current connection)
-        self.detached: Set[Session] = set()  # sessions that outlived their connection or were abandoned
+        self.detached: Dict[int, Session] = {}  # channel -> session that outlived its connection (re-attachable)
+        self.abandoned: Set[Session] = set()  # ended by protocol, waiting to be reaped
+        self.spool_total = 0  # bytes spooled by detached sessions
         self.by_pid: Dict[int, Session] = {}
         self.files: Dict[int, Any] = {}  # channel -> WriteSession / ReadSession (current connection only)
         self._recent: Deque[int] = collections.deque()
@@ -160,7 +166,7 @@ class Agent:
         self._finish_sessions()
 
     def _all_sessions(self) -> List[Session]:
-        return list(self.sessions.values()) + list(self.detached)
+        return list(self.sessions.values()) + list(self.detached.values()) + list(self.abandoned)
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         data = key.data
@@ -210,10 +216,35 @@ class Agent:
                 body = s.exit_body()
                 self._send_json(MsgType.EXIT, ch, body)
                 log("channel %d: pid %d exited: %s" % (ch, s.pid, _describe_exit(body)))
-        for s in list(self.detached):
+        for s in list(self.abandoned):
             if s.finished:
-                self.detached.discard(s)
+                self.abandoned.discard(s)
                 s.close()
+        finished = [s for s in self.detached.values() if s.finished]
+        for s in finished:
+            if not s.closed:
+                s.close()  # fds go now; status and spool stay for ATTACH
+                log("channel %d: pid %d exited while detached: %s" % (s.channel, s.pid, _describe_exit(s.exit_body())))
+        if len(finished) > KEEP_FINISHED:
+            self._forget_finished(len(finished) - KEEP_FINISHED)
+
+    def _forget_finished(self, n: int) -> int:
+        """Drop the ``n`` oldest finished detached sessions; returns how many went."""
+        done = sorted((s for s in self.detached.values() if s.finished), key=lambda s: s.exited_at or 0.0)
+        for s in done[:n]:
+            del self.detached[s.channel]
+            s.abandon()  # releases its spool
+            self._remember(s.channel)
+            log("channel %d: forgot finished detached session (never re-attached)" % s.channel)
+        return min(n, len(done))
+
+    # ---- detached sessions' spool (called by sessions) -------------------------------
+
+    def spool_room(self) -> int:
+        return max(0, SPOOL_TOTAL - self.spool_total)
+
+    def spool_changed(self, delta: int) -> None:
+        self.spool_total += delta
 
     # ---- file transfers --------------------------------------------------------------
 
@@ -264,7 +295,7 @@ class Agent:
 
     def _on_file_request(self, t: MsgType, f: Frame) -> None:
         ch = f.channel
-        if ch in self.sessions or ch in self.files:
+        if ch in self.sessions or ch in self.files or ch in self.detached:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d is already in use" % ch, ch)
         from . import files
 
@@ -347,6 +378,7 @@ class Agent:
             "pid": os.getpid(),
             "features": list(FEATURES),
             "sessions": len(self.by_pid),
+            "detached": [s.describe() for s in sorted(self.detached.values(), key=lambda s: s.channel)],
         }
 
     def _sync_conn(self) -> None:
@@ -447,7 +479,7 @@ class Agent:
         live = self.got_frames
         for s in self.sessions.values():
             s.detach()
-            self.detached.add(s)
+            self.detached[s.channel] = s
         n = len(self.sessions)
         self.sessions.clear()
         if live:
@@ -472,6 +504,8 @@ class Agent:
         if self.conn is not None:
             self.conn.send(protocol.encode_json(type, channel, body))
 
+    send_json = _send_json  # for sessions
+
     def _send_error(self, channel: int, code: str, message: str) -> None:
         """ERROR on ``channel``; on a live session's channel that ends the session."""
         self._send_json(MsgType.ERROR, channel, {"code": code, "message": message})
@@ -488,14 +522,17 @@ class Agent:
         if self.sessions.get(s.channel) is s:
             self._send_error(s.channel, code, message)
         else:
-            s.abandon()
+            self._abandon(s)
 
     def _abandon(self, s: Session) -> None:
         if self.sessions.get(s.channel) is s:
             del self.sessions[s.channel]
             self._remember(s.channel)
+        if self.detached.get(s.channel) is s:
+            del self.detached[s.channel]
+            self._remember(s.channel)
         s.abandon()
-        self.detached.add(s)
+        self.abandoned.add(s)
 
     def _remember(self, channel: int) -> None:
         if channel in self._recent_set:
@@ -569,6 +606,9 @@ class Agent:
         if t == MsgType.EXEC:
             self._on_exec(f)
             return
+        if t == MsgType.ATTACH:
+            self._on_attach(f)
+            return
         if t in protocol.FILE_REQUEST_TYPES:
             self._on_file_request(t, f)
             return
@@ -609,11 +649,23 @@ class Agent:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "SIGNAL needs an integer signal in 1..64", ch)
             s.send_signal(sig)
 
-    def _on_exec(self, f: Frame) -> None:
+    def _on_attach(self, f: Frame) -> None:
         ch = f.channel
         if ch in self.sessions or ch in self.files:
+            raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d is attached already" % ch, ch)
+        s = self.detached.pop(ch, None)
+        if s is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_CHANNEL, "no detached session on channel %d" % ch, ch)
+        self.sessions[ch] = s
+        s.attach()
+        log("channel %d: re-attached to pid %d%s" % (ch, s.pid, " (exited)" if s.status is not None else ""))
+
+    def _on_exec(self, f: Frame) -> None:
+        ch = f.channel
+        if ch in self.sessions or ch in self.files or ch in self.detached:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d already has a running session" % ch, ch)
-        if len(self.sessions) + len(self.detached) >= MAX_SESSIONS:
+        live = len(self.sessions) + len(self.detached) + len(self.abandoned)
+        if live >= MAX_SESSIONS and not self._forget_finished(live - MAX_SESSIONS + 1):
             raise ProtocolError(ErrorCode.TOO_MANY, "too many sessions (limit %d)" % MAX_SESSIONS, ch)
         try:
             req = protocol.validate_exec_request(f.json())

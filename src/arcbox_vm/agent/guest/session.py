@@ -10,6 +10,11 @@ the protocol's flow control in both directions:
 - stdin: the host may send at most the window the agent granted; bytes are granted back
   (WINDOW) only once written to the child, so the buffer never exceeds INITIAL_WINDOW.
 
+Detached (the channel to the host was lost): the session keeps reading output into a
+spool of at most INITIAL_WINDOW bytes (bounded also by the agent-wide ``SPOOL_TOTAL``),
+then stops reading, so the child blocks rather than output being dropped. ``attach``
+rebinds it to a new connection: the spool goes out first, within the fresh output window.
+
 EXIT is sent once the child has been reaped and its output reached EOF. A background
 grandchild can keep the pipes open forever, so ~1 s after the child exits the session
 drains what is readable and closes them (see ``drain``).
@@ -53,6 +58,10 @@ class Session:
         self.sel = sel
         self.sink = sink
         self.attached = True  # False: no host to send to (lost connection or abandoned)
+        self.abandoned = False  # ended by protocol: output is discarded, never re-attached
+        self.spool: list = []  # (MsgType, bytes) read while detached, sent on attach
+        self.spooled = 0
+        self.closed = False
         self.credit = protocol.INITIAL_WINDOW  # output bytes we may still send
         self.out_fds: Dict[int, int] = {}  # fd -> STDOUT/STDERR
         self.master: Optional[int] = child.master
@@ -84,7 +93,12 @@ class Session:
     def sync(self, can_send: bool) -> None:
         """Register exactly the fds that can make progress now."""
         want: Dict[int, int] = {}
-        readable = not self.attached or (self.credit > 0 and can_send)
+        if self.abandoned:
+            readable = True
+        elif self.attached:
+            readable = self.credit > 0 and can_send
+        else:
+            readable = self._limit() > 0
         if readable:
             for fd in self.out_fds:
                 want[fd] = _R
@@ -110,7 +124,12 @@ class Session:
     # ---- output ----------------------------------------------------------------------
 
     def _limit(self) -> int:
-        return protocol.DATA_CHUNK if not self.attached else min(protocol.DATA_CHUNK, self.credit)
+        if self.abandoned:
+            return protocol.DATA_CHUNK
+        if not self.attached:
+            room = min(protocol.INITIAL_WINDOW - self.spooled, self.sink.spool_room())
+            return max(0, min(protocol.DATA_CHUNK, room))
+        return min(protocol.DATA_CHUNK, self.credit)
 
     def _read_out(self, fd: int) -> int:
         """One read from an output fd; returns bytes read, -1 at EOF, 0 if nothing/no credit."""
@@ -129,6 +148,10 @@ class Session:
         if self.attached:
             self.sink.send_frame(self.out_fds[fd], self.channel, data)
             self.credit -= len(data)
+        elif not self.abandoned:
+            self.spool.append((self.out_fds[fd], data))
+            self.spooled += len(data)
+            self.sink.spool_changed(len(data))
         return len(data)
 
     def on_window(self, increment: int) -> None:
@@ -153,7 +176,7 @@ class Session:
                 n = self._read_out(fd)
                 if n == 0:
                     if self._limit() <= 0:
-                        break  # no credit: wait for WINDOW
+                        break  # no credit (or spool full): wait for WINDOW / ATTACH
                     self._close_fd(fd)  # nothing pending
                     break
                 if n > 0:
@@ -197,7 +220,7 @@ class Session:
     def _grant(self, n: int, force: bool = False) -> None:
         self.stdin_unacked += n
         if self.stdin_unacked and (force or self.stdin_unacked >= GRANT_BATCH or not self.stdin_buf):
-            if self.attached:
+            if self.attached:  # a detached session's grants are void: the next host starts a fresh window
                 self.sink.send_frame(MsgType.WINDOW, self.channel, protocol.WINDOW_STRUCT.pack(self.stdin_unacked))
             self.stdin_unacked = 0
 
@@ -239,14 +262,47 @@ class Session:
             self.grace_at = now + EXIT_GRACE
 
     def detach(self) -> None:
-        """The host is gone: keep running, discard output (no re-attach yet)."""
+        """The host is gone: keep running, spool output (bounded) until ATTACH."""
         self.attached = False
+        self.stdin_unacked = 0
+        self.credit = 0
         if self.draining:
             self.drain()
+
+    def describe(self) -> Dict[str, Any]:
+        """This detached session as HELLO lists it."""
+        return {"channel": self.channel, "pid": self.pid, "argv0": self.argv0, "tty": self.tty,
+                "exited": self.status is not None}
+
+    def attach(self) -> Dict[str, Any]:
+        """Rebind to the current connection: STARTED body; the spool goes out at once.
+
+        The spool is at most INITIAL_WINDOW bytes, so it fits the new host's fresh window.
+        """
+        self.attached = True
+        self.credit = protocol.INITIAL_WINDOW
+        body = {"pid": self.pid, "attached": True,
+                "stdin_window": max(0, protocol.INITIAL_WINDOW - len(self.stdin_buf)),
+                "stdin_open": self.accept_input and self.in_fd is not None and not self.stdin_eof}
+        self.sink.send_json(MsgType.STARTED, self.channel, body)
+        for kind, data in self.spool:
+            self.sink.send_frame(kind, self.channel, data)
+            self.credit -= len(data)
+        self.sink.spool_changed(-self.spooled)
+        self.spool = []
+        self.spooled = 0
+        if self.draining:
+            self.drain()
+        return body
 
     def abandon(self) -> None:
         """The session ended by protocol (ERROR either way): kill it, stop reporting."""
         self.attached = False
+        self.abandoned = True
+        if self.spooled:
+            self.sink.spool_changed(-self.spooled)
+        self.spool = []
+        self.spooled = 0
         self.deadline = None
         if self.status is None or self.out_fds:
             procs.kill_session(self.pid, signal.SIGKILL)
@@ -266,6 +322,7 @@ class Session:
 
     def close(self) -> None:
         """Release every fd (the child is reaped by now)."""
+        self.closed = True
         for fd in list(self.out_fds):
             self._close_fd(fd)
         if self.in_fd is not None:
