@@ -34,6 +34,7 @@ _EXPORTS = {
     "SandboxEvent": "arcbox_vm.models",
     "SandboxState": "arcbox_vm.models",
     "OutputChunk": "arcbox_vm.models",
+    "ExecInfo": "arcbox_vm.models",
     "ArcboxError": "arcbox_vm.errors",
     "ConfigError": "arcbox_vm.errors",
     "SandboxError": "arcbox_vm.errors",

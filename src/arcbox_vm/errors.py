@@ -92,6 +92,25 @@ class InvalidState(SandboxError):
         super().__init__(f"sandbox {sandbox_id!r} is {state}; {wanted}")
 
 
+class ExecNotFound(SandboxError):
+    def __init__(self, sandbox_id: str, exec_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.exec_id = exec_id
+        super().__init__(f"sandbox {sandbox_id!r} has no command with exec id {exec_id!r}; "
+                         "list them with list_execs() / `arcbox-vm execs`")
+
+
+class ExecNotAttachable(SandboxError):
+    """The command exists but cannot be taken over (a client holds it, or it is over)."""
+
+    def __init__(self, sandbox_id: str, exec_id: str, status: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.exec_id = exec_id
+        self.status = status
+        super().__init__(f"command {exec_id!r} in sandbox {sandbox_id!r} is {status}; only a detached command "
+                         "(one that kept running while the daemon was away) can be attached")
+
+
 class InvalidArgument(ArcboxError):
     """A request's value is malformed (names the field)."""
 

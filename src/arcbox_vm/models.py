@@ -125,6 +125,29 @@ class SandboxSummary:
     created_at: float
 
 
+ExecStatus = Literal["running", "detached", "exited", "ended", "lost"]
+
+
+@dataclass(frozen=True)
+class ExecInfo:
+    """One command run in a sandbox, as the state database remembers it.
+
+    status: "running" (a client is attached), "detached" (it kept running in the guest
+    while the daemon was away; `attach_exec` takes it over, also after it finished),
+    "exited" (finished, `exit_code` set), "ended" (its stream ended without an exit: killed
+    because the client went away, or the VM stopped), "lost" (running when the daemon
+    stopped and gone when it came back — e.g. the VM restarted).
+    """
+
+    exec_id: str
+    sandbox_id: str
+    cmd: list[str]
+    status: ExecStatus
+    started_at: float
+    finished_at: float | None = None
+    exit_code: int | None = None
+
+
 @dataclass(frozen=True)
 class SandboxEvent:
     """A lifecycle event. action: created, ready, running, idle, stopping, stopped, failed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.errors import InvalidArgument
-from arcbox_vm.models import FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
+from arcbox_vm.models import ExecInfo, FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
 
 
 def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
@@ -67,3 +67,11 @@ def event(ev: SandboxEvent) -> pb.SandboxEvent:
 def file_stat(st: FileStat) -> pb.FileStat:
     return pb.FileStat(path=st.path, name=st.name, type=st.type, size=st.size, mode=st.mode, uid=st.uid,
                        gid=st.gid, mtime=st.mtime, link_target=st.link_target)
+
+
+def exec_info(e: ExecInfo) -> pb.ExecInfo:
+    msg = pb.ExecInfo(exec_id=e.exec_id, cmd=e.cmd, status=e.status, started_at=int(e.started_at),
+                      finished_at=int(e.finished_at or 0))
+    if e.exit_code is not None:
+        msg.exit_code = e.exit_code
+    return msg

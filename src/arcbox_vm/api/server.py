@@ -12,7 +12,7 @@ from typing import Any, Callable
 import grpc
 
 from arcbox_vm import logctx
-from arcbox_vm.api import convert
+from arcbox_vm.api import convert, metadata
 from arcbox_vm.api.registration import BadRequest
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.api.status import abort_with
@@ -22,6 +22,7 @@ from arcbox_vm.manager.sandbox_manager import SandboxManager
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # file and log chunks sent to clients
+EXEC_ID_METADATA = metadata.EXEC_ID
 
 
 def _check(request: Any) -> None:
@@ -35,6 +36,16 @@ def _need_id(request: Any) -> str:
         raise InvalidArgument("id is required")
     logctx.sandbox_id.set(request.id)
     return request.id
+
+
+def _need_exec_id(request: Any) -> str:
+    if not request.exec_id:
+        raise InvalidArgument("exec_id is required (ListExecs shows them)")
+    return request.exec_id
+
+
+def _exec_meta(stream: Any) -> tuple[tuple[str, str], ...]:
+    return ((EXEC_ID_METADATA, stream.exec_id),)
 
 
 def unary(fn: Callable) -> Callable:
@@ -131,7 +142,7 @@ class SandboxServicer:
         stream = await self.mgr.run_in_sandbox(
             sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
             convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds)
-        await context.send_initial_metadata(())  # the command runs: a silent one is visible too
+        await context.send_initial_metadata(_exec_meta(stream))  # the command runs: a silent one is visible too
         try:
             async for chunk in stream:
                 yield convert.output(chunk, pb.RunOutput, _timed_out(stream, chunk))
@@ -142,15 +153,20 @@ class SandboxServicer:
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecInput],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ExecOutput]:
         first = await anext(aiter(request_iterator), None)
-        if first is None or isinstance(first, BadRequest) or first.WhichOneof("input") != "init":
+        first_kind = None if first is None or isinstance(first, BadRequest) else first.WhichOneof("input")
+        if first_kind not in ("init", "attach"):
             _check(first) if first is not None else None
-            raise InvalidArgument("the first Exec message must be `init` (an ExecRequest)")
-        init = first.init
-        sid = _need_id(init)
-        handle = await self.mgr.exec_in_sandbox(
-            sid, list(init.cmd), dict(init.env), init.working_dir, init.user, init.tty,
-            convert.tty_size(init.tty_size, init.HasField("tty_size")), init.timeout_seconds)
-        await context.send_initial_metadata(())  # the command runs: a silent one is visible too
+            raise InvalidArgument("the first Exec message must be `init` (an ExecRequest) or `attach`")
+        attaching = first_kind == "attach"
+        if attaching:
+            handle = await self.mgr.attach_exec(_need_id(first.attach), _need_exec_id(first.attach))
+        else:
+            init = first.init
+            sid = _need_id(init)
+            handle = await self.mgr.exec_in_sandbox(
+                sid, list(init.cmd), dict(init.env), init.working_dir, init.user, init.tty,
+                convert.tty_size(init.tty_size, init.HasField("tty_size")), init.timeout_seconds)
+        await context.send_initial_metadata(_exec_meta(handle))  # the command runs: a silent one is visible too
 
         async def pump_input() -> None:
             eof_sent = False
@@ -166,7 +182,7 @@ class SandboxServicer:
                 elif kind == "eof" and msg.eof and not eof_sent:
                     await handle.close_stdin()
                     eof_sent = True
-            if not eof_sent:  # the client half-closed: that is EOF too
+            if not eof_sent and not attaching:  # the client half-closed: that is EOF too (not for attach)
                 with contextlib.suppress(Exception):
                     await handle.close_stdin()
 
@@ -180,7 +196,22 @@ class SandboxServicer:
                 await pump
             await handle.aclose()
 
+    @unary
+    async def ListExecs(self, request: pb.ListExecsRequest, context: grpc.aio.ServicerContext) -> pb.ListExecsResponse:
+        return pb.ListExecsResponse(execs=[convert.exec_info(e) for e in self.mgr.list_execs(_need_id(request))])
+
+    @streaming
+    async def Attach(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunOutput]:
+        handle = await self.mgr.attach_exec(_need_id(request), _need_exec_id(request))
+        await context.send_initial_metadata(_exec_meta(handle))
+        try:
+            async for chunk in handle:
+                yield convert.output(chunk, pb.RunOutput, _timed_out(handle, chunk))
+        finally:
+            await handle.aclose()
+
     # -- files -----------------------------------------------------------------------
+
 
     @unary
     async def UploadFile(self, request_iterator: AsyncIterator[pb.UploadRequest],

@@ -17,6 +17,8 @@ from arcbox_vm import errors as e
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.SandboxNotFound, grpc.StatusCode.NOT_FOUND),
     (e.GuestFileNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.ExecNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.ExecNotAttachable, grpc.StatusCode.FAILED_PRECONDITION),
     (e.GuestNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.SandboxAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (e.InvalidState, grpc.StatusCode.FAILED_PRECONDITION),

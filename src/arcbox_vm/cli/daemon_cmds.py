@@ -33,7 +33,7 @@ from arcbox_vm.errors import ArcboxError
 
 if TYPE_CHECKING:
     from arcbox_vm.client.aio import AsyncClient
-    from arcbox_vm.models import SandboxInfo, SandboxSummary
+    from arcbox_vm.models import ExecInfo, SandboxInfo, SandboxSummary
 
 # The client (and with it grpc) is imported inside the commands that use it, so that
 # `arcbox-vm run` and `--help` do not pay for it.
@@ -172,6 +172,41 @@ def exec_(
 
 
 @daemon_command
+def execs(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON array."),
+    *, conn: ConnectOptions,
+) -> None:
+    """List the commands run in a sandbox with their exec ids; "detached" ones kept running
+    while the daemon was away and can be taken over with `arcbox-vm attach`."""
+    from arcbox_vm.cli.output import exec_table, print_json
+
+    async def main() -> "list[ExecInfo]":
+        async with conn.client() as client:
+            return await client.list_execs(sandbox_id)
+
+    rows = asyncio.run(main())
+    if json_out:
+        print_json(rows)
+    else:
+        exec_table(rows)
+
+
+@daemon_command
+def attach(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    exec_id: str = typer.Argument(..., metavar="EXEC_ID", help="From `arcbox-vm execs ID`."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Forward stdin to the command."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Take over a detached command: print the output it made since, the rest, and exit
+    with its code. Ctrl-C kills it (as for exec)."""
+    from arcbox_vm.cli.exec_cmd import attach_command
+
+    raise typer.Exit(attach_command(conn, sandbox_id, exec_id, interactive))
+
+
+@daemon_command
 def cp(
     src: str = typer.Argument(..., metavar="SRC", help="ID:/path, a local path, or - (stdin)."),
     dst: str = typer.Argument(..., metavar="DST", help="ID:/path, a local path, or - (stdout)."),
@@ -293,6 +328,8 @@ def register(app: typer.Typer) -> None:
     app.command("ls")(ls)
     app.command("inspect")(inspect)
     app.command("exec", context_settings=no_interspersed)(exec_)
+    app.command("execs")(execs)
+    app.command("attach")(attach)
     app.command("cp")(cp)
     app.command("stop")(stop)
     app.command("rm")(rm)

@@ -94,6 +94,29 @@ async def _exec(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Map
                                 on_stdout=_to_stdout, on_stderr=_to_stderr)
 
 
+async def _attach(conn: ConnectOptions, sandbox_id: str, exec_id: str, interactive: bool) -> RunResult:
+    async with conn.client() as client:
+        session = await client.attach(sandbox_id, exec_id)
+        async with session:  # leaving early (error, Ctrl-C) cancels the stream: the daemon kills the command
+            pump = asyncio.create_task(_forward_stdin(session)) if interactive else None
+            try:
+                return await session.wait(on_stdout=_to_stdout, on_stderr=_to_stderr)
+            finally:
+                if pump is not None:
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ArcboxError):
+                        await pump
+
+
+def attach_command(conn: ConnectOptions, sandbox_id: str, exec_id: str, interactive: bool) -> int:
+    """Take over a detached command; returns its exit code for the CLI."""
+    result = asyncio.run(_attach(conn, sandbox_id, exec_id, interactive))
+    if result.timed_out:
+        sys.stderr.write("arcbox-vm: the command timed out and was killed\n")
+        return EXIT_TIMED_OUT
+    return result.exit_code if result.exit_code >= 0 else EXIT_ERROR
+
+
 def exec_command(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
                  user: str, timeout: float, interactive: bool, tty: bool) -> int:
     """Run it; returns the exit code for the CLI (see the module docstring)."""

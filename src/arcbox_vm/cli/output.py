@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import shlex
 import sys
 import time
 from collections.abc import Iterable
@@ -19,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from arcbox_vm.models import SandboxEvent, SandboxSummary
+from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxSummary
 
 __all__ = ["event_line", "jsonable", "print_json", "print_json_line", "relative_time", "sandbox_table"]
 
@@ -76,6 +77,21 @@ def sandbox_table(rows: Iterable[SandboxSummary], console: Console | None = None
     for s in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
         table.add_row(s.id, str(s.state), s.ip_address or "-", relative_time(s.created_at), labels)
+    console.print(table)
+
+
+def exec_table(rows: Iterable[ExecInfo], console: Console | None = None) -> None:
+    """EXEC ID, STATUS, EXIT, STARTED, COMMAND."""
+    if console is None:
+        probe = Console()
+        console = Console(highlight=False, width=None if probe.is_terminal else 1000)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("EXEC ID", "STATUS", "EXIT", "STARTED"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("COMMAND", overflow="fold")
+    for e in rows:
+        code = "-" if e.exit_code is None else str(e.exit_code)
+        table.add_row(e.exec_id, e.status, code, relative_time(e.started_at), shlex.join(e.cmd))
     console.print(table)
 
 

@@ -27,6 +27,7 @@ from arcbox_vm.client.connection import Target, resolve_target
 from arcbox_vm.client.convert import (
     created_from_pb,
     event_from_pb,
+    exec_info_from_pb,
     file_stat_from_pb,
     info_from_pb,
     output_from_pb,
@@ -40,7 +41,7 @@ from arcbox_vm.client.ready import ReadyWaiter
 from arcbox_vm.client.sources import WriteSource, check_source, iter_chunks, source_size
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError, InvalidArgument
-from arcbox_vm.models import SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
 
 __all__ = ["AsyncClient", "Command", "ConnectArgs", "as_argv"]
 
@@ -229,6 +230,20 @@ class AsyncClient:
         call = self._stub.Exec(metadata=self.target.metadata)
         session = AsyncExecSession(call, lambda exc: self._error(exc, "exec", sandbox_id))
         await session._send(pb.ExecInput(init=request))
+        return session
+
+    async def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
+        """Every command run in the sandbox, oldest first, with its exec id and status."""
+        resp = await self._unary(self._stub.ListExecs, pb.ListExecsRequest(id=sandbox_id), sandbox_id=sandbox_id)
+        return [exec_info_from_pb(m, sandbox_id) for m in resp.execs]
+
+    async def attach(self, sandbox_id: str, exec_id: str) -> AsyncExecSession:
+        """Take over a "detached" command (one that kept running while the daemon was away):
+        its output since, the rest and its exit; stdin/resize work if it had them. Ending
+        the session (kill / leaving `async with`) kills the command, as for `exec`."""
+        call = self._stub.Exec(metadata=self.target.metadata)
+        session = AsyncExecSession(call, lambda exc: self._error(exc, "exec", sandbox_id))
+        await session._send(pb.ExecInput(attach=pb.AttachRequest(id=sandbox_id, exec_id=str(exec_id))))
         return session
 
     # -- files ----------------------------------------------------------------------

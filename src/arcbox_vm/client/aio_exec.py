@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
+from arcbox_vm.api.metadata import EXEC_ID as EXEC_ID_METADATA
 from arcbox_vm.client.collect import OutputCollector
 from arcbox_vm.client.convert import output_from_pb
 from arcbox_vm.client.types import Output, OutputCallback, RunResult
@@ -39,6 +40,15 @@ class AsyncExecSession:
         self._eof = False
         self._stdin_closed = False
         self._killed = False
+
+    async def exec_id(self) -> str:
+        """The command's id in its sandbox (for `attach` after a daemon restart); waits
+        until the daemon has started the command."""
+        try:
+            meta = await self._call.initial_metadata()
+        except grpc.aio.AioRpcError as exc:
+            raise self._map_error(exc) from None
+        return dict(meta or ()).get(EXEC_ID_METADATA, "")
 
     # -- input ----------------------------------------------------------------------
 

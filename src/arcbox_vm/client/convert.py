@@ -14,6 +14,7 @@ from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.client.types import Created, Output
 from arcbox_vm.errors import InvalidArgument
 from arcbox_vm.models import (
+    ExecInfo,
     FileStat,
     SandboxEvent,
     SandboxInfo,
@@ -23,7 +24,7 @@ from arcbox_vm.models import (
 )
 
 __all__ = [
-    "created_from_pb", "event_from_pb", "file_stat_from_pb", "info_from_pb", "output_from_pb", "str_map",
+    "created_from_pb", "event_from_pb", "exec_info_from_pb", "file_stat_from_pb", "info_from_pb", "output_from_pb", "str_map",
     "summary_from_pb", "timeout_to_pb", "tty_size_to_pb",
 ]
 
@@ -37,6 +38,12 @@ def _state(value: str) -> SandboxState:
 
 def _opt_time(seconds: int) -> float | None:
     return float(seconds) if seconds else None
+
+
+def exec_info_from_pb(m: pb.ExecInfo, sandbox_id: str) -> ExecInfo:
+    return ExecInfo(exec_id=m.exec_id, sandbox_id=sandbox_id, cmd=list(m.cmd), status=m.status,  # type: ignore[arg-type]
+                    started_at=float(m.started_at), finished_at=_opt_time(m.finished_at),
+                    exit_code=m.exit_code if m.HasField("exit_code") else None)
 
 
 def info_from_pb(m: pb.SandboxInfo) -> SandboxInfo:

@@ -24,7 +24,7 @@ from arcbox_vm.client.loop import LoopThread
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
-from arcbox_vm.models import SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
 
 __all__ = ["Client", "ExecSession", "Files", "Sandbox"]
 
@@ -112,6 +112,13 @@ class Client:
                                                tty=tty, tty_size=tty_size, timeout=timeout))
         return ExecSession(self._loop, session)
 
+    def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
+        return self._loop.run(self.aio.list_execs(sandbox_id))
+
+    def attach(self, sandbox_id: str, exec_id: str) -> "ExecSession":
+        """See AsyncClient.attach."""
+        return ExecSession(self._loop, self._loop.run(self.aio.attach(sandbox_id, exec_id)))
+
     # -- files ----------------------------------------------------------------------
 
     def upload(self, sandbox_id: str, path: str, source: WriteSource, *, mode: int = 0o644, uid: int = -1,
@@ -147,6 +154,11 @@ class ExecSession:
 
     def kill(self) -> None:
         self._loop.run(self.aio.kill())
+
+    @property
+    def exec_id(self) -> str:
+        """See AsyncExecSession.exec_id."""
+        return self._loop.run(self.aio.exec_id())
 
     @property
     def finished(self) -> bool:

@@ -30,6 +30,17 @@ class ExecStream:
         return self._session.pid
 
     @property
+    def exec_id(self) -> str:
+        """The command's id in its sandbox: `list_execs` shows it, `attach_exec` takes it
+        over after a daemon restart."""
+        return str(self._session.channel)
+
+    @property
+    def attached(self) -> bool:
+        """True when this stream took over a detached command (`attach_exec`)."""
+        return self._session.attached
+
+    @property
     def timed_out(self) -> bool:
         """True once the command ended because its timeout killed it."""
         status = self._session.exit_status

@@ -3,7 +3,7 @@
 For every recorded sandbox:
 - READY/RUNNING whose VMM still runs (same pid *and* start time): re-adopt it — listen on
   its agent endpoint again; the guest agent dials back and re-announces itself. Commands
-  that were running are marked lost (their output went nowhere while we were away).
+  it still holds are marked detached (`attach_exec` takes them over), others lost.
 - READY/RUNNING/STOPPING whose VMM is gone: FAILED, reason "lost".
 - STARTING: the boot was interrupted; its VMM (if any) is killed: FAILED, reason
   "interrupted".
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from arcbox_vm import logctx
 from arcbox_vm.agent.host import AgentListener
-from arcbox_vm.errors import ArcboxError
+from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager.boot import BootedVm, BootRequest
 from arcbox_vm.manager.leftovers import processes_using
 from arcbox_vm.manager.record import SandboxRecord
@@ -140,9 +140,9 @@ async def _recover_one(mgr: "SandboxManager", sb: SandboxRecord, adopted_pids: s
             network.pool.reserve(sb.lease.ip, sb.id)
         if await _adopt(mgr, sb):
             adopted_pids.add(sb.pid)  # type: ignore[arg-type]
-            lost = store_lost_execs(mgr, sb)
+            detached, lost = _execs.reconcile(mgr._store, sb, sb.vm.agent if sb.vm else None)
             sb.state = S.READY
-            mgr._emit(sb, "ready", reason="adopted", lost_execs=lost)
+            mgr._emit(sb, "ready", reason="adopted", lost_execs=lost, detached_execs=detached)
             mgr._start_watchers(sb)
             log.info("re-adopted sandbox %s (pid %s)", sb.id, sb.pid)
             return
@@ -163,19 +163,8 @@ async def _recover_one(mgr: "SandboxManager", sb: SandboxRecord, adopted_pids: s
     with contextlib.suppress(FileNotFoundError):
         (sb.workdir / "rootfs.ext4").unlink()
     shutil.rmtree(socket_dir(sb.workdir), ignore_errors=True)
-    store_lost_execs(mgr, sb)
+    _execs.reconcile(mgr._store, sb, None)
     sb.state = S.FAILED
     sb.error = error
     mgr._emit(sb, "failed", error=error, reason=reason)
     log.warning("sandbox %s is FAILED (%s): %s", sb.id, reason, error)
-
-
-def store_lost_execs(mgr: "SandboxManager", sb: SandboxRecord) -> int:
-    lost = mgr._store.execs(sb.id, status="running")
-    for row in lost:
-        with contextlib.suppress(ArcboxError):
-            mgr._store.finish_exec(sb.id, row["channel"], None, "lost")
-    if lost:
-        log.warning("%d command(s) in sandbox %s were running when the daemon stopped; marked lost",
-                    len(lost), sb.id)
-    return len(lost)

@@ -31,6 +31,7 @@ from arcbox_vm.errors import (
     SandboxAlreadyExists,
     SandboxNotFound,
 )
+from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager import files as _files
 from arcbox_vm.manager.boot import BootRequest, boot_vm
 from arcbox_vm.manager.events import EventLog, EventSubscription
@@ -38,7 +39,7 @@ from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.images import ImageResolver
 from arcbox_vm.manager.recovery import recover
 from arcbox_vm.manager.record import SandboxRecord
-from arcbox_vm.models import FileStat, SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, FileStat, SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.ports import VmmDriver
 from arcbox_vm.storage.state import StateError, StateStore
@@ -432,29 +433,7 @@ class SandboxManager:
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
         session = await sb.vm.agent.exec(request)
-        channel = session.channel
-        with contextlib.suppress(ArcboxError):
-            self._store.put_exec(sb.id, channel, list(request["argv"]))
-        sb.active_execs += 1
-        if sb.active_execs == 1 and sb.state == S.READY:
-            sb.state = S.RUNNING
-            self._emit(sb, "running")
-
-        def done(exit_code: int | None) -> None:
-            with contextlib.suppress(ArcboxError):
-                self._store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
-            sb.active_execs -= 1
-            if sb.removed or self._closed:
-                return
-            if exit_code is not None:
-                sb.last_exit_code = exit_code
-                sb.last_exited_at = time.time()
-            if sb.active_execs == 0 and sb.state == S.RUNNING:
-                sb.state = S.READY
-                attrs = {"exit_code": str(exit_code)} if exit_code is not None else {"exit_code": ""}
-                self._emit(sb, "idle", **attrs)
-
-        return cls(session, done)
+        return _execs.track(self._store, sb, session, list(request["argv"]), cls, self._emit, lambda: self._closed)
 
     async def run_in_sandbox(self, sandbox_id: str, cmd: list[str], env: dict[str, str] | None = None,
                              working_dir: str = "", user: str = "", tty: bool = False,
@@ -474,6 +453,22 @@ class SandboxManager:
         stream = await self._start_exec(sb, req, ExecHandle)
         assert isinstance(stream, ExecHandle)
         return stream
+
+    async def attach_exec(self, sandbox_id: str, exec_id: str) -> ExecHandle:
+        """Take over a command that kept running while the daemon was away (status
+        "detached" in `list_execs`): iterate the result for the output it produced since
+        (spooled in the guest, bounded), the rest and its exit; stdin works as with
+        `exec_in_sandbox` if the command had it. Unknown id: ExecNotFound; not detached:
+        ExecNotAttachable."""
+        sb = self._get(sandbox_id)
+        if sb.state not in _LIVE or sb.vm is None:
+            raise InvalidState(sb.id, sb.state.value, "commands can be attached only in a ready or running sandbox")
+        return await _execs.attach(self._store, sb, sb.vm.agent, exec_id, self._emit, lambda: self._closed)
+
+    def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
+        """Every command run in the sandbox (oldest first) with its exec id and status."""
+        sb = self._get(sandbox_id)
+        return _execs.list_execs(self._store, sb.id)
 
     # -- files -----------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ MIGRATIONS: list[str] = [
         started_at REAL NOT NULL,
         finished_at REAL,
         exit_code INTEGER,
-        status TEXT NOT NULL,            -- running, exited, lost
+        status TEXT NOT NULL,            -- running, detached, exited, ended, lost
         PRIMARY KEY (sandbox_id, channel)
     );
     CREATE TABLE events (
@@ -221,7 +221,15 @@ class StateStore:
             "UPDATE execs SET finished_at = ?, exit_code = ?, status = ? WHERE sandbox_id = ? AND channel = ?",
             (time.time(), exit_code, status, sandbox_id, channel)))
 
+    def set_exec_status(self, sandbox_id: str, channel: int, status: str) -> None:
+        self._write(lambda db: db.execute(
+            "UPDATE execs SET status = ? WHERE sandbox_id = ? AND channel = ?", (status, sandbox_id, channel)))
+
     # -- reading ---------------------------------------------------------------------
+
+    def max_exec_channel(self, sandbox_id: str) -> int:
+        row = self.db.execute("SELECT MAX(channel) FROM execs WHERE sandbox_id = ?", (sandbox_id,)).fetchone()
+        return int(row[0] or 0)
 
     def sandboxes(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM sandboxes ORDER BY created_at")
@@ -231,12 +239,16 @@ class StateStore:
     def leases(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT ip, sandbox_id FROM leases").fetchall())
 
-    def execs(self, sandbox_id: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    def execs(self, sandbox_id: str | None = None, status: str | tuple[str, ...] | None = None,
+              channel: int | None = None) -> list[dict[str, Any]]:
         q, args = "SELECT * FROM execs WHERE 1=1", []
         if sandbox_id is not None:
             q, args = q + " AND sandbox_id = ?", args + [sandbox_id]
+        if channel is not None:
+            q, args = q + " AND channel = ?", args + [channel]
         if status is not None:
-            q, args = q + " AND status = ?", args + [status]
+            wanted = (status,) if isinstance(status, str) else tuple(status)
+            q, args = q + f" AND status IN ({','.join('?' * len(wanted))})", args + list(wanted)
         cur = self.db.execute(q + " ORDER BY started_at", args)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]

@@ -171,16 +171,54 @@ class ExecRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., tty: _Optional[bool] = ..., tty_size: _Optional[_Union[TerminalSize, _Mapping]] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class ExecInput(_message.Message):
-    __slots__ = ("init", "stdin", "resize", "eof")
+    __slots__ = ("init", "stdin", "resize", "eof", "attach")
     INIT_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     EOF_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
     init: ExecRequest
     stdin: bytes
     resize: TerminalSize
     eof: bool
-    def __init__(self, init: _Optional[_Union[ExecRequest, _Mapping]] = ..., stdin: _Optional[bytes] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ..., eof: _Optional[bool] = ...) -> None: ...
+    attach: AttachRequest
+    def __init__(self, init: _Optional[_Union[ExecRequest, _Mapping]] = ..., stdin: _Optional[bytes] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ..., eof: _Optional[bool] = ..., attach: _Optional[_Union[AttachRequest, _Mapping]] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("id", "exec_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    exec_id: str
+    def __init__(self, id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class ExecInfo(_message.Message):
+    __slots__ = ("exec_id", "cmd", "status", "started_at", "finished_at", "exit_code")
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    cmd: _containers.RepeatedScalarFieldContainer[str]
+    status: str
+    started_at: int
+    finished_at: int
+    exit_code: int
+    def __init__(self, exec_id: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
+class ListExecsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListExecsResponse(_message.Message):
+    __slots__ = ("execs",)
+    EXECS_FIELD_NUMBER: _ClassVar[int]
+    execs: _containers.RepeatedCompositeFieldContainer[ExecInfo]
+    def __init__(self, execs: _Optional[_Iterable[_Union[ExecInfo, _Mapping]]] = ...) -> None: ...
 
 class ExecOutput(_message.Message):
     __slots__ = ("stream", "data", "exit_code", "done", "timed_out")

@@ -76,6 +76,16 @@ class SandboxServiceStub:
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxEventsRequest.SerializeToString,
                 response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxEvent.FromString,
                 _registered_method=True)
+        self.ListExecs = channel.unary_unary(
+                '/sandbox.v1.SandboxService/ListExecs',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
+                _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/sandbox.v1.SandboxService/Attach',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.AttachRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RunOutput.FromString,
+                _registered_method=True)
         self.UploadFile = channel.stream_unary(
                 '/sandbox.v1.SandboxService/UploadFile',
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.UploadRequest.SerializeToString,
@@ -162,6 +172,22 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecs(self, request, context):
+        """Commands. Run and Exec send the command's exec id in the initial metadata, key
+        "arcbox-exec-id". A command that kept running while the daemon was away (restart,
+        crash) is "detached": Attach (or Exec with `attach`) takes it over and streams the
+        output it produced since (spooled in the guest, bounded), the rest and its exit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadFile(self, request_iterator, context):
         """Files. Paths are absolute guest paths; what the guest allows is what you get (the
         agent runs as root in the guest; `uid`/`gid` make it act as that user).
@@ -238,6 +264,16 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxEventsRequest.FromString,
                     response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxEvent.SerializeToString,
+            ),
+            'ListExecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecs,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.AttachRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RunOutput.SerializeToString,
             ),
             'UploadFile': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadFile,
@@ -483,6 +519,60 @@ class SandboxService:
             '/sandbox.v1.SandboxService/Events',
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxEventsRequest.SerializeToString,
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxService/ListExecs',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sandbox.v1.SandboxService/Attach',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.AttachRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RunOutput.FromString,
             options,
             channel_credentials,
             insecure,
