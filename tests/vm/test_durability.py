@@ -102,9 +102,12 @@ def test_kill9_while_ready_readopts_the_running_vm(env):
     assert adopted, [(e.action, dict(e.attributes)) for e in events]
 
 
-def test_kill9_while_an_exec_streams_then_attach_by_exec_id(env):
+@pytest.mark.parametrize("how", ["kill9", "sigterm"])
+def test_daemon_dies_while_an_exec_streams_then_attach_by_exec_id(env, how):
     """The command keeps running in the guest while no daemon exists; after the restart it
-    is listed "detached" and Attach delivers what it printed meanwhile, the rest, its exit."""
+    is listed "detached" and Attach delivers what it printed meanwhile, the rest, its exit.
+    kill9: a crash; sigterm: a graceful stop with on_shutdown=leave (systemctl restart),
+    which must leave the command running too rather than kill it with its stream."""
     sid, _ = create(env.stub, network=pb.NetworkSpec(mode="none"))
     wait_state(env.stub, sid, ("ready",))
     n = 120  # lines, 0.1 s apart: ~12 s, long enough to outlive the daemon's restart
@@ -128,10 +131,15 @@ def test_kill9_while_an_exec_streams_then_attach_by_exec_id(env):
     while before.count(b"\n") < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert before.count(b"\n") >= 10
-    env.daemon.kill9()
+    if how == "kill9":
+        env.daemon.kill9()
+    else:
+        assert env.daemon.stop() == 0
     t.join(30)
     assert not t.is_alive(), "the client's stream must end, not hang"
-    assert failure and failure[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert failure, "the stream ends with an error status, never a fake exit"
+    if how == "kill9":
+        assert failure[0].code() == grpc.StatusCode.UNAVAILABLE
     env.restart()
     wait_state(env.stub, sid, ("ready",), timeout=60)
     events = [e for e in _events(env.stub, since=0, idle=1.0) if e.sandbox_id == sid]

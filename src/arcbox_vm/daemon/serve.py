@@ -92,8 +92,10 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         await stop.wait()
         log.info("shutting down: no new calls; %.0f s grace for running streams", STREAM_GRACE_S)
     finally:
-        await asyncio.gather(*(s.stop(STREAM_GRACE_S) for s in servers), return_exceptions=True)
         leave = cfg.daemon.on_shutdown == "leave"
+        if leave:  # streams cut short by the shutdown leave their commands running, re-attachable
+            manager.keep_commands_running()
+        await asyncio.gather(*(s.stop(STREAM_GRACE_S) for s in servers), return_exceptions=True)
         log.info("%s sandboxes (daemon.on_shutdown=%s)", "leaving running" if leave else "removing",
                  cfg.daemon.on_shutdown)
         await manager.close(remove_sandboxes=not leave)

@@ -18,8 +18,10 @@ from arcbox_vm.models import OutputChunk
 
 
 class ExecStream:
-    def __init__(self, session: ExecSession, on_done: Callable[[int | None], None]) -> None:
+    def __init__(self, session: ExecSession, on_done: Callable[[int | None], None],
+                 keep_running: Callable[[], bool] = lambda: False) -> None:
         self._session = session
+        self._keep_running = keep_running  # true: dropping the stream leaves the command running
         self._it = session.__aiter__()
         self._on_done = on_done
         self._finished = False
@@ -73,10 +75,11 @@ class ExecStream:
         return chunk
 
     async def aclose(self) -> None:
-        """Stop reading: kills the command if it still runs."""
+        """Stop reading: kills the command if it still runs (unless the manager is shutting
+        down leaving VMs running: then it stays, detached, for the next one to attach)."""
         if self._finished:
             return
-        if not self._session.done:
+        if not self._session.done and not self._keep_running():
             with contextlib.suppress(Exception):
                 await self._session.signal(signal.SIGKILL)
         self._finish(None)

@@ -51,9 +51,13 @@ def list_execs(store: "StateStore", sandbox_id: str) -> list[ExecInfo]:
 
 def track(store: "StateStore", sb: "SandboxRecord", session: ExecSession, argv: list[str],
           cls: type[ExecStream], emit: Callable[..., None], closed: Callable[[], bool],
-          new: bool = True) -> ExecStream:
+          new: bool = True, keep: Callable[[], bool] = lambda: False) -> ExecStream:
     """Record a started (or re-attached) command and wrap it in an ExecStream whose end
-    updates the record, the sandbox's RUNNING/READY state and `last_exit_code`."""
+    updates the record, the sandbox's RUNNING/READY state and `last_exit_code`.
+
+    `keep()` true (a shutdown that leaves VMs running): a stream that ends without an exit
+    leaves the command running and its record "running", for the next manager to find
+    detached."""
     channel = session.channel
     with contextlib.suppress(ArcboxError):
         if new:
@@ -66,9 +70,11 @@ def track(store: "StateStore", sb: "SandboxRecord", session: ExecSession, argv: 
         emit(sb, "running")
 
     def done(exit_code: int | None) -> None:
+        sb.active_execs -= 1
+        if exit_code is None and keep():
+            return
         with contextlib.suppress(ArcboxError):
             store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
-        sb.active_execs -= 1
         if sb.removed or closed():
             return
         if exit_code is not None:
@@ -79,11 +85,12 @@ def track(store: "StateStore", sb: "SandboxRecord", session: ExecSession, argv: 
             attrs = {"exit_code": str(exit_code)} if exit_code is not None else {"exit_code": ""}
             emit(sb, "idle", **attrs)
 
-    return cls(session, done)
+    return cls(session, done, keep_running=keep)
 
 
 async def attach(store: "StateStore", sb: "SandboxRecord", agent: AgentConnection, exec_id: str | int,
-                 emit: Callable[..., None], closed: Callable[[], bool]) -> ExecHandle:
+                 emit: Callable[..., None], closed: Callable[[], bool],
+                 keep: Callable[[], bool] = lambda: False) -> ExecHandle:
     """Take over the detached command `exec_id`: its spooled output, the rest, its exit."""
     channel = parse_exec_id(sb.id, exec_id)
     rows = store.execs(sb.id, channel=channel)
@@ -100,7 +107,7 @@ async def attach(store: "StateStore", sb: "SandboxRecord", agent: AgentConnectio
                 store.finish_exec(sb.id, channel, None, "lost")
             raise ExecNotAttachable(sb.id, str(channel), "lost") from None
         raise
-    stream = track(store, sb, session, list(json.loads(row["argv"])), ExecHandle, emit, closed, new=False)
+    stream = track(store, sb, session, list(json.loads(row["argv"])), ExecHandle, emit, closed, new=False, keep=keep)
     assert isinstance(stream, ExecHandle)
     return stream
 

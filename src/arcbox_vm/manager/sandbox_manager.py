@@ -74,6 +74,7 @@ class SandboxManager:
         self._start_lock: asyncio.Lock | None = None
         self._started = False
         self._closed = False
+        self._keep_commands = False  # see keep_commands_running
 
     # -- lifecycle of the manager itself ---------------------------------------------
 
@@ -133,6 +134,8 @@ class SandboxManager:
         database, for the next manager on this data dir to adopt."""
         if self._closed:
             return
+        if not remove_sandboxes:
+            self.keep_commands_running()
         self._closed = True
         if not self._started:
             return
@@ -151,6 +154,13 @@ class SandboxManager:
             self._events.close()
         self._store.close()
         self._release_lock()
+
+    def keep_commands_running(self) -> None:
+        """From now on a command whose stream is dropped is left running in the guest
+        (detached, re-attachable by the next manager on this data dir) instead of killed:
+        for a shutdown that leaves the VMs running (`close(remove_sandboxes=False)`, the
+        daemon's on_shutdown=leave)."""
+        self._keep_commands = True
 
     async def _detach_all(self) -> None:
         """Let go of every VM without stopping it (booting ones cannot be adopted: removed)."""
@@ -433,7 +443,8 @@ class SandboxManager:
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
         session = await sb.vm.agent.exec(request)
-        return _execs.track(self._store, sb, session, list(request["argv"]), cls, self._emit, lambda: self._closed)
+        return _execs.track(self._store, sb, session, list(request["argv"]), cls, self._emit, lambda: self._closed,
+                            keep=lambda: self._keep_commands)
 
     async def run_in_sandbox(self, sandbox_id: str, cmd: list[str], env: dict[str, str] | None = None,
                              working_dir: str = "", user: str = "", tty: bool = False,
@@ -463,7 +474,8 @@ class SandboxManager:
         sb = self._get(sandbox_id)
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands can be attached only in a ready or running sandbox")
-        return await _execs.attach(self._store, sb, sb.vm.agent, exec_id, self._emit, lambda: self._closed)
+        return await _execs.attach(self._store, sb, sb.vm.agent, exec_id, self._emit, lambda: self._closed,
+                                   keep=lambda: self._keep_commands)
 
     def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
         """Every command run in the sandbox (oldest first) with its exec id and status."""
