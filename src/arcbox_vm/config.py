@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from arcbox_vm.errors import ConfigError
 from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS
 from arcbox_vm.paths import data_dir as default_data_dir
+from arcbox_vm.vmm.cgroup import check_parent
 from arcbox_vm.vmm.firecracker.config import FirecrackerConfig, JailerConfig
 from arcbox_vm.vmm.qemu.config import QemuConfig
 
@@ -135,12 +136,25 @@ class DaemonConfig(_Section):
     on_shutdown: what SIGTERM/SIGINT do to sandboxes: "leave" them running (recorded in the
       state database; the next start re-adopts them) or "remove" them all.
     max_file_mib: largest file accepted by UploadFile (0 = no limit).
+    cgroup_parent: every VMM process is moved into its own cgroup (v2)
+      `<cgroup2 mount>/<cgroup_parent>/<data dir tag>/<sandbox id>`, outside the daemon's
+      cgroup, so stopping or restarting the daemon's service does not kill the VMs, and
+      removing a sandbox kills everything it started. A relative path; "" = off. Without a
+      writable cgroup2 hierarchy (not root, read-only) VMMs stay in the daemon's cgroup.
     """
 
     on_shutdown: Literal["leave", "remove"] = "leave"
     max_file_mib: int = Field(4096, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["logfmt", "json"] = "logfmt"
+    cgroup_parent: str = "arcbox-vm"
+
+    @field_validator("cgroup_parent")
+    @classmethod
+    def _cgroup_parent(cls, v: str) -> str:
+        if not v:
+            return v
+        return check_parent(v.strip("/") or "/")  # "/arcbox-vm" is how cgroup paths are often written
 
 
 class DefaultVmConfig(_Section):

@@ -985,7 +985,8 @@ def jailer_main(argv: list[str]) -> int:
     """The fake `jailer`: checks its flags like the real one, builds the jail layout
     (<base>/<exec name>/<id>/root with dev/, dev/net/, run/, the copied exec file and the pid
     file) and execs the copied fake firecracker with FAKE_FC_ROOT pointing at the jail, so
-    jail-relative paths resolve as they would after chroot. No real chroot/setuid/cgroups."""
+    jail-relative paths resolve as they would after chroot. No real chroot/setuid; of cgroups
+    only the v2 join of an existing --parent-cgroup (with no --cgroup values) is real."""
     if os.environ.get("FAKE_JAILER_ARGV_FILE"):
         Path(os.environ["FAKE_JAILER_ARGV_FILE"]).write_text(json.dumps(argv))
     try:
@@ -1052,6 +1053,19 @@ def jailer_main(argv: list[str]) -> int:
         return fail(f"Failed to open file {args['netns']}: No such file or directory (os error 2)")
     if args.get("cgroup") and not os.environ.get("FAKE_JAILER_ALLOW_CGROUPS"):
         return fail("cgroups are not emulated by the fake jailer (set FAKE_JAILER_ALLOW_CGROUPS=1)")
+    if version == "2" and not args.get("cgroup") and parent is not None:
+        # like the real jailer (env.rs): v2, no --cgroup values, an existing --parent-cgroup:
+        # it moves itself into that cgroup, before Firecracker is started
+        unified = next((line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                        if line.split()[2:3] == ["cgroup2"]), None)
+        if unified is None:
+            return fail("cgroupsv2 hierarchy missing")
+        target = Path(unified) / parent
+        if target.exists():
+            try:
+                (target / "cgroup.procs").write_text(str(os.getpid()))
+            except OSError as exc:
+                return fail(f"Failed to write to cgroup file: {exc}")
 
     uid, gid = int(args["uid"]), int(args["gid"])
     chroot = base / exec_file.name / jid / "root"

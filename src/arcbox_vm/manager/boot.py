@@ -94,7 +94,10 @@ class BootedVm:
         await self.listener.close(unlink=False)
 
     async def destroy(self, graceful_timeout: float = 0.0) -> None:
-        """Stop the VM (gracefully first if a timeout is given) and remove everything."""
+        """Stop the VM (gracefully first if a timeout is given) and remove everything.
+
+        The VMM's `cleanup()` runs after it is gone: it removes the driver's files and the
+        sandbox's cgroup, killing whatever the VM left in it."""
         if self._destroyed:
             return
         self._destroyed = True
@@ -159,7 +162,7 @@ async def boot_vm(driver: VmmDriver, req: BootRequest,
         state["process"] = await driver.launch(spec, endpoint)
         timings["launched"] = time.perf_counter() - t0
 
-    async def kill_vmm() -> None:
+    async def kill_vmm() -> None:  # cleanup() also kills and removes the sandbox's cgroup
         proc = state.pop("process", None)
         if proc is not None:
             await proc.kill()

@@ -8,8 +8,9 @@ For every recorded sandbox:
 - STARTING: the boot was interrupted; its VMM (if any) is killed: FAILED, reason
   "interrupted".
 - removal half done: finished.
-Then whatever no record owns is removed: VMM processes and directories under
-`sandboxes/`, socket directories, TAPs with our tag, a stale NAT table.
+Then whatever no record owns is removed: sandbox cgroups (a re-adopted VM keeps its own),
+VMM processes and directories under `sandboxes/`, socket directories, TAPs with our tag,
+a stale NAT table.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from arcbox_vm import logctx
 from arcbox_vm.agent.host import AgentListener
 from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager.boot import BootedVm, BootRequest
+from arcbox_vm.manager.cgroup_reconcile import remove_orphan_cgroups, sandbox_cgroups
 from arcbox_vm.manager.leftovers import processes_using
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxState as S
@@ -71,7 +73,8 @@ async def _adopt(mgr: "SandboxManager", sb: SandboxRecord) -> bool:
     """Reconnect to a surviving VM; True when its agent said HELLO again."""
     driver = mgr.driver
     endpoint = driver.agent_endpoint(socket_dir(sb.workdir))
-    proc = AdoptedProcess(sb.pid, sb.pid_start, sb.workdir / "console.log", driver.name)  # type: ignore[arg-type]
+    proc = AdoptedProcess(sb.pid, sb.pid_start, sb.workdir / "console.log", driver.name,  # type: ignore[arg-type]
+                          cgroup=sandbox_cgroups(mgr).sandbox(sb.id))
     listener = AgentListener(endpoint.listen_path)
     await listener.start()
     try:
@@ -98,6 +101,7 @@ async def recover(mgr: "SandboxManager") -> None:
         finally:
             logctx.sandbox_id.reset(token)
     # nothing else may hold our resources
+    await remove_orphan_cgroups(mgr)
     keep = {sb.workdir.name for sb in mgr._sandboxes.values()}
     root = mgr.data_dir / "sandboxes"
     if root.is_dir():

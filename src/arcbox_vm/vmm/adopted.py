@@ -13,6 +13,8 @@ import os
 import signal
 from pathlib import Path
 
+from arcbox_vm.vmm.cgroup import SandboxCgroup
+
 
 def process_start_time(pid: int) -> int | None:
     """Start time of `pid` in clock ticks after boot, or None if there is no such process."""
@@ -36,11 +38,13 @@ def is_same_process(pid: int | None, start_time: int | None) -> bool:
 class AdoptedProcess:
     """Implements `arcbox_vm.ports.VmmProcess` for a pid we re-adopted."""
 
-    def __init__(self, pid: int, start_time: int, console_log: Path, name: str = "the VMM") -> None:
+    def __init__(self, pid: int, start_time: int, console_log: Path, name: str = "the VMM",
+                 cgroup: SandboxCgroup | None = None) -> None:
         self._pid = pid
         self._start = start_time
         self._console_log = console_log
         self._name = name
+        self.cgroup = cgroup  # the sandbox's cgroup (where the daemon that started it put it)
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         self._returncode: int | None = None
@@ -98,4 +102,7 @@ class AdoptedProcess:
                 await asyncio.wait_for(self.wait(), 10)
 
     async def cleanup(self) -> None:
-        """The sandbox's directories are removed by their owner (the manager)."""
+        """Remove the sandbox's cgroup (killing what is left in it); the sandbox's
+        directories are removed by their owner (the manager)."""
+        if self.cgroup is not None:
+            await self.cgroup.remove()

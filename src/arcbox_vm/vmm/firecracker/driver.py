@@ -10,6 +10,14 @@ The guest agent dials the host over vsock (CID 2, port 52); Firecracker forwards
 connection to `<uds_path>_52`, which is the endpoint's `listen_path` (inside the jail in
 jailer mode). Everything the driver creates is removed again on a failed launch and by
 `FirecrackerProcess.cleanup()`.
+
+Cgroups: with `cgroups` enabled each VMM is moved into its sandbox's cgroup right after it
+is spawned. Under the jailer the jailer joins that cgroup itself (`--cgroup-version 2
+--parent-cgroup <it>`) before it starts Firecracker, so a `--new-pid-ns` child is born
+inside it; the pid is written again once known (a no-op there, the fallback for a jailer
+that does not join). When `firecracker.jailer` sets cgroups of its own, those win and the
+sandbox cgroup is not used: the jailer would move Firecracker out of it into the cgroup
+its limits are written to.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, VSOCK_PORT
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
 from arcbox_vm.ports import AgentEndpoint, MachineSpec
+from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 
 from . import bodies
 from .api import DEFAULT_REQUEST_TIMEOUT, FirecrackerApi
@@ -46,6 +55,7 @@ from .process import (
     instance_id,
     jailer_argv,
     jailer_netns,
+    jailer_sets_cgroups,
     layout_for,
     resolve_binary,
     stage_file,
@@ -109,11 +119,13 @@ class FirecrackerProcess:
         api: FirecrackerApi,
         layout: Layout,
         config: FirecrackerConfig,
+        cgroup: SandboxCgroup | None = None,
     ) -> None:
         self._handle = handle
         self._api = api
         self.layout = layout
         self._config = config
+        self.cgroup = cgroup
         self._cleaned = False
         self._exited: asyncio.Future[int] | None = None
 
@@ -166,7 +178,8 @@ class FirecrackerProcess:
         await self._handle.kill()
 
     async def cleanup(self) -> None:
-        """Remove sockets, log/metrics/console files and the jail; kills the VMM if still running."""
+        """Remove sockets, log/metrics/console files, the jail and the sandbox's cgroup;
+        kills the VMM if still running."""
         if self._cleaned:
             return
         if self.returncode is None:
@@ -175,6 +188,8 @@ class FirecrackerProcess:
             self._exited.cancel()
         await self._api.aclose()
         _discard(self.layout, self._config, keep=None)
+        if self.cgroup is not None:
+            await self.cgroup.remove()
         self._cleaned = True
 
 
@@ -226,9 +241,11 @@ class FirecrackerDriver:
         entropy: bool = True,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         die_with_parent: bool = False,
+        cgroups: SandboxCgroups | None = None,
     ) -> None:
         self.config = config or FirecrackerConfig()
         self.die_with_parent = die_with_parent
+        self.cgroups = cgroups or SandboxCgroups.off()  # where each VMM is moved right after spawn
         self.guest_cid = guest_cid
         self.vsock_port = vsock_port
         self.entropy = entropy
@@ -265,6 +282,7 @@ class FirecrackerDriver:
         handle: ProcessHandle | None = None
         api: FirecrackerApi | None = None
         keep = endpoint.listen_path if layout.jailed else None
+        cgroup = None if jailer_sets_cgroups(cfg) else self.cgroups.sandbox(spec.sandbox_id)
 
         def diag() -> str:
             return diagnostics(layout.log, layout.console_log)
@@ -274,8 +292,11 @@ class FirecrackerDriver:
             if cfg.jailer is None:
                 argv = firecracker_argv(cfg, layout, instance_id(spec.sandbox_id), binary=fc_binary, netns_name=netns)
             else:
+                if cgroup is not None and not cgroup.create():
+                    cgroup = None
                 argv = jailer_argv(
-                    cfg, layout, jailer_binary=jailer_binary, firecracker_binary=fc_binary, netns_name=netns
+                    cfg, layout, jailer_binary=jailer_binary, firecracker_binary=fc_binary, netns_name=netns,
+                    join_cgroup=cgroup.relative if cgroup is not None else None,
                 )
             log.debug("starting %s", " ".join(argv))
             child = await start(argv, layout.console_log, die_with_parent=self.die_with_parent)
@@ -288,6 +309,8 @@ class FirecrackerDriver:
                 handle = ProcessHandle(pid=pid, exit_hint=lambda: _exit_code_from_log(layout.log))
             else:
                 handle = ProcessHandle(pid=child.pid, child=child)
+            if cgroup is not None and not cgroup.place(handle.pid) and cfg.jailer is None:
+                cgroup = None  # logged; the VM runs on in our cgroup (a jailer may have joined it)
             await wait_for_api_socket(layout.api_socket, handle, cfg.api_socket_timeout, diag)
             api = FirecrackerApi(layout.api_socket, timeout=self.request_timeout)
             for request in requests:
@@ -295,6 +318,8 @@ class FirecrackerDriver:
         except BaseException as exc:
             details = diag()
             await self._abort(handle, api, layout, keep)
+            if cgroup is not None:
+                await cgroup.remove()
             if isinstance(exc, VmmError):
                 if details and details not in str(exc):
                     exc.add_note(details.strip())
@@ -302,7 +327,7 @@ class FirecrackerDriver:
             if isinstance(exc, OSError):
                 raise VmmError(f"could not launch Firecracker for {spec.sandbox_id}: {exc}{details}") from exc
             raise
-        return FirecrackerProcess(handle, api, layout, cfg)
+        return FirecrackerProcess(handle, api, layout, cfg, cgroup)
 
     # ------------------------------------------------------------------ helpers (public for tests/tools)
 

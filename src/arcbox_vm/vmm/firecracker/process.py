@@ -247,12 +247,16 @@ def jailer_argv(
     jailer_binary: Path | None = None,
     firecracker_binary: Path | None = None,
     netns_name: str = "",
+    join_cgroup: str | None = None,
 ) -> list[str]:
     """`jailer --id --exec-file --uid --gid [opts] -- --api-sock /run/firecracker.socket [fc opts]`.
 
     The jailer passes `--id` to Firecracker itself, so it is not repeated after `--`
     (Firecracker rejects duplicate arguments). `netns_name` (a named namespace, from
-    `MachineSpec.netns`) becomes `--netns /run/netns/<name>`.
+    `MachineSpec.netns`) becomes `--netns /run/netns/<name>`. `join_cgroup` (the sandbox's
+    cgroup, relative to the cgroup2 mount; only when the jailer config sets no cgroups of
+    its own) becomes `--cgroup-version 2 --parent-cgroup <it>`: with no `--cgroup` values the
+    jailer then moves itself into that existing cgroup before it starts Firecracker.
     """
     jailer = config.jailer
     assert jailer is not None and layout.jail_id is not None
@@ -274,6 +278,10 @@ def jailer_argv(
         argv += ["--netns", str(netns)]
     if jailer.new_pid_ns:
         argv.append("--new-pid-ns")
+    if join_cgroup is not None:
+        if jailer_sets_cgroups(config):
+            raise VmmError("firecracker.jailer sets its own cgroups; the jailer cannot also join the sandbox's")
+        argv += ["--cgroup-version", "2", "--parent-cgroup", join_cgroup]
     if jailer.cgroup_version is not None:
         argv += ["--cgroup-version", jailer.cgroup_version]
     if jailer.parent_cgroup is not None:
@@ -370,6 +378,14 @@ def diagnostics(log: Path | None, console: Path | None) -> str:
     if console_tail:
         parts.append(f"last lines of its stdout/stderr ({console}):\n{console_tail}")
     return ("\n" + "\n".join(parts)) if parts else ""
+
+
+def jailer_sets_cgroups(config: FirecrackerConfig) -> bool:
+    """Whether `firecracker.jailer` places Firecracker in cgroups of its own choosing (then
+    the sandbox cgroups of `daemon.cgroup_parent` are not used for it: its limits live there)."""
+    jailer = config.jailer
+    return jailer is not None and (jailer.cgroup_version is not None or jailer.parent_cgroup is not None
+                                   or bool(jailer.cgroups))
 
 
 def cgroup_dirs(config: FirecrackerConfig, jid: str, mounts_file: Path = Path("/proc/mounts")) -> list[Path]:

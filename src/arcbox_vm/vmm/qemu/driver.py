@@ -11,6 +11,7 @@ from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, SERIAL_PORT_NAME
 from arcbox_vm.errors import BootFailed, VmmError
 from arcbox_vm.network.netns import exec_prefix
 from arcbox_vm.ports import AgentEndpoint, MachineSpec
+from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 from arcbox_vm.vmm.kvm import probe_kvm
 from arcbox_vm.vmm.process import ChildProcess
 from arcbox_vm.vmm.qemu.cmdline import qemu_argv
@@ -24,10 +25,12 @@ _STARTUP_GRACE_S = 0.3
 class QemuProcess:
     """A running QEMU; implements `arcbox_vm.ports.VmmProcess`."""
 
-    def __init__(self, child: ChildProcess, console_log: Path, accel: str) -> None:
+    def __init__(self, child: ChildProcess, console_log: Path, accel: str,
+                 cgroup: SandboxCgroup | None = None) -> None:
         self._child = child
         self._console_log = console_log
         self.accel = accel
+        self.cgroup = cgroup
 
     @property
     def pid(self) -> int:
@@ -58,7 +61,9 @@ class QemuProcess:
         await self._child.kill()
 
     async def cleanup(self) -> None:
-        """Nothing to remove beyond the workdir, which its owner deletes."""
+        """Remove the VM's cgroup (killing anything left in it); the workdir is its owner's."""
+        if self.cgroup is not None:
+            await self.cgroup.remove()
 
 
 class QemuDriver:
@@ -66,9 +71,11 @@ class QemuDriver:
 
     name = "qemu"
 
-    def __init__(self, config: QemuConfig | None = None, *, die_with_parent: bool = False) -> None:
+    def __init__(self, config: QemuConfig | None = None, *, die_with_parent: bool = False,
+                 cgroups: SandboxCgroups | None = None) -> None:
         self.config = config or QemuConfig()
         self.die_with_parent = die_with_parent
+        self.cgroups = cgroups or SandboxCgroups.off()  # where each VMM is moved right after spawn
         self._accel: str | None = None
 
     def accel(self) -> str:
@@ -105,10 +112,18 @@ class QemuDriver:
         argv = qemu_argv(spec, endpoint, accel, self.config, console_log)
         argv[0] = self.binary()
         argv = exec_prefix(spec.netns) + argv
+        cgroup = self.cgroups.sandbox(spec.sandbox_id)
         child = await ChildProcess.start(argv, spec.workdir / "vmm.log", die_with_parent=self.die_with_parent)
-        proc = QemuProcess(child, console_log, accel)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(child.exited), _STARTUP_GRACE_S)
-        if child.returncode is not None:
-            raise BootFailed(proc.describe_exit())
+        if cgroup is not None and not cgroup.place(child.pid):
+            cgroup = None  # logged; the VM runs on in our cgroup
+        proc = QemuProcess(child, console_log, accel, cgroup)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(child.exited), _STARTUP_GRACE_S)
+            if child.returncode is not None:
+                raise BootFailed(proc.describe_exit())
+        except BaseException:  # failed or cancelled: leave no process and no cgroup behind
+            await proc.kill()
+            await proc.cleanup()
+            raise
         return proc
