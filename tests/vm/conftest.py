@@ -17,9 +17,8 @@ import pytest_asyncio
 from arcbox_vm.images import GuestImage, build_image
 from arcbox_vm.manager.boot import BootedVm, boot_vm
 from arcbox_vm.paths import data_dir, runtime_dir
-from arcbox_vm.vmm.cgroup import find_cgroup2_mount
 
-from .manager_helpers import netns_list
+from .manager_helpers import netns_list, sandbox_cgroups
 from .vm_helpers import backends, boot_request, make_driver
 
 
@@ -64,18 +63,10 @@ def _our_vmm_processes() -> list[str]:
     return found
 
 
-def _sandbox_cgroups() -> set[str]:
-    """Sandbox cgroups (`<parent>/<tag>/<sandbox id>`) under every arcbox-vm* parent cgroup."""
-    mount = find_cgroup2_mount()
-    if mount is None:
-        return set()
-    return {str(p.relative_to(mount.path)) for p in mount.path.glob("arcbox-vm*/*/*") if p.is_dir()}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers_after_the_suite(vm_data_dir: Path):
     """After every test: no VMM process, sandbox directory or sandbox cgroup may remain."""
-    cgroups_before = _sandbox_cgroups()  # a daemon outside the suite may own some
+    cgroups_before = sandbox_cgroups()  # a daemon outside the suite may own some
     yield
     leftovers = _our_vmm_processes()
     sandboxes = sorted(p.name for sub in ("sandboxes", "runs", "test-vms") if (vm_data_dir / sub).exists()
@@ -88,7 +79,7 @@ def no_leftovers_after_the_suite(vm_data_dir: Path):
     sockdirs = os.listdir(runtime_dir()) if runtime_dir().exists() else []
     assert not sockdirs, f"socket directories left behind in {runtime_dir()}: {sockdirs}"
     assert not sandboxes, f"sandbox directories left behind: {sandboxes}"
-    cgroups = sorted(_sandbox_cgroups() - cgroups_before)
+    cgroups = sorted(sandbox_cgroups() - cgroups_before)
     assert not cgroups, f"sandbox cgroups left behind: {cgroups}"
 
 

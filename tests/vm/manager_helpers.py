@@ -10,6 +10,7 @@ from pathlib import Path
 
 from arcbox_vm import DefaultVmConfig, FirecrackerConfig, GrpcConfig, NetworkConfig, QemuConfig, VmmConfig
 from arcbox_vm.images import GuestImage
+from arcbox_vm.vmm.cgroup import find_cgroup2_mount
 
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/vm-agent"
 
@@ -69,3 +70,11 @@ def iface_exists(name: str, netns: str = "") -> bool:
 def netns_list() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def sandbox_cgroups() -> set[str]:
+    """Sandbox cgroups (`<parent>/<tag>/<sandbox id>`) under every arcbox-vm* parent cgroup."""
+    mount = find_cgroup2_mount()
+    if mount is None:
+        return set()
+    return {str(p.relative_to(mount.path)) for p in mount.path.glob("arcbox-vm*/*/*") if p.is_dir()}

@@ -271,6 +271,7 @@ def test_vmm_killed_under_an_exec(env):
 
 def test_event_replay_after_disconnect_misses_nothing(env):
     first = env.stub.Events(pb.SandboxEventsRequest())
+    assert dict(first.initial_metadata()).get("arcbox-events-subscribed") == "1"  # live before we act
     sid, _ = create(env.stub, network=pb.NetworkSpec(mode="none"))
     seen = next(iter(first))
     assert seen.action == "created"

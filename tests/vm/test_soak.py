@@ -12,8 +12,18 @@ import pytest
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.paths import socket_dir
 
-from .daemon_helpers import Daemon, fd_count, leases, memory_kib, processes_mentioning, run, taps_in, wait_state, write_config
-from .manager_helpers import netns_list
+from .daemon_helpers import (
+    Daemon,
+    fd_count,
+    leases,
+    memory_kib,
+    processes_mentioning,
+    run,
+    taps_in,
+    wait_state,
+    write_config,
+)
+from .manager_helpers import netns_list, sandbox_cgroups
 
 pytestmark = pytest.mark.vm
 
@@ -50,6 +60,7 @@ def _soak(daemon: Daemon, data_dir, netns: str, capsys) -> None:  # noqa: ANN001
         wait_state(stub, r.id, ("ready",), timeout=300)
         out, _, code = run(stub, r.id, ["sh", "-c", f"echo cycle-{i}"])
         assert (out, code) == (f"cycle-{i}\n".encode(), 0)
+        assert any(c.endswith("/" + r.id) for c in sandbox_cgroups()), "its VMM runs in its own cgroup"
         stub.Remove(pb.RemoveSandboxRequest(id=r.id, force=True))
         return time.monotonic() - t
 
@@ -67,11 +78,12 @@ def _soak(daemon: Daemon, data_dir, netns: str, capsys) -> None:  # noqa: ANN001
         "fds": fd_count(daemon.pid) - fds_before,
         "dirs": os.listdir(data_dir / "sandboxes"),
         "sockdirs": [sid for sid in created if socket_dir(data_dir / "sandboxes" / sid).exists()],
+        "cgroups": sorted(c for c in sandbox_cgroups() if c.rsplit("/", 1)[-1] in created),
     }
     with capsys.disabled():
         print(f"\nsoak: {CYCLES} cycles ({PARALLEL} at a time) in {elapsed:.1f} s; per cycle median "
               f"{sorted(durations)[len(durations) // 2]:.1f} s, max {max(durations):.1f} s; daemon peak RSS "
               f"{peak_kib / 1024:.1f} MiB (now {rss_kib / 1024:.1f} MiB); leaks: {leaks}")
     assert leaks == {"sandboxes": [], "processes": [], "taps": [], "leases": {}, "fds": 0, "dirs": [],
-                     "sockdirs": []}
+                     "sockdirs": [], "cgroups": []}
     assert daemon.stop() == 0

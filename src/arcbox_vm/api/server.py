@@ -125,6 +125,7 @@ class SandboxServicer:
         _check(request)
         sub = self.mgr.subscribe_events(request.since if request.HasField("since") else None)
         try:
+            await context.send_initial_metadata(((metadata.EVENTS_SUBSCRIBED, "1"),))
             async for ev in sub:
                 if ev.action != "lagged" and request.id and ev.sandbox_id != request.id:
                     continue

@@ -166,7 +166,9 @@ class SandboxServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Events(self, request, context):
-        """Lifecycle events, filtered by sandbox id and/or action (empty = all).
+        """Lifecycle events, filtered by sandbox id and/or action (empty = all). The initial
+        metadata ("arcbox-events-subscribed") comes once the subscription is live: wait for it
+        before acting to be sure to see the events your actions cause.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
