@@ -40,8 +40,12 @@ def store(tmp_path):
     st.close()
 
 
+def book(store: StateStore) -> execs.ExecBook:
+    return execs.ExecBook(store, lambda *a, **k: None, lambda: False, lambda: False)
+
+
 def sandbox(sid: str = "s1") -> SimpleNamespace:
-    return SimpleNamespace(id=sid, active_execs=0, state=None, removed=False)
+    return SimpleNamespace(id=sid, active_execs=0, state=None, removed=False, held={}, streams={})
 
 
 def test_reconcile_marks_held_commands_detached_and_others_lost(store):
@@ -52,7 +56,7 @@ def test_reconcile_marks_held_commands_detached_and_others_lost(store):
     store.set_exec_status("s1", 9, "detached")  # detached by an earlier restart, still held
     agent = FakeAgent({2: {"channel": 2}, 9: {"channel": 9}, 12: {"channel": 12}})
     assert execs.reconcile(store, sandbox(), agent) == (2, 1)
-    status = {e.exec_id: e.status for e in execs.list_execs(store, "s1")}
+    status = {e.exec_id: e.status for e in book(store).list(sandbox())}
     assert status == {"1": "lost", "2": "detached", "3": "exited", "9": "detached"}
     assert agent.reserved == 12, "new channels go above the database's and the agent's"
 
@@ -63,7 +67,7 @@ def test_reconcile_without_attach_support_or_agent_marks_all_lost(store):
     assert execs.reconcile(store, sandbox(), FakeAgent({1: {}}, supports_attach=False)) == (0, 2)
     store.put_exec("s1", 5, ["c"])
     assert execs.reconcile(store, sandbox(), None) == (0, 1)
-    assert {e.status for e in execs.list_execs(store, "s1")} == {"lost"}
+    assert {e.status for e in book(store).list(sandbox())} == {"lost"}
 
 
 def test_attach_refusals(store):
@@ -71,10 +75,9 @@ def test_attach_refusals(store):
     store.put_exec("s1", 2, ["b"])
     store.set_exec_status("s1", 2, "detached")
     agent = FakeAgent({})
-    noop = lambda *a, **k: None  # noqa: E731
 
     def attach(exec_id):
-        return asyncio.run(execs.attach(store, sandbox(), agent, exec_id, noop, lambda: False))
+        return asyncio.run(book(store).attach(sandbox(), agent, exec_id))
 
     for bad in ("7", "x", "-1", "0", ""):
         with pytest.raises(ExecNotFound):
@@ -85,7 +88,11 @@ def test_attach_refusals(store):
     with pytest.raises(ExecNotAttachable) as err:
         attach("2")  # listed detached, but the agent no longer has it (guest rebooted, forgotten)
     assert err.value.status == "lost"
-    assert {e.exec_id: e.status for e in execs.list_execs(store, "s1")}["2"] == "lost"
+    assert {e.exec_id: e.status for e in book(store).list(sandbox())}["2"] == "lost"
+    with pytest.raises(ExecNotAttachable):  # signals need a running command the manager streams
+        asyncio.run(book(store).signal(sandbox(), "1", 15))
+    with pytest.raises(ExecNotFound):
+        asyncio.run(book(store).signal(sandbox(), "77", 15))
 
 
 def test_hello_detached_list_is_parsed_defensively():

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
@@ -200,6 +201,21 @@ class SandboxServicer:
     @unary
     async def ListExecs(self, request: pb.ListExecsRequest, context: grpc.aio.ServicerContext) -> pb.ListExecsResponse:
         return pb.ListExecsResponse(execs=[convert.exec_info(e) for e in self.mgr.list_execs(_need_id(request))])
+
+    @unary
+    async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext) -> pb.StartResponse:
+        sid = _need_id(request)
+        exec_id = await self.mgr.start_exec(
+            sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
+            convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds,
+            stdin=request.stdin)
+        return pb.StartResponse(exec_id=exec_id)
+
+    @unary
+    async def Signal(self, request: pb.SignalRequest, context: grpc.aio.ServicerContext) -> pb.Empty:
+        sid = _need_id(request)
+        await self.mgr.signal_exec(sid, _need_exec_id(request), request.signal or signal.SIGKILL)
+        return pb.Empty()
 
     @streaming
     async def Attach(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunOutput]:

@@ -156,15 +156,24 @@ def exec_(
     timeout: float = typer.Option(0.0, "--timeout", min=0, help="Kill the command after S seconds (exit 124)."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Forward stdin to the command."),
     tty: bool = typer.Option(False, "--tty", "-t", help="Run it on a pseudo-terminal (-it: interactive shell)."),
+    detach: bool = typer.Option(False, "--detach", "-d",
+                                help="Start it in the background and print its exec id (see attach, signal)."),
     *, conn: ConnectOptions,
 ) -> None:
-    """Run a command in a sandbox; exits with its code (124 timeout, 126 cannot execute, 127 not found)."""
+    """Run a command in a sandbox; exits with its code (124 timeout, 126 cannot execute, 127 not found).
+    With -d it runs in the background: the exec id is printed, `attach` streams it later."""
     # Options stop at ID (so the command's own options pass through untouched), which
     # leaves the `--` of `exec ID -- CMD` in the command: drop it.
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         fail("exec: give the command after the sandbox id: arcbox-vm exec ID -- CMD [ARGS...]")
+    if detach:
+        from arcbox_vm.cli.exec_cmd import start_command
+
+        sys.stdout.write(start_command(conn, sandbox_id, cmd, parse_env(env), workdir, user, timeout, interactive,
+                                       tty) + "\n")
+        return
     from arcbox_vm.cli.exec_cmd import exec_command
 
     code = exec_command(conn, sandbox_id, cmd, parse_env(env), workdir, user, timeout, interactive, tty)
@@ -199,11 +208,30 @@ def attach(
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Forward stdin to the command."),
     *, conn: ConnectOptions,
 ) -> None:
-    """Take over a detached command: print the output it made since, the rest, and exit
-    with its code. Ctrl-C kills it (as for exec)."""
+    """Attach to a background (exec -d) or detached command: print the output kept
+    meanwhile, the rest, and exit with its code. Ctrl-C detaches; the command runs on."""
     from arcbox_vm.cli.exec_cmd import attach_command
 
     raise typer.Exit(attach_command(conn, sandbox_id, exec_id, interactive))
+
+
+@daemon_command
+def signal(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    exec_id: str = typer.Argument(..., metavar="EXEC_ID", help="From `arcbox-vm execs ID`."),
+    sig: str = typer.Option("KILL", "--signal", "-s", help="Signal name (TERM, INT, KILL, ...) or number."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Send a signal to a running command's process group (default KILL)."""
+    from arcbox_vm.cli.parsing import parse_signal
+
+    signum = parse_signal(sig)
+
+    async def main() -> None:
+        async with conn.client() as client:
+            await client.signal(sandbox_id, exec_id, signum)
+
+    asyncio.run(main())
 
 
 @daemon_command
@@ -330,6 +358,7 @@ def register(app: typer.Typer) -> None:
     app.command("exec", context_settings=no_interspersed)(exec_)
     app.command("execs")(execs)
     app.command("attach")(attach)
+    app.command("signal")(signal)
     app.command("cp")(cp)
     app.command("stop")(stop)
     app.command("rm")(rm)

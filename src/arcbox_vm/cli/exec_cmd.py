@@ -117,6 +117,17 @@ def attach_command(conn: ConnectOptions, sandbox_id: str, exec_id: str, interact
     return result.exit_code if result.exit_code >= 0 else EXIT_ERROR
 
 
+def start_command(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
+                  user: str, timeout: float, interactive: bool, tty: bool) -> str:
+    """`exec -d`: start in the background, return the exec id."""
+    async def main() -> str:
+        async with conn.client() as client:
+            return await client.start(sandbox_id, argv, env=env, working_dir=workdir, user=user, tty=tty,
+                                      timeout=timeout, stdin=interactive)
+
+    return asyncio.run(main())
+
+
 def exec_command(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
                  user: str, timeout: float, interactive: bool, tty: bool) -> int:
     """Run it; returns the exit code for the CLI (see the module docstring)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from arcbox_vm.errors import InvalidArgument
 
-__all__ = ["RemotePath", "parse_cp_operands", "parse_env", "parse_labels", "parse_remote"]
+__all__ = ["RemotePath", "parse_cp_operands", "parse_env", "parse_labels", "parse_remote", "parse_signal"]
 
 # A sandbox id (see models.SANDBOX_ID_RE), a colon, then a guest path. The path must be
 # absolute: "a:b" stays a local file name, and "ID:relative" is refused as a likely typo.
@@ -75,3 +75,22 @@ def parse_cp_operands(src: str, dst: str) -> tuple[str | RemotePath, str | Remot
     if (s is None) == (d is None):
         raise InvalidArgument("cp: exactly one of SRC and DST must be ID:/path (the other a local path or '-')")
     return (s or src, d or dst)
+
+
+def parse_signal(text: str) -> int:
+    """"TERM", "SIGTERM", "term" or "15" -> 15."""
+    import signal
+
+    value = text.strip()
+    if value.isdigit():
+        num = int(value)
+    else:
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = signal.Signals.__members__.get(name)
+        if sig is None:
+            raise InvalidArgument(f"unknown signal {text!r}; use a name such as TERM, INT, KILL or a number")
+        num = int(sig)
+    if not 1 <= num <= 64:
+        raise InvalidArgument(f"signal numbers are 1..64, got {num}")
+    return num

@@ -237,10 +237,29 @@ class AsyncClient:
         resp = await self._unary(self._stub.ListExecs, pb.ListExecsRequest(id=sandbox_id), sandbox_id=sandbox_id)
         return [exec_info_from_pb(m, sandbox_id) for m in resp.execs]
 
+    async def start(self, sandbox_id: str, cmd: Command, *, env: Mapping[str, str] | None = None,
+                    working_dir: str = "", user: str = "", tty: bool = False,
+                    tty_size: tuple[int, int] | None = None, timeout: float | None = None,
+                    stdin: bool = False) -> str:
+        """Start `cmd` in the background; returns its exec id at once. The daemon reads its
+        output (keeping the newest 1 MiB while nobody is attached); `attach` streams it,
+        `signal` stops it, `list_execs` shows its status and exit code."""
+        request = pb.StartRequest(id=sandbox_id, cmd=as_argv(cmd), env=str_map(env), working_dir=working_dir,
+                                  user=user, tty=tty, timeout_seconds=timeout_to_pb(timeout),
+                                  tty_size=tty_size_to_pb(tty_size), stdin=stdin)
+        resp = await self._unary(self._stub.Start, request, sandbox_id=sandbox_id, kind="exec")
+        return resp.exec_id
+
+    async def signal(self, sandbox_id: str, exec_id: str, signal: int = 9) -> None:
+        """Send `signal` (default SIGKILL) to a running command's process group."""
+        await self._unary(self._stub.Signal, pb.SignalRequest(id=sandbox_id, exec_id=str(exec_id), signal=int(signal)),
+                          sandbox_id=sandbox_id)
+
     async def attach(self, sandbox_id: str, exec_id: str) -> AsyncExecSession:
-        """Take over a "detached" command (one that kept running while the daemon was away):
-        its output since, the rest and its exit; stdin/resize work if it had them. Ending
-        the session (kill / leaving `async with`) kills the command, as for `exec`."""
+        """Attach to a background command (`start`) or one that kept running while the
+        daemon was away ("detached" in `list_execs`): the output kept meanwhile, the rest
+        and its exit; stdin/resize work if it has them. Ending the session (`kill()`,
+        leaving `async with`) only detaches: the command runs on; stop it with `signal`."""
         call = self._stub.Exec(metadata=self.target.metadata)
         session = AsyncExecSession(call, lambda exc: self._error(exc, "exec", sandbox_id))
         await session._send(pb.ExecInput(attach=pb.AttachRequest(id=sandbox_id, exec_id=str(exec_id))))

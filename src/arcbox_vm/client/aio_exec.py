@@ -131,7 +131,8 @@ class AsyncExecSession:
     # -- teardown -------------------------------------------------------------------
 
     async def kill(self) -> None:
-        """Abandon the command: the daemon kills it when the stream is cancelled."""
+        """Abandon the stream: the daemon kills the command when it is cancelled — except
+        for an attached background command, which is only detached (see AsyncClient.attach)."""
         if not self.finished and not self._killed:
             self._killed = True
             self._call.cancel()

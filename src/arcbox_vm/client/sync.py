@@ -115,6 +115,16 @@ class Client:
     def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
         return self._loop.run(self.aio.list_execs(sandbox_id))
 
+    def start(self, sandbox_id: str, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
+              user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
+              timeout: float | None = None, stdin: bool = False) -> str:
+        """See AsyncClient.start."""
+        return self._loop.run(self.aio.start(sandbox_id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                             tty_size=tty_size, timeout=timeout, stdin=stdin))
+
+    def signal(self, sandbox_id: str, exec_id: str, signal: int = 9) -> None:
+        self._loop.run(self.aio.signal(sandbox_id, exec_id, signal))
+
     def attach(self, sandbox_id: str, exec_id: str) -> "ExecSession":
         """See AsyncClient.attach."""
         return ExecSession(self._loop, self._loop.run(self.aio.attach(sandbox_id, exec_id)))

@@ -74,6 +74,11 @@ class ExecStream:
             self._finish(chunk.exit_code)
         return chunk
 
+    async def signal(self, signum: int) -> None:
+        """Send a signal to the command's process group."""
+        if not self._session.done:
+            await self._session.signal(signum)
+
     async def aclose(self) -> None:
         """Stop reading: kills the command if it still runs (unless the manager is shutting
         down leaving VMs running: then it stays, detached, for the next one to attach)."""

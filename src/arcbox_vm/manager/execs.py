@@ -6,8 +6,9 @@ starts numbering above every channel the database or the agent's HELLO knows.
 
 A command outlives the daemon (the guest agent keeps it running, detached, spooling a
 bounded amount of output). On re-adoption `reconcile` marks the ones the agent still
-holds "detached" and the rest "lost"; `attach` takes a detached one over and streams the
-rest of its output and its exit, like a fresh exec.
+holds "detached" and the rest "lost"; `ExecBook.attach` takes a detached one over — from
+then on it is a background command (background.py) — and streams the rest of its output
+and its exit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from arcbox_vm.agent.host import AgentConnection, ExecSession
 from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotFound
+from arcbox_vm.manager.background import Attachment, HeldExec, evict_finished
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.models import ExecInfo
 from arcbox_vm.models import SandboxState as S
@@ -45,71 +47,114 @@ def info(row: dict[str, Any]) -> ExecInfo:
                     exit_code=row["exit_code"])
 
 
-def list_execs(store: "StateStore", sandbox_id: str) -> list[ExecInfo]:
-    return [info(r) for r in store.execs(sandbox_id)]
+class ExecBook:
+    """The manager's command bookkeeping: the execs table, live streams by exec id, the
+    background commands it holds (see background.py), attach and signals."""
 
+    def __init__(self, store: "StateStore", emit: Callable[..., None], closed: Callable[[], bool],
+                 keep: Callable[[], bool]) -> None:
+        self._store = store
+        self._emit = emit
+        self._closed = closed  # the manager is closed: no more state changes or events
+        self._keep = keep  # see SandboxManager.keep_commands_running
 
-def track(store: "StateStore", sb: "SandboxRecord", session: ExecSession, argv: list[str],
-          cls: type[ExecStream], emit: Callable[..., None], closed: Callable[[], bool],
-          new: bool = True, keep: Callable[[], bool] = lambda: False) -> ExecStream:
-    """Record a started (or re-attached) command and wrap it in an ExecStream whose end
-    updates the record, the sandbox's RUNNING/READY state and `last_exit_code`.
+    def track(self, sb: "SandboxRecord", session: ExecSession, argv: list[str], cls: type[ExecStream],
+              new: bool = True) -> ExecStream:
+        """Record a started (or re-attached) command and wrap it in an ExecStream whose end
+        updates the record, the sandbox's RUNNING/READY state and `last_exit_code`.
 
-    `keep()` true (a shutdown that leaves VMs running): a stream that ends without an exit
-    leaves the command running and its record "running", for the next manager to find
-    detached."""
-    channel = session.channel
-    with contextlib.suppress(ArcboxError):
-        if new:
-            store.put_exec(sb.id, channel, argv)
-        else:
-            store.set_exec_status(sb.id, channel, "running")
-    sb.active_execs += 1
-    if sb.active_execs == 1 and sb.state == S.READY:
-        sb.state = S.RUNNING
-        emit(sb, "running")
-
-    def done(exit_code: int | None) -> None:
-        sb.active_execs -= 1
-        if exit_code is None and keep():
-            return
+        While the manager shuts down leaving VMs running, a stream that ends without an
+        exit leaves the command running and its record "running", for the next manager to
+        find detached."""
+        store, channel = self._store, session.channel
         with contextlib.suppress(ArcboxError):
-            store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
-        if sb.removed or closed():
-            return
-        if exit_code is not None:
-            sb.last_exit_code = exit_code
-            sb.last_exited_at = time.time()
-        if sb.active_execs == 0 and sb.state == S.RUNNING:
-            sb.state = S.READY
-            attrs = {"exit_code": str(exit_code)} if exit_code is not None else {"exit_code": ""}
-            emit(sb, "idle", **attrs)
+            if new:
+                store.put_exec(sb.id, channel, argv)
+            else:
+                store.set_exec_status(sb.id, channel, "running")
+        sb.active_execs += 1
+        if sb.active_execs == 1 and sb.state == S.READY:
+            sb.state = S.RUNNING
+            self._emit(sb, "running")
 
-    return cls(session, done, keep_running=keep)
-
-
-async def attach(store: "StateStore", sb: "SandboxRecord", agent: AgentConnection, exec_id: str | int,
-                 emit: Callable[..., None], closed: Callable[[], bool],
-                 keep: Callable[[], bool] = lambda: False) -> ExecHandle:
-    """Take over the detached command `exec_id`: its spooled output, the rest, its exit."""
-    channel = parse_exec_id(sb.id, exec_id)
-    rows = store.execs(sb.id, channel=channel)
-    if not rows:
-        raise ExecNotFound(sb.id, str(exec_id))
-    row = rows[0]
-    if row["status"] != "detached":
-        raise ExecNotAttachable(sb.id, str(channel), row["status"])
-    try:
-        session = await agent.attach(channel)
-    except ExecError as exc:
-        if exc.code == "no_such_channel":  # the agent forgot it (or the guest restarted)
+        def done(exit_code: int | None) -> None:
+            sb.active_execs -= 1
+            sb.streams.pop(channel, None)
+            if exit_code is None and self._keep():
+                return
             with contextlib.suppress(ArcboxError):
-                store.finish_exec(sb.id, channel, None, "lost")
-            raise ExecNotAttachable(sb.id, str(channel), "lost") from None
-        raise
-    stream = track(store, sb, session, list(json.loads(row["argv"])), ExecHandle, emit, closed, new=False, keep=keep)
-    assert isinstance(stream, ExecHandle)
-    return stream
+                store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
+            if sb.removed or self._closed():
+                return
+            if exit_code is not None:
+                sb.last_exit_code = exit_code
+                sb.last_exited_at = time.time()
+            if sb.active_execs == 0 and sb.state == S.RUNNING:
+                sb.state = S.READY
+                attrs = {"exit_code": str(exit_code)} if exit_code is not None else {"exit_code": ""}
+                self._emit(sb, "idle", **attrs)
+
+        stream = cls(session, done, keep_running=self._keep)
+        sb.streams[channel] = stream
+        return stream
+
+    def hold(self, sb: "SandboxRecord", handle: ExecHandle) -> HeldExec:
+        """Keep a command running in the background (see background.py)."""
+        held = HeldExec(sb.id, handle, lambda h: sb.held.pop(int(h.exec_id), None))
+        sb.held[int(held.exec_id)] = held
+        evict_finished(sb.held)
+        return held
+
+    async def attach(self, sb: "SandboxRecord", agent: AgentConnection, exec_id: str | int) -> Attachment:
+        """Attach to a background command, or take over one that kept running in the guest
+        while the daemon was away ("detached" after a restart). Leaving detaches again."""
+        channel = parse_exec_id(sb.id, exec_id)
+        held = sb.held.get(channel)
+        if held is not None:
+            return held.attach()
+        rows = self._store.execs(sb.id, channel=channel)
+        if not rows:
+            raise ExecNotFound(sb.id, str(exec_id))
+        row = rows[0]
+        if row["status"] != "detached":
+            raise ExecNotAttachable(sb.id, str(channel), row["status"])
+        try:
+            session = await agent.attach(channel)
+        except ExecError as exc:
+            if exc.code == "no_such_channel":  # the agent forgot it (or the guest restarted)
+                with contextlib.suppress(ArcboxError):
+                    self._store.finish_exec(sb.id, channel, None, "lost")
+                raise ExecNotAttachable(sb.id, str(channel), "lost") from None
+            raise
+        handle = self.track(sb, session, list(json.loads(row["argv"])), ExecHandle, new=False)
+        assert isinstance(handle, ExecHandle)
+        return self.hold(sb, handle).attach()
+
+    def list(self, sb: "SandboxRecord") -> list[ExecInfo]:
+        out = []
+        for row in self._store.execs(sb.id):
+            held = sb.held.get(row["channel"])
+            if held is not None and held.attachment is None and row["status"] == "running":
+                row = {**row, "status": "detached"}  # running with no client: attachable
+            out.append(info(row))
+        return out
+
+    async def signal(self, sb: "SandboxRecord", exec_id: str | int, signum: int) -> None:
+        """Send `signum` to a running command's process group (any command the manager
+        streams or holds, whoever started it)."""
+        channel = parse_exec_id(sb.id, exec_id)
+        stream = sb.streams.get(channel)
+        if stream is None:
+            rows = self._store.execs(sb.id, channel=channel)
+            if not rows:
+                raise ExecNotFound(sb.id, str(exec_id))
+            raise ExecNotAttachable(sb.id, str(channel), rows[0]["status"])
+        await stream.signal(signum)
+
+    def forget_all(self, sb: "SandboxRecord") -> None:
+        """The sandbox is going: stop holding its background commands (the VM dies with them)."""
+        for held in list(sb.held.values()):
+            held.forget()
 
 
 def reconcile(store: "StateStore", sb: "SandboxRecord", agent: AgentConnection | None) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from arcbox_vm.manager.boot import BootedVm
 from arcbox_vm.models import SandboxInfo, SandboxNetworkInfo, SandboxState, SandboxSummary
@@ -39,6 +40,8 @@ class SandboxRecord:
     vm: BootedVm | None = None
     vmm: str = ""
     active_execs: int = 0
+    streams: dict[int, Any] = field(default_factory=dict)  # exec id -> live ExecStream (manager/execs.py)
+    held: dict[int, Any] = field(default_factory=dict)  # exec id -> HeldExec (manager/background.py)
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     removed: bool = False

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterable
@@ -35,6 +36,7 @@ from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager import files as _files
 from arcbox_vm.manager.boot import BootRequest, boot_vm
 from arcbox_vm.manager.events import EventLog, EventSubscription
+from arcbox_vm.manager.background import Attachment
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.images import ImageResolver
 from arcbox_vm.manager.recovery import recover
@@ -75,6 +77,7 @@ class SandboxManager:
         self._started = False
         self._closed = False
         self._keep_commands = False  # see keep_commands_running
+        self._execs = _execs.ExecBook(self._store, self._emit, lambda: self._closed, lambda: self._keep_commands)
 
     # -- lifecycle of the manager itself ---------------------------------------------
 
@@ -173,6 +176,7 @@ class SandboxManager:
             vm, sb.vm = sb.vm, None
             if vm is not None:
                 await vm.detach()
+            self._execs.forget_all(sb)  # commands keep running in the guest (keep_commands_running)
 
     async def __aenter__(self) -> "SandboxManager":
         await self._ensure_started()
@@ -382,6 +386,7 @@ class SandboxManager:
             if vm is not None:
                 graceful = await vm.shutdown(timeout)
                 await vm.destroy()
+            self._execs.forget_all(sb)
             await self._release_network(sb)
             sb.state = S.STOPPED
             self._emit(sb, "stopped", reason="user", graceful=str(graceful).lower())
@@ -411,6 +416,7 @@ class SandboxManager:
             vm, sb.vm = sb.vm, None
             if vm is not None:
                 await vm.destroy()
+            self._execs.forget_all(sb)
             await self._release_network(sb)
             shutil.rmtree(sb.workdir, ignore_errors=True)
             self._sandboxes.pop(sb.id, None)
@@ -443,8 +449,7 @@ class SandboxManager:
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
         session = await sb.vm.agent.exec(request)
-        return _execs.track(self._store, sb, session, list(request["argv"]), cls, self._emit, lambda: self._closed,
-                            keep=lambda: self._keep_commands)
+        return self._execs.track(sb, session, list(request["argv"]), cls)
 
     async def run_in_sandbox(self, sandbox_id: str, cmd: list[str], env: dict[str, str] | None = None,
                              working_dir: str = "", user: str = "", tty: bool = False,
@@ -465,22 +470,42 @@ class SandboxManager:
         assert isinstance(stream, ExecHandle)
         return stream
 
-    async def attach_exec(self, sandbox_id: str, exec_id: str) -> ExecHandle:
-        """Take over a command that kept running while the daemon was away (status
-        "detached" in `list_execs`): iterate the result for the output it produced since
-        (spooled in the guest, bounded), the rest and its exit; stdin works as with
-        `exec_in_sandbox` if the command had it. Unknown id: ExecNotFound; not detached:
-        ExecNotAttachable."""
+    async def start_exec(self, sandbox_id: str, cmd: list[str], env: dict[str, str] | None = None,
+                         working_dir: str = "", user: str = "", tty: bool = False,
+                         tty_size: tuple[int, int] | None = None, timeout_seconds: float = 0,
+                         stdin: bool = False) -> str:
+        """Start `cmd` in the background and return its exec id at once. The manager reads
+        its output (keeping the newest 1 MiB while nobody is attached), so it never blocks;
+        `attach_exec` streams it, `signal_exec` stops it, `list_execs` shows its status and
+        exit code. `stdin=True` gives it a pipe an attached client can write to."""
+        sb = self._get(sandbox_id)
+        req = self._exec_request(sb, cmd, env, working_dir, user, tty, tty_size, timeout_seconds, stdin=stdin)
+        handle = await self._start_exec(sb, req, ExecHandle)
+        assert isinstance(handle, ExecHandle)
+        return self._execs.hold(sb, handle).exec_id
+
+    async def attach_exec(self, sandbox_id: str, exec_id: str) -> Attachment:
+        """Attach to a background command (`start_exec`), or to one that kept running while
+        the daemon was away ("detached" in `list_execs`): iterate the result for the output
+        kept meanwhile, the rest and the exit; stdin/resize work if the command has them.
+        Closing the attachment (`aclose()`) detaches: the command runs on. Unknown id:
+        ExecNotFound; another client attached, or not running: ExecNotAttachable."""
         sb = self._get(sandbox_id)
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands can be attached only in a ready or running sandbox")
-        return await _execs.attach(self._store, sb, sb.vm.agent, exec_id, self._emit, lambda: self._closed,
-                                   keep=lambda: self._keep_commands)
+        return await self._execs.attach(sb, sb.vm.agent, exec_id)
+
+    async def signal_exec(self, sandbox_id: str, exec_id: str, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` (default SIGKILL) to a running command's process group."""
+        sb = self._get(sandbox_id)
+        if not 1 <= int(signum) <= 64:
+            raise InvalidArgument(f"signal must be 1..64, got {signum}")
+        await self._execs.signal(sb, exec_id, int(signum))
 
     def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
         """Every command run in the sandbox (oldest first) with its exec id and status."""
         sb = self._get(sandbox_id)
-        return _execs.list_execs(self._store, sb.id)
+        return self._execs.list(sb)
 
     # -- files -----------------------------------------------------------------------
 

@@ -184,6 +184,51 @@ class ExecInput(_message.Message):
     attach: AttachRequest
     def __init__(self, init: _Optional[_Union[ExecRequest, _Mapping]] = ..., stdin: _Optional[bytes] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ..., eof: _Optional[bool] = ..., attach: _Optional[_Union[AttachRequest, _Mapping]] = ...) -> None: ...
 
+class StartRequest(_message.Message):
+    __slots__ = ("id", "cmd", "env", "working_dir", "user", "tty", "timeout_seconds", "tty_size", "stdin")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CMD_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    cmd: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    working_dir: str
+    user: str
+    tty: bool
+    timeout_seconds: int
+    tty_size: TerminalSize
+    stdin: bool
+    def __init__(self, id: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., tty: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., tty_size: _Optional[_Union[TerminalSize, _Mapping]] = ..., stdin: _Optional[bool] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("exec_id",)
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    exec_id: str
+    def __init__(self, exec_id: _Optional[str] = ...) -> None: ...
+
+class SignalRequest(_message.Message):
+    __slots__ = ("id", "exec_id", "signal")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    exec_id: str
+    signal: int
+    def __init__(self, id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ...) -> None: ...
+
 class AttachRequest(_message.Message):
     __slots__ = ("id", "exec_id")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -81,10 +81,20 @@ class SandboxServiceStub:
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsRequest.SerializeToString,
                 response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsResponse.FromString,
                 _registered_method=True)
+        self.Start = channel.unary_unary(
+                '/sandbox.v1.SandboxService/Start',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StartRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StartResponse.FromString,
+                _registered_method=True)
         self.Attach = channel.unary_stream(
                 '/sandbox.v1.SandboxService/Attach',
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.AttachRequest.SerializeToString,
                 response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RunOutput.FromString,
+                _registered_method=True)
+        self.Signal = channel.unary_unary(
+                '/sandbox.v1.SandboxService/Signal',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SignalRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
                 _registered_method=True)
         self.UploadFile = channel.stream_unary(
                 '/sandbox.v1.SandboxService/UploadFile',
@@ -176,15 +186,30 @@ class SandboxServiceServicer:
 
     def ListExecs(self, request, context):
         """Commands. Run and Exec send the command's exec id in the initial metadata, key
-        "arcbox-exec-id". A command that kept running while the daemon was away (restart,
-        crash) is "detached": Attach (or Exec with `attach`) takes it over and streams the
-        output it produced since (spooled in the guest, bounded), the rest and its exit.
+        "arcbox-exec-id". Start runs one in the background and returns its id at once (the
+        daemon reads its output, keeping the newest 1 MiB while no client is attached). A
+        background command, or one that kept running while the daemon was away (restart,
+        crash), is "detached": Attach (or Exec with `attach`) streams the output kept
+        meanwhile, the rest and its exit; ending an attached stream detaches again, it never
+        kills. Signal sends a signal to any running command.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Start(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Attach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Signal(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,10 +297,20 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsRequest.FromString,
                     response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListExecsResponse.SerializeToString,
             ),
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StartRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StartResponse.SerializeToString,
+            ),
             'Attach': grpc.unary_stream_rpc_method_handler(
                     servicer.Attach,
                     request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.AttachRequest.FromString,
                     response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RunOutput.SerializeToString,
+            ),
+            'Signal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signal,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SignalRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.SerializeToString,
             ),
             'UploadFile': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadFile,
@@ -559,6 +594,33 @@ class SandboxService:
             _registered_method=True)
 
     @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxService/Start',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StartRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Attach(request,
             target,
             options=(),
@@ -575,6 +637,33 @@ class SandboxService:
             '/sandbox.v1.SandboxService/Attach',
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.AttachRequest.SerializeToString,
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RunOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxService/Signal',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SignalRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
