@@ -358,3 +358,22 @@ def test_interactive_command_survives_a_restart_client_and_cli(env):
         session.close_stdin()
         result = session.wait()
     assert (result.stdout, result.stderr, result.exit_code) == (b"after\n", b"stdin-closed\n", 3)
+
+
+def test_background_command_survives_a_graceful_restart(env):
+    """A background command (no client at all) across `systemctl restart`-like SIGTERM:
+    still running afterwards, attachable, its exit code delivered."""
+    sid, _ = create(env.stub, network=pb.NetworkSpec(mode="none"))
+    wait_state(env.stub, sid, ("ready",))
+    exec_id = env.stub.Start(pb.StartRequest(
+        id=sid, cmd=["sh", "-c", "echo before; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo after; exit 6"])).exec_id
+    time.sleep(0.5)
+    assert env.daemon.stop() == 0
+    env.restart()
+    wait_state(env.stub, sid, ("ready",), timeout=60)
+    listed = {e.exec_id: e.status for e in env.stub.ListExecs(pb.ListExecsRequest(id=sid)).execs}
+    assert listed[exec_id] == "detached"
+    assert run(env.stub, sid, ["touch", "/tmp/go"])[2] == 0
+    msgs = list(env.stub.Attach(pb.AttachRequest(id=sid, exec_id=exec_id)))
+    assert b"".join(m.data for m in msgs if m.stream == "stdout").endswith(b"after\n")
+    assert msgs[-1].stream == "exit" and msgs[-1].exit_code == 6
