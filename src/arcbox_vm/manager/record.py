@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ class SandboxRecord:
     vm: BootedVm | None = None
     vmm: str = ""
     active_execs: int = 0
-    streams: dict[int, Any] = field(default_factory=dict)  # exec id -> live ExecStream (manager/execs.py)
+    # exec id -> live ExecStream (manager/execs.py); weak: a stream its caller dropped must
+    # still be collected (its __del__ kills the command)
+    streams: weakref.WeakValueDictionary[int, Any] = field(default_factory=weakref.WeakValueDictionary)
     held: dict[int, Any] = field(default_factory=dict)  # exec id -> HeldExec (manager/background.py)
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
