@@ -99,7 +99,7 @@ HEADER = struct.Struct(">2sBBII")
 HEADER_SIZE = HEADER.size  # 12
 DEFAULT_MAX_PAYLOAD = 1 << 20  # 1 MiB
 INITIAL_WINDOW = 1 << 20  # credit per direction per channel, bytes
-DATA_CHUNK = 64 * 1024  # how much a sender puts in one data frame
+DATA_CHUNK = 64 * 1024  # how much the host puts in one data frame (the agent reads output 256 KiB at a time)
 WINDOW_STRUCT = struct.Struct(">I")
 
 CONTROL_CHANNEL = 0

@@ -36,6 +36,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
     from typing import Any, Dict, Optional
 
+OUT_READ = 256 * 1024  # bytes per read of the child's output (one STDOUT/STDERR frame)
 EXIT_GRACE = 1.0  # seconds to wait for output EOF after the child exited
 DRAIN_CAP = 1 << 20  # bytes read after the grace period before pipes are closed anyway
 STDIN_WRITE = 64 * 1024  # bytes per write(2) to the child
@@ -125,11 +126,11 @@ class Session:
 
     def _limit(self) -> int:
         if self.abandoned:
-            return protocol.DATA_CHUNK
+            return OUT_READ
         if not self.attached:
             room = min(protocol.INITIAL_WINDOW - self.spooled, self.sink.spool_room())
-            return max(0, min(protocol.DATA_CHUNK, room))
-        return min(protocol.DATA_CHUNK, self.credit)
+            return max(0, min(OUT_READ, room))
+        return min(OUT_READ, self.credit)
 
     def _read_out(self, fd: int) -> int:
         """One read from an output fd; returns bytes read, -1 at EOF, 0 if nothing/no credit."""

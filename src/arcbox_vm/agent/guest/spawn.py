@@ -22,6 +22,9 @@ import struct
 
 from arcbox_vm.agent.protocol import ErrorCode
 
+STDOUT_PIPE_SIZE = 1 << 20  # bytes; the default 64 KiB means one loop wakeup per 64 KiB of output
+_F_SETPIPE_SZ = 1031
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
     from typing import Dict, List, Optional
@@ -182,6 +185,7 @@ def spawn(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty: 
                 in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
                 child_fds.append(in_r)
             out_r, out_w = os.pipe()
+            _grow_pipe(out_r)
             err_r, err_w = os.pipe()
             parent_fds += [out_r, err_r]
             child_fds += [out_w, err_w]
@@ -340,3 +344,14 @@ def _execve(path: str, argv: List[str], env: Dict[str, str]) -> None:
 
 class _PathError(Exception):
     """argv[0] has no slash and is in no PATH directory."""
+
+
+def _grow_pipe(fd: int) -> None:
+    """Enlarge a stdout pipe so a chatty command is read in big bites (fewer agent wakeups
+    under emulation); best effort — the kernel may cap it (fs.pipe-max-size)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, STDOUT_PIPE_SIZE)
+    except OSError:
+        pass
