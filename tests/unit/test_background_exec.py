@@ -108,3 +108,30 @@ def test_evict_finished_keeps_the_newest():
             x.forget()
 
     asyncio.run(main())
+
+
+def test_held_tail_round_trip_and_damage(tmp_path):
+    from arcbox_vm.manager import held_tail
+
+    chunks = [OutputChunk("stdout", b"a" * 10), OutputChunk("stderr", b"err"), OutputChunk("stdout", b"\x00\xff")]
+    held_tail.save(tmp_path, "7", chunks + [OutputChunk("exit", b"", 0)])
+    assert held_tail.take(tmp_path, "7") == chunks
+    assert held_tail.take(tmp_path, "7") == [], "taken once"
+    held_tail.save(tmp_path, "8", chunks)
+    path = held_tail.tail_path(tmp_path, "8")
+    path.write_bytes(path.read_bytes()[:-1])  # cut short
+    assert held_tail.take(tmp_path, "8") == chunks[:2]
+    held_tail.save(tmp_path, "9", [])
+    assert not held_tail.tail_path(tmp_path, "9").exists()
+
+
+def test_kept_output_is_delivered_first():
+    async def main() -> None:
+        h = FakeHandle()
+        held = background.HeldExec("sb", h, lambda _: None, kept=[OutputChunk("stdout", b"old ")])
+        h.queue.put_nowait(OutputChunk("stdout", b"new"))
+        h.queue.put_nowait(OutputChunk("exit", b"", 0))
+        out, _, code = await held.attach().collect()
+        assert (out, code) == (b"old new", 0)
+
+    asyncio.run(main())

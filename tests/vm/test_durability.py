@@ -375,5 +375,5 @@ def test_background_command_survives_a_graceful_restart(env):
     assert listed[exec_id] == "detached"
     assert run(env.stub, sid, ["touch", "/tmp/go"])[2] == 0
     msgs = list(env.stub.Attach(pb.AttachRequest(id=sid, exec_id=exec_id)))
-    assert b"".join(m.data for m in msgs if m.stream == "stdout").endswith(b"after\n")
+    assert b"".join(m.data for m in msgs if m.stream == "stdout") == b"before\nafter\n", "the tail the old daemon kept too"
     assert msgs[-1].stream == "exit" and msgs[-1].exit_code == 6

@@ -33,13 +33,14 @@ KEEP_FINISHED = 64  # finished, unread background commands kept per sandbox
 class HeldExec:
     """One background command: its manager-side stream, a pump, a bounded output tail."""
 
-    def __init__(self, sandbox_id: str, handle: ExecHandle, on_forget: Callable[["HeldExec"], None]) -> None:
+    def __init__(self, sandbox_id: str, handle: ExecHandle, on_forget: Callable[["HeldExec"], None],
+                 kept: list[OutputChunk] | None = None) -> None:
         self.sandbox_id = sandbox_id
         self.handle = handle
         self.exec_id = handle.exec_id
         self._on_forget = on_forget
-        self._tail: collections.deque[OutputChunk] = collections.deque()
-        self._tail_bytes = 0
+        self._tail: collections.deque[OutputChunk] = collections.deque(kept or ())
+        self._tail_bytes = sum(len(c.data) for c in self._tail)
         self.dropped = 0  # bytes of output nobody was attached to read, beyond the tail
         self.final: OutputChunk | None = None  # the "exit" / "error" chunk once the command ended
         self.attachment: Attachment | None = None
@@ -64,11 +65,17 @@ class HeldExec:
                 while self.attachment is not None and self._tail_bytes > TAIL_BYTES:
                     self._drained.clear()
                     await self._drained.wait()
-                # ... without one, the oldest output goes
-                while self.attachment is None and self._tail_bytes > TAIL_BYTES and len(self._tail) > 1:
-                    old = self._tail.popleft()
-                    self._tail_bytes -= len(old.data)
-                    self.dropped += len(old.data)
+                # ... without one, the oldest output goes (exactly TAIL_BYTES stay)
+                while self.attachment is None and self._tail_bytes > TAIL_BYTES:
+                    old, excess = self._tail[0], self._tail_bytes - TAIL_BYTES
+                    if len(old.data) <= excess:
+                        self._tail.popleft()
+                        cut = len(old.data)
+                    else:
+                        self._tail[0] = OutputChunk(old.stream, old.data[excess:])
+                        cut = excess
+                    self._tail_bytes -= cut
+                    self.dropped += cut
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the end of the command, whatever it was
@@ -95,6 +102,10 @@ class HeldExec:
                 return None
             self._more.clear()
             await self._more.wait()
+
+    def unread(self) -> list[OutputChunk]:
+        """The kept output no client has read yet (for held_tail.save)."""
+        return list(self._tail)
 
     def forget(self) -> None:
         """Stop holding it (its end was read, or the sandbox went): the pump stops."""

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from arcbox_vm.agent.host import AgentConnection, ExecSession
 from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotFound
+from arcbox_vm.manager import held_tail
 from arcbox_vm.manager.background import Attachment, HeldExec, evict_finished
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
-from arcbox_vm.models import ExecInfo
+from arcbox_vm.models import ExecInfo, OutputChunk
 from arcbox_vm.models import SandboxState as S
 
 if TYPE_CHECKING:
@@ -98,9 +99,9 @@ class ExecBook:
         sb.streams[channel] = stream
         return stream
 
-    def hold(self, sb: "SandboxRecord", handle: ExecHandle) -> HeldExec:
+    def hold(self, sb: "SandboxRecord", handle: ExecHandle, kept: list[OutputChunk] | None = None) -> HeldExec:
         """Keep a command running in the background (see background.py)."""
-        held = HeldExec(sb.id, handle, lambda h: sb.held.pop(int(h.exec_id), None))
+        held = HeldExec(sb.id, handle, lambda h: sb.held.pop(int(h.exec_id), None), kept)
         sb.held[int(held.exec_id)] = held
         evict_finished(sb.held)
         return held
@@ -128,7 +129,7 @@ class ExecBook:
             raise
         handle = self.track(sb, session, list(json.loads(row["argv"])), ExecHandle, new=False)
         assert isinstance(handle, ExecHandle)
-        return self.hold(sb, handle).attach()
+        return self.hold(sb, handle, held_tail.take(sb.workdir, str(channel))).attach()
 
     def list(self, sb: "SandboxRecord") -> list[ExecInfo]:
         out = []
@@ -151,9 +152,13 @@ class ExecBook:
             raise ExecNotAttachable(sb.id, str(channel), rows[0]["status"])
         await stream.signal(signum)
 
-    def forget_all(self, sb: "SandboxRecord") -> None:
-        """The sandbox is going: stop holding its background commands (the VM dies with them)."""
+    def forget_all(self, sb: "SandboxRecord", save: bool = False) -> None:
+        """Stop holding the sandbox's background commands: it is going (the VM dies with
+        them), or, with `save`, the manager closes leaving it running — then their unread
+        output is written for the next manager (held_tail.py)."""
         for held in list(sb.held.values()):
+            if save and not held.finished:
+                held_tail.save(sb.workdir, held.exec_id, held.unread())
             held.forget()
 
 

@@ -34,13 +34,13 @@ from arcbox_vm.errors import (
 )
 from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager import files as _files
+from arcbox_vm.manager.background import Attachment
 from arcbox_vm.manager.boot import BootRequest, boot_vm
 from arcbox_vm.manager.events import EventLog, EventSubscription
-from arcbox_vm.manager.background import Attachment
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.images import ImageResolver
-from arcbox_vm.manager.recovery import recover
 from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.manager.recovery import recover
 from arcbox_vm.models import ExecInfo, FileStat, SandboxInfo, SandboxSpec, SandboxState, SandboxSummary
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.ports import VmmDriver
@@ -173,10 +173,11 @@ class SandboxManager:
                     await self._remove(sb, reason="manager_closed")
                 continue
             self._cancel_tasks(sb, "watch", "ttl", "boot")
+            # first: commands keep running in the guest (keep_commands_running), their unread output saved
+            self._execs.forget_all(sb, save=True)
             vm, sb.vm = sb.vm, None
             if vm is not None:
                 await vm.detach()
-            self._execs.forget_all(sb)  # commands keep running in the guest (keep_commands_running)
 
     async def __aenter__(self) -> "SandboxManager":
         await self._ensure_started()
