@@ -19,6 +19,7 @@ _EXPORTS = {
     "EventSubscription": "arcbox_vm.manager.events",
     "ExecStream": "arcbox_vm.manager.exec_stream",
     "ExecHandle": "arcbox_vm.manager.exec_stream",
+    "ExecAttachment": "arcbox_vm.manager.background",
     "VmmConfig": "arcbox_vm.config",
     "FirecrackerConfig": "arcbox_vm.config",
     "JailerConfig": "arcbox_vm.config",

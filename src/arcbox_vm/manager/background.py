@@ -43,7 +43,7 @@ class HeldExec:
         self._tail_bytes = sum(len(c.data) for c in self._tail)
         self.dropped = 0  # bytes of output nobody was attached to read, beyond the tail
         self.final: OutputChunk | None = None  # the "exit" / "error" chunk once the command ended
-        self.attachment: Attachment | None = None
+        self.attachment: ExecAttachment | None = None
         self._more = asyncio.Event()
         self._drained = asyncio.Event()  # the attached client took output off the tail
         self._pump = asyncio.create_task(self._run(), name=f"held-exec-{sandbox_id}-{self.exec_id}")
@@ -84,10 +84,10 @@ class HeldExec:
             self.final = OutputChunk("error", b"the command's stream ended without an exit status", -1)
         self._more.set()
 
-    def attach(self) -> "Attachment":
+    def attach(self) -> "ExecAttachment":
         if self.attachment is not None:
             raise ExecNotAttachable(self.sandbox_id, self.exec_id, "attached")
-        self.attachment = Attachment(self)
+        self.attachment = ExecAttachment(self)
         return self.attachment
 
     async def next_chunk(self) -> OutputChunk | None:
@@ -114,7 +114,7 @@ class HeldExec:
         self._on_forget(self)
 
 
-class Attachment:
+class ExecAttachment:
     """What `attach_exec` returns: the ExecHandle interface, but leaving detaches."""
 
     def __init__(self, held: HeldExec) -> None:
@@ -142,7 +142,7 @@ class Attachment:
     def timed_out(self) -> bool:
         return self._held.handle.timed_out
 
-    def __aiter__(self) -> "Attachment":
+    def __aiter__(self) -> "ExecAttachment":
         return self
 
     async def __anext__(self) -> OutputChunk:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from arcbox_vm.agent.host import AgentConnection, ExecSession
 from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotFound
 from arcbox_vm.manager import held_tail
-from arcbox_vm.manager.background import Attachment, HeldExec, evict_finished
+from arcbox_vm.manager.background import ExecAttachment, HeldExec, evict_finished
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.models import ExecInfo, OutputChunk
 from arcbox_vm.models import SandboxState as S
@@ -106,7 +106,7 @@ class ExecBook:
         evict_finished(sb.held)
         return held
 
-    async def attach(self, sb: "SandboxRecord", agent: AgentConnection, exec_id: str | int) -> Attachment:
+    async def attach(self, sb: "SandboxRecord", agent: AgentConnection, exec_id: str | int) -> ExecAttachment:
         """Attach to a background command, or take over one that kept running in the guest
         while the daemon was away ("detached" after a restart). Leaving detaches again."""
         channel = parse_exec_id(sb.id, exec_id)

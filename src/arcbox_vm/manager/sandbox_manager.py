@@ -34,7 +34,7 @@ from arcbox_vm.errors import (
 )
 from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager import files as _files
-from arcbox_vm.manager.background import Attachment
+from arcbox_vm.manager.background import ExecAttachment
 from arcbox_vm.manager.boot import BootRequest, boot_vm
 from arcbox_vm.manager.events import EventLog, EventSubscription
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
@@ -485,7 +485,7 @@ class SandboxManager:
         assert isinstance(handle, ExecHandle)
         return self._execs.hold(sb, handle).exec_id
 
-    async def attach_exec(self, sandbox_id: str, exec_id: str) -> Attachment:
+    async def attach_exec(self, sandbox_id: str, exec_id: str) -> ExecAttachment:
         """Attach to a background command (`start_exec`), or to one that kept running while
         the daemon was away ("detached" in `list_execs`): iterate the result for the output
         kept meanwhile, the rest and the exit; stdin/resize work if the command has them.
