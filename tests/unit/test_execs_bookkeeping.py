@@ -100,3 +100,16 @@ def test_hello_detached_list_is_parsed_defensively():
     hello = {"detached": [{"channel": 3}, {"channel": "4"}, {"channel": True}, "junk", {"channel": 0}, {"channel": 7}]}
     assert sorted(_detached_sessions(hello)) == [3, 7]
     assert _detached_sessions({}) == {} and _detached_sessions({"detached": "x"}) == {}
+
+
+def test_background_commands_are_capped_per_sandbox(store):
+    from arcbox_vm.errors import ResourceExhausted
+    from arcbox_vm.manager.background import MAX_RUNNING
+
+    sb = sandbox()
+    sb.held = {i: SimpleNamespace(finished=False) for i in range(MAX_RUNNING - 1)}
+    sb.held[999] = SimpleNamespace(finished=True)  # finished ones do not count
+    book(store).check_room(sb)
+    sb.held[MAX_RUNNING] = SimpleNamespace(finished=False)
+    with pytest.raises(ResourceExhausted, match="background commands"):
+        book(store).check_room(sb)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TAIL_BYTES = 1 << 20  # output kept per command while no client is attached
 KEEP_FINISHED = 64  # finished, unread background commands kept per sandbox
+MAX_RUNNING = 64  # background commands running at once per sandbox (bounds the daemon's memory)
 
 
 class HeldExec:

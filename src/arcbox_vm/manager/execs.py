@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from arcbox_vm.agent.host import AgentConnection, ExecSession
-from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotFound
+from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotFound, ResourceExhausted
 from arcbox_vm.manager import held_tail
-from arcbox_vm.manager.background import ExecAttachment, HeldExec, evict_finished
+from arcbox_vm.manager.background import MAX_RUNNING, ExecAttachment, HeldExec, evict_finished
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.models import ExecInfo, OutputChunk
 from arcbox_vm.models import SandboxState as S
@@ -98,6 +98,13 @@ class ExecBook:
         stream = cls(session, done, keep_running=self._keep)
         sb.streams[channel] = stream
         return stream
+
+    def check_room(self, sb: "SandboxRecord") -> None:
+        """Refuse another background command beyond MAX_RUNNING (each may keep 1 MiB here)."""
+        running = sum(1 for h in sb.held.values() if not h.finished)
+        if running >= MAX_RUNNING:
+            raise ResourceExhausted(f"sandbox {sb.id!r} already runs {running} background commands (the limit); "
+                                    "wait for some or stop them with signal_exec")
 
     def hold(self, sb: "SandboxRecord", handle: ExecHandle, kept: list[OutputChunk] | None = None) -> HeldExec:
         """Keep a command running in the background (see background.py)."""

@@ -481,6 +481,7 @@ class SandboxManager:
         exit code. `stdin=True` gives it a pipe an attached client can write to."""
         sb = self._get(sandbox_id)
         req = self._exec_request(sb, cmd, env, working_dir, user, tty, tty_size, timeout_seconds, stdin=stdin)
+        self._execs.check_room(sb)
         handle = await self._start_exec(sb, req, ExecHandle)
         assert isinstance(handle, ExecHandle)
         return self._execs.hold(sb, handle).exec_id
