@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,6 +19,8 @@ from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from arcbox_vm.images import GuestImage
 from arcbox_vm.manager.leftovers import processes_using
+
+from .manager_helpers import netns_list
 
 ARCBOX = str(Path(sys.executable).with_name("arcbox-vm"))
 
@@ -139,3 +144,17 @@ def memory_kib(pid: int, field: str = "VmHWM") -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.contextmanager
+def module_daemon(tmp: Path, image: GuestImage, cidr: str) -> Iterator[Daemon]:
+    """One `arcbox-vm serve` on a private data dir, socket and network namespace (with
+    on_shutdown=remove); SIGTERM at the end must stop it cleanly and take the namespace
+    with it."""
+    netns = f"arcbox-t-{secrets.token_hex(3)}"
+    cfg = write_config(tmp / "c.toml", image, tmp / "data", tmp / "d.sock", netns=netns, cidr=cidr,
+                       on_shutdown="remove")
+    d = Daemon(cfg, tmp / "d.sock", tmp / "daemon.log").start()
+    yield d
+    assert d.stop() == 0, d.log.read_text()[-3000:]
+    assert netns not in netns_list()

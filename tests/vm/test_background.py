@@ -8,7 +8,6 @@ test_durability.py.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,8 +21,7 @@ from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.client import Client
 from arcbox_vm.errors import ExecNotAttachable, ExecNotFound
 
-from .daemon_helpers import Daemon, write_config
-from .manager_helpers import netns_list
+from .daemon_helpers import module_daemon
 
 pytestmark = pytest.mark.vm
 
@@ -33,14 +31,8 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, guest_image):
-    tmp = tmp_path_factory.mktemp("background-daemon")
-    netns = f"arcbox-t-{secrets.token_hex(3)}"
-    cfg = write_config(tmp / "c.toml", guest_image, tmp / "data", tmp / "d.sock", netns=netns,
-                       cidr="10.244.0.0/24", on_shutdown="remove")
-    d = Daemon(cfg, tmp / "d.sock", tmp / "daemon.log").start()
-    yield d
-    assert d.stop() == 0, d.log.read_text()[-3000:]
-    assert netns not in netns_list()
+    with module_daemon(tmp_path_factory.mktemp("background-daemon"), guest_image, "10.244.0.0/24") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

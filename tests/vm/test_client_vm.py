@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import secrets
 import time
 
 import pytest
@@ -25,22 +24,15 @@ from arcbox_vm.errors import (
     SandboxNotFound,
 )
 
-from .daemon_helpers import Daemon, write_config
-from .manager_helpers import netns_list
+from .daemon_helpers import module_daemon
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, guest_image):
-    tmp = tmp_path_factory.mktemp("client-daemon")
-    netns = f"arcbox-t-{secrets.token_hex(3)}"
-    cfg = write_config(tmp / "c.toml", guest_image, tmp / "data", tmp / "d.sock", netns=netns,
-                       cidr="10.243.0.0/24", on_shutdown="remove")
-    d = Daemon(cfg, tmp / "d.sock", tmp / "daemon.log").start()
-    yield d
-    assert d.stop() == 0, d.log.read_text()[-3000:]
-    assert netns not in netns_list()
+    with module_daemon(tmp_path_factory.mktemp("client-daemon"), guest_image, "10.243.0.0/24") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

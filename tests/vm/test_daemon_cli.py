@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -21,8 +20,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from .daemon_helpers import Daemon, write_config
-from .manager_helpers import netns_list
+from .daemon_helpers import Daemon, module_daemon
 
 pytestmark = pytest.mark.vm
 
@@ -34,14 +32,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 def daemon(tmp_path_factory, guest_image):
     """One `arcbox-vm serve` for the module; SIGTERM at the end must stop it cleanly and
     take its network namespace with it."""
-    tmp = tmp_path_factory.mktemp("cli-daemon")
-    netns = f"arcbox-t-{secrets.token_hex(3)}"
-    cfg = write_config(tmp / "c.toml", guest_image, tmp / "data", tmp / "d.sock", netns=netns,
-                       cidr="10.242.0.0/24", on_shutdown="remove")
-    d = Daemon(cfg, tmp / "d.sock", tmp / "daemon.log").start()
-    yield d
-    assert d.stop() == 0, d.log.read_text()[-3000:]
-    assert netns not in netns_list()
+    with module_daemon(tmp_path_factory.mktemp("cli-daemon"), guest_image, "10.242.0.0/24") as d:
+        yield d
 
 
 def arcbox(daemon: Daemon, *args: str, input: bytes | None = None,  # noqa: A002

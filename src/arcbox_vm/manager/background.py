@@ -20,8 +20,8 @@ import collections
 import logging
 from collections.abc import Callable
 
-from arcbox_vm.errors import AgentError, ExecNotAttachable
-from arcbox_vm.manager.exec_stream import ExecHandle
+from arcbox_vm.errors import ExecNotAttachable
+from arcbox_vm.manager.exec_stream import ExecHandle, collect_chunks
 from arcbox_vm.models import OutputChunk
 
 log = logging.getLogger(__name__)
@@ -179,18 +179,8 @@ class ExecAttachment:
                 self._held._drained.set()  # the pump may be waiting for this client
 
     async def collect(self) -> tuple[bytes, bytes, int]:
-        out, err = bytearray(), bytearray()
-        code = -1
-        async for chunk in self:
-            if chunk.stream == "stdout":
-                out += chunk.data
-            elif chunk.stream == "stderr":
-                err += chunk.data
-            elif chunk.stream == "exit":
-                code = chunk.exit_code
-            elif chunk.stream == "error":
-                raise AgentError(chunk.data.decode(errors="replace"))
-        return bytes(out), bytes(err), code
+        """Read to the end: (stdout, stderr, exit code); an "error" end raises AgentError."""
+        return await collect_chunks(self)
 
 
 def evict_finished(held: dict[int, HeldExec]) -> None:

@@ -10,11 +10,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from arcbox_vm.agent.host import ExecSession
 from arcbox_vm.errors import AgentError
 from arcbox_vm.models import OutputChunk
+
+
+async def collect_chunks(chunks: AsyncIterator[OutputChunk]) -> tuple[bytes, bytes, int]:
+    """(stdout, stderr, exit code) of a command's chunks; an "error" end raises AgentError."""
+    out, err = bytearray(), bytearray()
+    code = -1
+    async for chunk in chunks:
+        if chunk.stream == "stdout":
+            out += chunk.data
+        elif chunk.stream == "stderr":
+            err += chunk.data
+        elif chunk.stream == "exit":
+            code = chunk.exit_code
+        elif chunk.stream == "error":
+            raise AgentError(chunk.data.decode(errors="replace"))
+    return bytes(out), bytes(err), code
 
 
 class ExecStream:
@@ -91,18 +107,7 @@ class ExecStream:
 
     async def collect(self) -> tuple[bytes, bytes, int]:
         """Read to the end: (stdout, stderr, exit code); an "error" end raises AgentError."""
-        out, err = bytearray(), bytearray()
-        code = -1
-        async for chunk in self:
-            if chunk.stream == "stdout":
-                out += chunk.data
-            elif chunk.stream == "stderr":
-                err += chunk.data
-            elif chunk.stream == "exit":
-                code = chunk.exit_code
-            elif chunk.stream == "error":
-                raise AgentError(chunk.data.decode(errors="replace"))
-        return bytes(out), bytes(err), code
+        return await collect_chunks(self)
 
     def __del__(self) -> None:
         if not self._finished and not self._loop.is_closed():
