@@ -154,3 +154,24 @@ def test_cli_exec_detached_execs_signal_attach(daemon, sid):
     assert attached.stdout == b"started\n"
     bad = cli("signal", sid, exec_id, "-s", "NOPE")
     assert bad.returncode != 0 and b"unknown signal" in bad.stderr
+
+
+def test_sandbox_objects_sync_and_async(daemon, sid):
+    import asyncio
+
+    from arcbox_vm.client import AsyncSandbox, Sandbox
+
+    with Sandbox.connect(sid, socket=daemon.socket, remove_on_exit=False) as box:
+        exec_id = box.start(["sh", "-c", "echo hi; exit 3"])
+        wait_for(lambda: [e.status for e in box.execs() if e.exec_id == exec_id] == ["exited"])
+        result = box.attach(exec_id).wait()  # finished while nobody was attached: output and code kept
+        assert (result.stdout, result.exit_code) == (b"hi\n", 3)
+
+    async def main() -> int:
+        async with await AsyncSandbox.connect(sid, socket=daemon.socket, remove_on_exit=False) as abox:
+            exec_id = await abox.start(["sleep", "600"])
+            await abox.signal(exec_id, signal.SIGKILL)
+            session = await abox.attach(exec_id)
+            return (await session.wait()).exit_code
+
+    assert asyncio.run(main()) == 128 + signal.SIGKILL

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Unpack
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError, GuestFileNotFound
-from arcbox_vm.models import SandboxEvent, SandboxInfo
+from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo
 
 if TYPE_CHECKING:
     from arcbox_vm.client.aio import AsyncClient, Command, ConnectArgs
@@ -199,4 +199,22 @@ class AsyncSandbox:
         """Interactive command (see AsyncExecSession)."""
         return await self.client.exec(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
                                       tty_size=tty_size, timeout=timeout)
+
+    async def start(self, cmd: "Command", *, env: Mapping[str, str] | None = None, working_dir: str = "",
+                    user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
+                    timeout: float | None = None, stdin: bool = False) -> str:
+        """Background command: returns its exec id at once (see AsyncClient.start)."""
+        return await self.client.start(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                       tty_size=tty_size, timeout=timeout, stdin=stdin)
+
+    async def attach(self, exec_id: str) -> "AsyncExecSession":
+        """Attach to a background or detached command; leaving detaches (see AsyncClient.attach)."""
+        return await self.client.attach(self.id, exec_id)
+
+    async def signal(self, exec_id: str, signal: int = 9) -> None:
+        await self.client.signal(self.id, exec_id, signal)
+
+    async def execs(self) -> "list[ExecInfo]":
+        """Every command run in this sandbox, with exec id, status and exit code."""
+        return await self.client.list_execs(self.id)
 

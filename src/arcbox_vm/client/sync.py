@@ -313,3 +313,19 @@ class Sandbox:
              timeout: float | None = None) -> ExecSession:
         return self.client.exec(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
                                 tty_size=tty_size, timeout=timeout)
+
+    def start(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
+              tty: bool = False, tty_size: tuple[int, int] | None = None, timeout: float | None = None,
+              stdin: bool = False) -> str:
+        """See AsyncSandbox.start."""
+        return self.client.start(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                 tty_size=tty_size, timeout=timeout, stdin=stdin)
+
+    def attach(self, exec_id: str) -> ExecSession:
+        return self.client.attach(self.id, exec_id)
+
+    def signal(self, exec_id: str, signal: int = 9) -> None:
+        self.client.signal(self.id, exec_id, signal)
+
+    def execs(self) -> list[ExecInfo]:
+        return self.client.list_execs(self.id)
