@@ -75,8 +75,6 @@ class ExecSession:
         self._credit_event = asyncio.Event()
         self._consumed = 0  # output bytes taken by the consumer, not yet granted back
         self._done = False
-        self.attached = False  # True: taken over after a lost connection (see AgentConnection.attach)
-        self.stdin_open = bool(request.get("stdin"))
 
     # -- frames from the guest (called by the connection's reader) --------------------
 
@@ -87,10 +85,8 @@ class ExecSession:
             self._queue.put_nowait(OutputChunk(stream, frame.payload))
         elif t == p.MsgType.STARTED:
             body = frame.json()
-            if body.get("attached"):
-                self.attached = True
+            if body.get("attached"):  # a re-attached session starts with the stdin credit left
                 self._stdin_credit = int(body.get("stdin_window", p.INITIAL_WINDOW))
-                self.stdin_open = bool(body.get("stdin_open", False))
             if not self._started.done():
                 self._started.set_result(int(body.get("pid", 0)))
         elif t == p.MsgType.EXIT:

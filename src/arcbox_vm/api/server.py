@@ -23,7 +23,6 @@ from arcbox_vm.manager.sandbox_manager import SandboxManager
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # file and log chunks sent to clients
-EXEC_ID_METADATA = metadata.EXEC_ID
 
 
 def _check(request: Any) -> None:
@@ -46,7 +45,20 @@ def _need_exec_id(request: Any) -> str:
 
 
 def _exec_meta(stream: Any) -> tuple[tuple[str, str], ...]:
-    return ((EXEC_ID_METADATA, stream.exec_id),)
+    return ((metadata.EXEC_ID, stream.exec_id),)
+
+
+async def _relay(stream: Any, cls: type, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """A command's chunks as `cls` messages, after the exec id metadata (so a silent command
+    is visible as started); the stream is closed however the call ends (kill for Run,
+    detach for Attach) — use it under `contextlib.aclosing` so that holds when the call is
+    cancelled while a message is being written."""
+    await context.send_initial_metadata(_exec_meta(stream))
+    try:
+        async for chunk in stream:
+            yield convert.output(chunk, cls, _timed_out(stream, chunk))
+    finally:
+        await stream.aclose()
 
 
 def unary(fn: Callable) -> Callable:
@@ -144,12 +156,9 @@ class SandboxServicer:
         stream = await self.mgr.run_in_sandbox(
             sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
             convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds)
-        await context.send_initial_metadata(_exec_meta(stream))  # the command runs: a silent one is visible too
-        try:
-            async for chunk in stream:
-                yield convert.output(chunk, pb.RunOutput, _timed_out(stream, chunk))
-        finally:
-            await stream.aclose()
+        async with contextlib.aclosing(_relay(stream, pb.RunOutput, context)) as messages:
+            async for msg in messages:
+                yield msg
 
     @streaming
     async def Exec(self, request_iterator: AsyncIterator[pb.ExecInput],
@@ -220,15 +229,11 @@ class SandboxServicer:
     @streaming
     async def Attach(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunOutput]:
         handle = await self.mgr.attach_exec(_need_id(request), _need_exec_id(request))
-        await context.send_initial_metadata(_exec_meta(handle))
-        try:
-            async for chunk in handle:
-                yield convert.output(chunk, pb.RunOutput, _timed_out(handle, chunk))
-        finally:
-            await handle.aclose()
+        async with contextlib.aclosing(_relay(handle, pb.RunOutput, context)) as messages:
+            async for msg in messages:
+                yield msg
 
     # -- files -----------------------------------------------------------------------
-
 
     @unary
     async def UploadFile(self, request_iterator: AsyncIterator[pb.UploadRequest],

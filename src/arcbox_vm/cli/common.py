@@ -36,6 +36,7 @@ T = TypeVar("T")
 _PANEL = "Daemon connection"
 
 
+
 @dataclass(frozen=True)
 class ConnectOptions:
     """The connection options as given on the command line (None = not given)."""
@@ -53,6 +54,14 @@ class ConnectOptions:
 
         return AsyncClient(self.socket, self.host, token=self.token, tls_ca=self.tls_ca, insecure=self.insecure,
                            config=self.config)
+
+    def call(self, fn: "Callable[[AsyncClient], Coroutine[Any, Any, T]]") -> T:
+        """Connect, await `fn(client)`, disconnect: one request from a CLI command."""
+        async def main() -> T:
+            async with self.client() as client:
+                return await fn(client)
+
+        return asyncio.run(main())
 
 
 def _opt(default: Any, *names: str, help: str, **kw: Any) -> Any:

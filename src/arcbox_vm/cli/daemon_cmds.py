@@ -33,7 +33,6 @@ from arcbox_vm.errors import ArcboxError
 
 if TYPE_CHECKING:
     from arcbox_vm.client.aio import AsyncClient
-    from arcbox_vm.models import ExecInfo, SandboxInfo, SandboxSummary
 
 # The client (and with it grpc) is imported inside the commands that use it, so that
 # `arcbox-vm run` and `--help` do not pay for it.
@@ -118,11 +117,8 @@ def ls(
     """List sandboxes."""
     from arcbox_vm.cli.output import print_json, sandbox_table
 
-    async def main() -> "list[SandboxSummary]":
-        async with conn.client() as client:
-            return await client.list(state, parse_labels(label))
-
-    rows = asyncio.run(main())
+    labels = parse_labels(label)
+    rows = conn.call(lambda client: client.list(state, labels))
     if json_out:
         print_json(rows)
     elif quiet:
@@ -139,11 +135,7 @@ def inspect(
     """Show one sandbox as JSON (state, limits, network, timestamps, error)."""
     from arcbox_vm.cli.output import print_json
 
-    async def main() -> "SandboxInfo":
-        async with conn.client() as client:
-            return await client.inspect(sandbox_id)
-
-    print_json(asyncio.run(main()))
+    print_json(conn.call(lambda client: client.inspect(sandbox_id)))
 
 
 @daemon_command
@@ -169,10 +161,10 @@ def exec_(
     if not cmd:
         fail("exec: give the command after the sandbox id: arcbox-vm exec ID -- CMD [ARGS...]")
     if detach:
-        from arcbox_vm.cli.exec_cmd import start_command
-
-        sys.stdout.write(start_command(conn, sandbox_id, cmd, parse_env(env), workdir, user, timeout, interactive,
-                                       tty) + "\n")
+        environ = parse_env(env)
+        exec_id = conn.call(lambda client: client.start(sandbox_id, cmd, env=environ, working_dir=workdir, user=user,
+                                                         tty=tty, timeout=timeout, stdin=interactive))
+        sys.stdout.write(exec_id + "\n")
         return
     from arcbox_vm.cli.exec_cmd import exec_command
 
@@ -190,11 +182,7 @@ def execs(
     while the daemon was away and can be taken over with `arcbox-vm attach`."""
     from arcbox_vm.cli.output import exec_table, print_json
 
-    async def main() -> "list[ExecInfo]":
-        async with conn.client() as client:
-            return await client.list_execs(sandbox_id)
-
-    rows = asyncio.run(main())
+    rows = conn.call(lambda client: client.list_execs(sandbox_id))
     if json_out:
         print_json(rows)
     else:
@@ -226,12 +214,7 @@ def signal(
     from arcbox_vm.cli.parsing import parse_signal
 
     signum = parse_signal(sig)
-
-    async def main() -> None:
-        async with conn.client() as client:
-            await client.signal(sandbox_id, exec_id, signum)
-
-    asyncio.run(main())
+    conn.call(lambda client: client.signal(sandbox_id, exec_id, signum))
 
 
 @daemon_command

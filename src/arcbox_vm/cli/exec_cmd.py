@@ -20,7 +20,6 @@ from collections.abc import Mapping
 
 from arcbox_vm.cli.common import EXIT_ERROR, ConnectOptions, fail
 from arcbox_vm.cli.tty import on_resize, raw_mode, stdin_chunks, terminal_size
-from arcbox_vm.client.aio import AsyncClient
 from arcbox_vm.client.aio_exec import AsyncExecSession
 from arcbox_vm.client.types import RunResult
 from arcbox_vm.errors import AgentError, ArcboxError, ExecError
@@ -60,45 +59,20 @@ async def _forward_stdin(session: AsyncExecSession) -> None:
         await session.close_stdin()
 
 
-async def _interactive(client: AsyncClient, sandbox_id: str, argv: list[str], env: Mapping[str, str],
-                       workdir: str, user: str, timeout: float, tty: bool) -> RunResult:
-    size = terminal_size() if tty else None
-    session = await client.exec(sandbox_id, argv, env=env, working_dir=workdir, user=user, tty=tty,
-                                tty_size=size, timeout=timeout)
-
+async def _drive(session: AsyncExecSession, *, forward_stdin: bool, tty: bool) -> RunResult:
+    """Print the session's output as it comes, optionally feeding it this process's stdin
+    (and, with a terminal, raw mode and size changes); leaving early (error, Ctrl-C) cancels
+    the stream — the daemon kills a command started here, and only detaches an attached one."""
     def resized() -> None:
         new = terminal_size()
         if new is not None and not session.finished:
             task = asyncio.ensure_future(session.resize(*new))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors: session ending
 
-    async with session:  # leaving early (error, Ctrl-C) cancels the stream: the daemon kills the command
-        resize_ctx = on_resize(resized) if tty and size is not None else contextlib.nullcontext()
+    async with session:
+        resize_ctx = on_resize(resized) if tty and terminal_size() is not None else contextlib.nullcontext()
         with raw_mode(0) if tty else contextlib.nullcontext(), resize_ctx:
-            pump = asyncio.create_task(_forward_stdin(session))
-            try:
-                return await session.wait(on_stdout=_to_stdout, on_stderr=_to_stderr)
-            finally:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ArcboxError):
-                    await pump
-
-
-async def _exec(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
-                user: str, timeout: float, interactive: bool, tty: bool) -> RunResult:
-    async with conn.client() as client:
-        if interactive:
-            return await _interactive(client, sandbox_id, argv, env, workdir, user, timeout, tty)
-        return await client.run(sandbox_id, argv, env=env, working_dir=workdir, user=user, tty=tty,
-                                tty_size=terminal_size() if tty else None, timeout=timeout,
-                                on_stdout=_to_stdout, on_stderr=_to_stderr)
-
-
-async def _attach(conn: ConnectOptions, sandbox_id: str, exec_id: str, interactive: bool) -> RunResult:
-    async with conn.client() as client:
-        session = await client.attach(sandbox_id, exec_id)
-        async with session:  # leaving early (error, Ctrl-C) cancels the stream: the daemon kills the command
-            pump = asyncio.create_task(_forward_stdin(session)) if interactive else None
+            pump = asyncio.create_task(_forward_stdin(session)) if forward_stdin else None
             try:
                 return await session.wait(on_stdout=_to_stdout, on_stderr=_to_stderr)
             finally:
@@ -108,24 +82,34 @@ async def _attach(conn: ConnectOptions, sandbox_id: str, exec_id: str, interacti
                         await pump
 
 
-def attach_command(conn: ConnectOptions, sandbox_id: str, exec_id: str, interactive: bool) -> int:
-    """Take over a detached command; returns its exit code for the CLI."""
-    result = asyncio.run(_attach(conn, sandbox_id, exec_id, interactive))
+async def _exec(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
+                user: str, timeout: float, interactive: bool, tty: bool) -> RunResult:
+    async with conn.client() as client:
+        if interactive:
+            session = await client.exec(sandbox_id, argv, env=env, working_dir=workdir, user=user, tty=tty,
+                                        tty_size=terminal_size() if tty else None, timeout=timeout)
+            return await _drive(session, forward_stdin=True, tty=tty)
+        return await client.run(sandbox_id, argv, env=env, working_dir=workdir, user=user, tty=tty,
+                                tty_size=terminal_size() if tty else None, timeout=timeout,
+                                on_stdout=_to_stdout, on_stderr=_to_stderr)
+
+
+async def _attach(conn: ConnectOptions, sandbox_id: str, exec_id: str, interactive: bool) -> RunResult:
+    async with conn.client() as client:
+        return await _drive(await client.attach(sandbox_id, exec_id), forward_stdin=interactive, tty=False)
+
+
+def _exit_code(result: RunResult, timed_out_msg: str) -> int:
+    """The CLI's exit code for a finished command (see the module docstring)."""
     if result.timed_out:
-        sys.stderr.write("arcbox-vm: the command timed out and was killed\n")
+        sys.stderr.write(f"arcbox-vm: the command timed out{timed_out_msg} and was killed\n")
         return EXIT_TIMED_OUT
     return result.exit_code if result.exit_code >= 0 else EXIT_ERROR
 
 
-def start_command(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
-                  user: str, timeout: float, interactive: bool, tty: bool) -> str:
-    """`exec -d`: start in the background, return the exec id."""
-    async def main() -> str:
-        async with conn.client() as client:
-            return await client.start(sandbox_id, argv, env=env, working_dir=workdir, user=user, tty=tty,
-                                      timeout=timeout, stdin=interactive)
-
-    return asyncio.run(main())
+def attach_command(conn: ConnectOptions, sandbox_id: str, exec_id: str, interactive: bool) -> int:
+    """Attach to a background or detached command; returns its exit code for the CLI."""
+    return _exit_code(asyncio.run(_attach(conn, sandbox_id, exec_id, interactive)), "")
 
 
 def exec_command(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Mapping[str, str], workdir: str,
@@ -137,7 +121,4 @@ def exec_command(conn: ConnectOptions, sandbox_id: str, argv: list[str], env: Ma
         if exc.code in ("not_found", "permission"):
             fail(exc, EXIT_NOT_FOUND if exc.code == "not_found" else EXIT_CANNOT_EXECUTE)
         raise
-    if result.timed_out:
-        sys.stderr.write(f"arcbox-vm: the command timed out after {timeout:g} s and was killed\n")
-        return EXIT_TIMED_OUT
-    return result.exit_code if result.exit_code >= 0 else EXIT_ERROR
+    return _exit_code(result, f" after {timeout:g} s")

@@ -227,9 +227,13 @@ class AsyncClient:
         request = pb.ExecRequest(id=sandbox_id, cmd=as_argv(cmd), env=str_map(env), working_dir=working_dir,
                                  user=user, tty=tty, tty_size=tty_size_to_pb(tty_size),
                                  timeout_seconds=timeout_to_pb(timeout))
+        return await self._open_exec(sandbox_id, pb.ExecInput(init=request))
+
+    async def _open_exec(self, sandbox_id: str, first: pb.ExecInput) -> AsyncExecSession:
+        """An Exec stream whose first message is `first` (init or attach)."""
         call = self._stub.Exec(metadata=self.target.metadata)
         session = AsyncExecSession(call, lambda exc: self._error(exc, "exec", sandbox_id))
-        await session._send(pb.ExecInput(init=request))
+        await session._send(first)
         return session
 
     async def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
@@ -260,10 +264,8 @@ class AsyncClient:
         daemon was away ("detached" in `list_execs`): the output kept meanwhile, the rest
         and its exit; stdin/resize work if it has them. Ending the session (`kill()`,
         leaving `async with`) only detaches: the command runs on; stop it with `signal`."""
-        call = self._stub.Exec(metadata=self.target.metadata)
-        session = AsyncExecSession(call, lambda exc: self._error(exc, "exec", sandbox_id))
-        await session._send(pb.ExecInput(attach=pb.AttachRequest(id=sandbox_id, exec_id=str(exec_id))))
-        return session
+        return await self._open_exec(sandbox_id,
+                                     pb.ExecInput(attach=pb.AttachRequest(id=sandbox_id, exec_id=str(exec_id))))
 
     # -- files ----------------------------------------------------------------------
 

@@ -131,10 +131,6 @@ class ExecAttachment:
         return self._held.handle.pid
 
     @property
-    def attached(self) -> bool:
-        return True
-
-    @property
     def dropped_bytes(self) -> int:
         """Output the command wrote while no client was attached that did not fit the kept tail."""
         return self._held.dropped

@@ -54,11 +54,6 @@ class ExecStream:
         return str(self._session.channel)
 
     @property
-    def attached(self) -> bool:
-        """True when this stream took over a detached command (`attach_exec`)."""
-        return self._session.attached
-
-    @property
     def timed_out(self) -> bool:
         """True once the command ended because its timeout killed it."""
         status = self._session.exit_status
