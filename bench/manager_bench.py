@@ -13,6 +13,7 @@ from pathlib import Path
 
 from arcbox_vm import DefaultVmConfig, FirecrackerConfig, SandboxManager, SandboxNetworkSpec, SandboxSpec, VmmConfig
 from arcbox_vm.manager.boot import BootRequest, boot_vm
+from arcbox_vm.storage.disks import clone_disk
 
 NONE = SandboxNetworkSpec(mode="none")
 
@@ -27,10 +28,10 @@ async def bare_boot(driver, image, data_dir: Path) -> float:
     sid = "bare-" + secrets.token_hex(3)
     req = BootRequest(sandbox_id=sid, workdir=data_dir / "sandboxes" / sid,
                       kernel=driver.kernel_for(image.kernel, image.vmlinux), rootfs=image.rootfs,
-                      initrd=image.initrd, memory_mib=256)
+                      initrd=image.initrd, vcpus=1, memory_mib=256)
     (data_dir / "sandboxes").mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    vm = await boot_vm(driver, req)
+    vm = await boot_vm(driver, req, clone_disk=clone_disk)
     took = time.perf_counter() - t
     await vm.destroy()
     return took

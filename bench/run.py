@@ -26,11 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from arcbox_vm.agent.protocol import exec_request  # noqa: E402
 from arcbox_vm.images import build_image
-from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS, BootRequest, boot_vm
+from arcbox_vm.config import DEFAULT_BOOT_ARGS
+from arcbox_vm.manager.boot import BootRequest, boot_vm
 from arcbox_vm.paths import data_dir
 from arcbox_vm.ports import MachineSpec
 from arcbox_vm.storage.disks import clone_disk
-from arcbox_vm.vmm.select import select_driver
+from arcbox_vm.composition import select_driver
+from arcbox_vm.config import VmmConfig
 
 
 def pct(values: list[float], q: float) -> float:
@@ -65,7 +67,7 @@ class RawVm:
         spec = MachineSpec(sandbox_id=self.sid, workdir=self.workdir,
                            kernel=self.driver.kernel_for(self.image.kernel, self.image.vmlinux),
                            rootfs=disk, initrd=self.image.initrd, boot_args=DEFAULT_BOOT_ARGS,
-                           memory_mib=512, extra_boot_args=("arcbox.rawbench=1",))
+                           vcpus=1, memory_mib=512, extra_boot_args=("arcbox.rawbench=1",))
         self.proc = await self.driver.launch(spec, endpoint)
         self.reader, self.writer = await asyncio.wait_for(self.conn, 120)
         first = await asyncio.wait_for(self.reader.readexactly(1), 120)
@@ -110,9 +112,9 @@ async def protocol_side(driver, image, ddir: Path, args) -> dict:
         sid = "bench-" + secrets.token_hex(3)
         req = BootRequest(sandbox_id=sid, workdir=ddir / "bench" / sid,
                           kernel=driver.kernel_for(image.kernel, image.vmlinux), rootfs=image.rootfs,
-                          initrd=image.initrd, memory_mib=512)
+                          initrd=image.initrd, vcpus=1, memory_mib=512)
         t0 = time.perf_counter()
-        candidate = await boot_vm(driver, req)
+        candidate = await boot_vm(driver, req, clone_disk=clone_disk)
         res["boot"].append(time.perf_counter() - t0)
         if i < args.boots - 1:
             await candidate.destroy()
@@ -169,7 +171,7 @@ async def main() -> None:
     ddir = data_dir()
     (ddir / "bench").mkdir(parents=True, exist_ok=True)
     image = build_image(ddir)
-    driver = select_driver(args.vmm)
+    driver = select_driver(VmmConfig(backend=args.vmm))
     print(f"arcbox-vm bench (ratios: first column / second column, measured in this run): vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "
           f"boots={args.boots} execs={args.execs} stream={args.mib} MiB", flush=True)
     if args.only in (None, "manager"):

@@ -141,3 +141,11 @@ class FileTooLarge(ResourceExhausted):
 
 class GuestNoSpace(GuestFileError, ResourceExhausted):
     """The guest's filesystem is full."""
+
+
+class StateError(ArcboxError):
+    """The state database cannot be read or written (disk full, read-only, ...)."""
+
+
+class StateCorrupt(StateError):
+    """The state database is damaged; the message says how to recover."""

@@ -44,6 +44,53 @@ class OutputChunk:
     exit_code: int = 0
 
 
+# The longest command timeout accepted (a day); 0 = none. The agent clamps its own waits too.
+MAX_EXEC_TIMEOUT_S = 86400.0
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """How to run one command — the options every exec path shares (library, daemon, client, CLI).
+
+    env, working_dir and user fall back to the sandbox's defaults (its `SandboxSpec`).
+    tty_size is (cols, rows), width first, everywhere. timeout_seconds > 0 kills the
+    command and its children after that long (exit 124 from the CLI). stdin gives the
+    command a pipe (or the PTY) that the caller writes to.
+    """
+
+    cmd: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    working_dir: str = ""
+    user: str = ""
+    tty: bool = False
+    tty_size: tuple[int, int] | None = None
+    timeout_seconds: float = 0.0
+    stdin: bool = False
+
+    def __post_init__(self) -> None:
+        cmd = self.cmd
+        if isinstance(cmd, (str, bytes)) or not cmd or not all(isinstance(c, str) for c in cmd):
+            raise ValueError("cmd must be a non-empty list of strings")
+        object.__setattr__(self, "cmd", tuple(cmd))
+        if not isinstance(self.env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in self.env.items()):
+            raise ValueError("env must map strings to strings")
+        if self.tty_size is not None:
+            cols, rows = self.tty_size
+            if not (0 < int(cols) < 65536 and 0 < int(rows) < 65536):
+                raise ValueError(f"tty_size must be (cols, rows) in 1..65535, got {self.tty_size}")
+            object.__setattr__(self, "tty_size", (int(cols), int(rows)))
+        timeout = float(self.timeout_seconds or 0)
+        if not 0 <= timeout <= MAX_EXEC_TIMEOUT_S:
+            raise ValueError(f"timeout_seconds must be between 0 and {MAX_EXEC_TIMEOUT_S:g}, got {timeout:g}")
+        object.__setattr__(self, "timeout_seconds", timeout)
+
+    def replace(self, **changes: object) -> "ExecSpec":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
 class SandboxNetworkSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def runtime_dir() -> Path:
 def socket_dir(workdir: Path) -> Path:
     """The per-VM socket directory belonging to `workdir` (short, derived, so it can be
     found again from the workdir alone, e.g. by start-up clean-up)."""
-    import hashlib
-
     return runtime_dir() / hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
+
+
+def manager_tag(data_dir: Path) -> str:
+    """4 hex chars naming one data dir's TAPs, NAT table and cgroups (so managers on
+    different data dirs never touch each other's)."""
+    return hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:4]

@@ -42,7 +42,7 @@ def cgroup_of(pid: int) -> str:
 
 def spec(files) -> MachineSpec:
     return MachineSpec(sandbox_id="sb-1", workdir=files.workdir, kernel=files.kernel, rootfs=files.rootfs,
-                       boot_args="console=ttyS0 reboot=k panic=1 pci=off")
+                       boot_args="console=ttyS0 reboot=k panic=1 pci=off", vcpus=1, memory_mib=256)
 
 
 def jailed(base: Path, **jailer_kw) -> FirecrackerConfig:

@@ -41,6 +41,8 @@ def make_spec(files, **kw) -> MachineSpec:
         rootfs=files.rootfs,
         initrd=files.initrd,
         boot_args=BOOT_ARGS,
+        vcpus=1,
+        memory_mib=256,
     )
     args.update(kw)
     return MachineSpec(**args)

@@ -15,7 +15,7 @@ import pytest
 
 from arcbox_vm import ConfigError, VmmConfig
 from arcbox_vm.errors import VmmError
-from arcbox_vm.network.backend import manager_tag
+from arcbox_vm.paths import manager_tag
 from arcbox_vm.vmm import cgroup as cg
 from arcbox_vm.vmm.cgroup import SandboxCgroups, find_cgroup2_mount
 from arcbox_vm.vmm.firecracker import FirecrackerConfig, JailerConfig

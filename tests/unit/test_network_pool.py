@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arcbox_vm.errors import ResourceExhausted
-from arcbox_vm.network.backend import guest_mac, manager_tag
+from arcbox_vm.network.backend import guest_mac
+from arcbox_vm.paths import manager_tag
 from arcbox_vm.network.pool import IpPool
 
 

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from arcbox_vm.ports import AgentEndpoint, MachineSpec
 from arcbox_vm.vmm.qemu.cmdline import kernel_cmdline, qemu_argv
-from arcbox_vm.vmm.qemu.config import QemuConfig
+from arcbox_vm.config.qemu import QemuConfig
 from arcbox_vm.vmm.qemu.driver import QemuDriver
 
 
 def spec(**kw) -> MachineSpec:
     base = dict(sandbox_id="sb1", workdir=Path("/w"), kernel=Path("/k"), rootfs=Path("/w/rootfs.ext4"),
-                boot_args="console=ttyS0 init=/sbin/vm-agent", initrd=Path("/i"))
+                boot_args="console=ttyS0 init=/sbin/vm-agent", initrd=Path("/i"), vcpus=1,
+                memory_mib=256)
     base.update(kw)
     return MachineSpec(**base)
 

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from arcbox_vm.images import GuestImage, build_image
+from arcbox_vm.storage.disks import clone_disk
 from arcbox_vm.manager.boot import BootedVm, boot_vm
 from arcbox_vm.paths import data_dir, runtime_dir
 
@@ -42,7 +43,7 @@ def backend(request) -> str:  # noqa: ANN001
 @pytest_asyncio.fixture(scope="session")
 async def shared_vm(backend: str, guest_image: GuestImage, vm_data_dir: Path) -> BootedVm:
     """One VM per backend shared by the exec tests (booting takes seconds under TCG)."""
-    vm = await boot_vm(make_driver(backend), boot_request(backend, guest_image, vm_data_dir, memory_mib=512))
+    vm = await boot_vm(make_driver(backend), boot_request(backend, guest_image, vm_data_dir, memory_mib=512), clone_disk=clone_disk)
     yield vm
     await vm.destroy()
 

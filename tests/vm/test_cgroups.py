@@ -18,7 +18,7 @@ import pytest
 
 from arcbox_vm import SandboxManager, SandboxNetworkSpec, SandboxSpec
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
-from arcbox_vm.network.backend import manager_tag
+from arcbox_vm.paths import manager_tag
 from arcbox_vm.vmm.cgroup import SandboxCgroups, find_cgroup2_mount
 
 from .daemon_helpers import Daemon, processes_mentioning, wait_state, write_config

@@ -106,7 +106,7 @@ async def test_missing_kernel_fails_with_event_and_leaks_nothing(backend, guest_
         assert "no-such-vmlinux" in info.error
         assert info.network is None, "the IP lease and TAP are released on boot failure"
         assert not (tmp_path / "sandboxes" / sid).exists()
-        assert not iface_exists(mgr._network.tap_name(ip), ns), "the TAP is removed on boot failure"
+        assert not iface_exists(mgr.adapters.network.tap_name(ip), ns), "the TAP is removed on boot failure"
         sid2, ip2 = await mgr.create_sandbox(SandboxSpec(kernel=str(tmp_path / "no-such-vmlinux")))
         assert ip2 == ip, "the failed sandbox's address went back to the pool"
         await mgr.remove_sandbox(sid)

@@ -73,7 +73,7 @@ async def test_tap_ping_both_ways_nat_dns_and_cleanup(backend, guest_image, tmp_
         assert b"10.231.0.2/24" in out
         # our NAT table exists in the namespace, not in the host's
         assert "arcbox_vm_" in sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout
-        assert "arcbox_vm_" + mgr._network.tag not in sh("nft", "list", "tables").stdout
+        assert "arcbox_vm_" + mgr.adapters.network.tag not in sh("nft", "list", "tables").stdout
         await mgr.remove_sandbox(sid, force=True)
         assert not iface_exists(tap, ns)
     finally:

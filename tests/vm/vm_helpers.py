@@ -6,6 +6,7 @@ import os
 import secrets
 from pathlib import Path
 
+from arcbox_vm.config import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
 from arcbox_vm.images import GuestImage
 from arcbox_vm.manager.boot import BootRequest
 
@@ -19,7 +20,7 @@ def backends() -> list[str]:
 
 def make_driver(backend: str):
     if backend == "firecracker":
-        from arcbox_vm.vmm.firecracker.config import FirecrackerConfig
+        from arcbox_vm.config.firecracker import FirecrackerConfig
         from arcbox_vm.vmm.firecracker.driver import FirecrackerDriver
 
         return FirecrackerDriver(FirecrackerConfig(binary=os.environ["FC_BINARY"], no_seccomp=True,
@@ -35,6 +36,8 @@ def boot_request(backend: str, image: GuestImage, ddir: Path, **kw) -> BootReque
         kernel, rootfs, initrd = Path(os.environ["FC_KERNEL"]), Path(os.environ["FC_ROOTFS"]), None
     else:
         kernel, rootfs, initrd = image.kernel, image.rootfs, image.initrd
+    kw.setdefault("vcpus", DEFAULT_VCPUS)
+    kw.setdefault("memory_mib", DEFAULT_MEMORY_MIB)
     return BootRequest(sandbox_id=sid, workdir=ddir / "test-vms" / sid, kernel=kernel, rootfs=rootfs,
                        initrd=initrd, **kw)
 

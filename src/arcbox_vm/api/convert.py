@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.errors import InvalidArgument
-from arcbox_vm.models import ExecInfo, FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
+from arcbox_vm.models import ExecInfo, ExecSpec, FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
 
 
 def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
@@ -34,6 +36,17 @@ def tty_size(size: pb.TerminalSize | None, has: bool) -> tuple[int, int] | None:
     if not (1 <= w <= 0xFFFF and 1 <= h <= 0xFFFF):
         raise InvalidArgument(f"tty_size must be between 1 and 65535 columns/rows, got {w}x{h}")
     return w, h
+
+
+def exec_spec(request: Any, *, stdin: bool = False) -> ExecSpec:
+    """An ExecSpec from a RunRequest / ExecRequest / StartRequest (they share these fields)."""
+    try:
+        return ExecSpec(cmd=list(request.cmd), env=dict(request.env), working_dir=request.working_dir,  # type: ignore[arg-type]
+                        user=request.user, tty=request.tty,
+                        tty_size=tty_size(request.tty_size, request.HasField("tty_size")),
+                        timeout_seconds=request.timeout_seconds, stdin=stdin)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def output(chunk: OutputChunk, cls=pb.RunOutput, timed_out: bool = False):  # noqa: ANN001

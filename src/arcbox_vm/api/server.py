@@ -136,14 +136,11 @@ class SandboxServicer:
     @streaming
     async def Events(self, request: pb.SandboxEventsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SandboxEvent]:
         _check(request)
-        sub = self.mgr.subscribe_events(request.since if request.HasField("since") else None)
+        sub = self.mgr.subscribe_events(request.since if request.HasField("since") else None,
+                                        sandbox_id=request.id, action=request.action)
         try:
             await context.send_initial_metadata(((metadata.EVENTS_SUBSCRIBED, "1"),))
             async for ev in sub:
-                if ev.action != "lagged" and request.id and ev.sandbox_id != request.id:
-                    continue
-                if request.action and ev.action != request.action and ev.action != "lagged":
-                    continue
                 yield convert.event(ev)
         finally:
             sub.close()
@@ -153,9 +150,7 @@ class SandboxServicer:
     @streaming
     async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunOutput]:
         sid = _need_id(request)
-        stream = await self.mgr.run_in_sandbox(
-            sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
-            convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds)
+        stream = await self.mgr.run_in_sandbox(sid, convert.exec_spec(request))
         async with contextlib.aclosing(_relay(stream, pb.RunOutput, context)) as messages:
             async for msg in messages:
                 yield msg
@@ -168,15 +163,10 @@ class SandboxServicer:
         if first_kind not in ("init", "attach"):
             _check(first) if first is not None else None
             raise InvalidArgument("the first Exec message must be `init` (an ExecRequest) or `attach`")
-        attaching = first_kind == "attach"
-        if attaching:
+        if first_kind == "attach":
             handle = await self.mgr.attach_exec(_need_id(first.attach), _need_exec_id(first.attach))
         else:
-            init = first.init
-            sid = _need_id(init)
-            handle = await self.mgr.exec_in_sandbox(
-                sid, list(init.cmd), dict(init.env), init.working_dir, init.user, init.tty,
-                convert.tty_size(init.tty_size, init.HasField("tty_size")), init.timeout_seconds)
+            handle = await self.mgr.exec_in_sandbox(_need_id(first.init), convert.exec_spec(first.init, stdin=True))
         await context.send_initial_metadata(_exec_meta(handle))  # the command runs: a silent one is visible too
 
         async def pump_input() -> None:
@@ -193,9 +183,8 @@ class SandboxServicer:
                 elif kind == "eof" and msg.eof and not eof_sent:
                     await handle.close_stdin()
                     eof_sent = True
-            if not eof_sent and not attaching:  # the client half-closed: that is EOF too (not for attach)
-                with contextlib.suppress(Exception):
-                    await handle.close_stdin()
+            if not eof_sent:  # the client half-closed (what that means is the handle's business)
+                await handle.input_ended()
 
         pump = asyncio.create_task(pump_input())
         try:
@@ -214,10 +203,7 @@ class SandboxServicer:
     @unary
     async def Start(self, request: pb.StartRequest, context: grpc.aio.ServicerContext) -> pb.StartResponse:
         sid = _need_id(request)
-        exec_id = await self.mgr.start_exec(
-            sid, list(request.cmd), dict(request.env), request.working_dir, request.user, request.tty,
-            convert.tty_size(request.tty_size, request.HasField("tty_size")), request.timeout_seconds,
-            stdin=request.stdin)
+        exec_id = await self.mgr.start_exec(sid, convert.exec_spec(request, stdin=request.stdin))
         return pb.StartResponse(exec_id=exec_id)
 
     @unary
@@ -296,26 +282,10 @@ class SandboxServicer:
 
     @streaming
     async def Logs(self, request: pb.LogsRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LogChunk]:
-        sid = _need_id(request)
-        path = self.mgr.console_log(sid)
-        pos = 0
-        while True:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(pos)
-                    while data := f.read(CHUNK):
-                        pos += len(data)
-                        yield pb.LogChunk(data=data)
-            except FileNotFoundError:
-                if not request.follow:
-                    return
-            if not request.follow:
-                return
-            await asyncio.sleep(0.2)
-            try:
-                self.mgr.inspect_sandbox(sid)
-            except SandboxNotFound:
-                return
+        output = self.mgr.console_output(_need_id(request), follow=request.follow)
+        async with contextlib.aclosing(output):  # type: ignore[type-var]
+            async for data in output:
+                yield pb.LogChunk(data=data)
 
 
 def _timed_out(stream: Any, chunk: Any) -> bool:

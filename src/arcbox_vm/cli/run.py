@@ -12,13 +12,11 @@ from typing import AsyncIterator, Optional
 import typer
 from rich.console import Console
 
+from arcbox_vm.composition import build_adapters
+from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import ArcboxError, ExecError
-from arcbox_vm.images import build_image, find_image
-from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS
 from arcbox_vm.manager.oneshot import OneShot, run_once
-from arcbox_vm.models import OutputChunk
-from arcbox_vm.paths import data_dir as default_data_dir
-from arcbox_vm.vmm.select import select_driver
+from arcbox_vm.models import ExecSpec, OutputChunk
 
 # Exit codes for failures that are not the command's own, following docker/timeout(1).
 EXIT_ARCBOX_ERROR = 125
@@ -49,9 +47,9 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
 
 def run_command(
     cmd: list[str] = typer.Argument(..., metavar="-- CMD [ARGS...]", help="Command to run in the VM."),
-    vmm: str = typer.Option("auto", "--vmm", help="auto, qemu or firecracker."),
-    memory: int = typer.Option(256, "--memory", "-m", min=64, help="Guest memory in MiB."),
-    vcpus: int = typer.Option(1, "--vcpus", min=1, max=32, help="Number of vCPUs."),
+    vmm: Optional[str] = typer.Option(None, "--vmm", help="auto, qemu or firecracker (default: the config's backend)."),
+    memory: Optional[int] = typer.Option(None, "--memory", "-m", min=64, help="Guest memory in MiB (default: the config's)."),
+    vcpus: Optional[int] = typer.Option(None, "--vcpus", min=1, max=32, help="Number of vCPUs (default: the config's)."),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeatable); KEY alone copies it from here."),
     workdir: str = typer.Option("", "--workdir", "-w", help="Working directory in the guest."),
     user: str = typer.Option("", "--user", "-u", help="User in the guest: name, uid or uid:gid."),
@@ -60,12 +58,14 @@ def run_command(
     kernel: Optional[Path] = typer.Option(None, "--kernel", help="Kernel to boot instead of the built image's."),
     initrd: Optional[Path] = typer.Option(None, "--initrd", help="Initramfs (with --kernel)."),
     rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="ext4 root filesystem with the agent."),
-    boot_args: str = typer.Option(DEFAULT_BOOT_ARGS, "--boot-args", help="Kernel command line base."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where images and sandboxes live."),
+    boot_args: str = typer.Option("", "--boot-args", help="Kernel command line base (default: the config's)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where images and sandboxes live (default: the config's)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="TOML config, as for `serve` (default: $ARCBOX_VM_CONFIG, else "
+                                               "/etc/arcbox-vm/config.toml if present)."),
 ) -> None:
     """Boot a microVM, run CMD in it, stream its output, remove the VM, exit with CMD's code."""
     err = Console(stderr=True)
-    ddir = data_dir or default_data_dir()
     status = err.status("starting", spinner="dots") if err.is_terminal else None
 
     def progress(msg: str) -> None:
@@ -86,22 +86,23 @@ def run_command(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
-        driver = select_driver(vmm, die_with_parent=True)  # type: ignore[arg-type]
-        k, i, r = kernel, initrd, rootfs
-        if k is None or r is None:
-            progress("looking for the guest image")
-            image = await asyncio.to_thread(find_image, ddir)
-            if image is None:
-                progress("building the guest image (first run only)")
-                image = await asyncio.to_thread(build_image, ddir, progress)
-            k = k or driver.kernel_for(image.kernel, image.vmlinux)
-            r = r or image.rootfs
-            if i is None and kernel is None:
-                i = image.initrd
-        job = OneShot(argv=cmd, kernel=k, rootfs=r, initrd=i, data_dir=ddir, env=_parse_env(env),
-                      cwd=workdir, user=user, timeout=timeout, vcpus=vcpus, memory_mib=memory,
-                      boot_args=boot_args)
-        result = await run_once(driver, job, on_chunk, _stdin_chunks() if interactive else None, progress)
+        cfg = VmmConfig.discover(config)
+        overrides: dict[str, object] = {}
+        if vmm is not None:
+            overrides["backend"] = vmm
+        if data_dir is not None:
+            overrides["data_dir"] = data_dir
+        if overrides:
+            cfg = VmmConfig.from_dict({**cfg.model_dump(exclude_unset=True), **overrides})
+        try:
+            spec = ExecSpec(cmd=cmd, env=_parse_env(env), working_dir=workdir, user=user,  # type: ignore[arg-type]
+                            timeout_seconds=timeout)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        job = OneShot(exec=spec, kernel=str(kernel or ""), rootfs=str(rootfs or ""), initrd=str(initrd or ""),
+                      vcpus=vcpus or 0, memory_mib=memory or 0, boot_args=boot_args)
+        adapters = build_adapters(cfg, one_shot=True)
+        result = await run_once(cfg, adapters, job, on_chunk, _stdin_chunks() if interactive else None, progress)
         if result.timed_out:
             err.print(f"arcbox-vm: the command timed out after {timeout:g} s and was killed", highlight=False)
             return EXIT_TIMED_OUT

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,9 +13,6 @@ from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import ArcboxError
 from arcbox_vm.logctx import setup_logging
 
-DEFAULT_CONFIG = Path("/etc/arcbox-vm/config.toml")
-
-
 def serve_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="TOML config (default: $ARCBOX_VM_CONFIG, else /etc/arcbox-vm/config.toml if present)."),
@@ -25,11 +21,8 @@ def serve_command(
 ) -> None:
     """Serve the sandbox.v1 gRPC API on the Unix socket (and TCP when configured)."""
     err = Console(stderr=True)
-    path = config or (Path(os.environ["ARCBOX_VM_CONFIG"]) if os.environ.get("ARCBOX_VM_CONFIG") else None)
     try:
-        if path is None and DEFAULT_CONFIG.exists():
-            path = DEFAULT_CONFIG
-        cfg = VmmConfig.from_file(path) if path else VmmConfig()
+        cfg = VmmConfig.discover(config)
         setup_logging(log_level or cfg.daemon.log_level, cfg.daemon.log_format)
         from arcbox_vm.daemon.serve import serve
 

@@ -166,6 +166,10 @@ class ExecAttachment:
 
     eof = close_stdin
 
+    async def input_ended(self) -> None:
+        """The client stopped sending: for an attachment that is leaving, not end-of-file —
+        the command keeps its stdin for the next client."""
+
     async def aclose(self) -> None:
         """Detach: the command keeps running, held, for the next attach."""
         if not self._done:

@@ -1,15 +1,19 @@
 """Boot one VM until its agent says HELLO, and tear it down again.
 
-This is the start-up sequence every sandbox goes through: workdir → disk copy → agent
-listener → VMM launch → HELLO. Each step has its own undo, so a failure at any point
-leaves nothing behind (no process, socket, disk copy or directory).
+A boot is a `BootPlan`: an ordered, editable list of named steps (firecracker-go-sdk's
+handler lists are the model), each with its own undo, so a failure at any point leaves
+nothing behind (no process, socket, disk copy or directory). The cold boot is
+
+    workdir → sockdir → disk → agent-listener → launch → wait-hello
+
+and callers may insert, replace or drop steps by name before `run()` (the manager's
+`boot_plan_hooks` do, per sandbox); a restore from a snapshot is another plan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -18,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from arcbox_vm.agent.host import AgentConnection, AgentListener
+from arcbox_vm.config.sections import DEFAULT_BOOT_ARGS
 from arcbox_vm.errors import BootFailed
 from arcbox_vm.manager.steps import Step, StepRunner
 from arcbox_vm.paths import socket_dir
-from arcbox_vm.ports import MachineSpec, VmmDriver
-from arcbox_vm.storage.disks import clone_disk
+from arcbox_vm.ports import DiskCloner, MachineSpec, VmmDriver, VmmProcess
 
-log = logging.getLogger(__name__)
-
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/vm-agent"
+__all__ = ["DEFAULT_BOOT_ARGS", "BootPlan", "BootRequest", "BootedVm", "boot_vm"]
 
 
 @dataclass
@@ -37,9 +39,9 @@ class BootRequest:
     workdir: Path
     kernel: Path
     rootfs: Path
+    vcpus: int
+    memory_mib: int
     initrd: Path | None = None
-    vcpus: int = 1
-    memory_mib: int = 256
     boot_args: str = DEFAULT_BOOT_ARGS
     extra_boot_args: tuple[str, ...] = ()
     tap_name: str | None = None
@@ -50,24 +52,21 @@ class BootRequest:
 
 @dataclass
 class BootedVm:
-    """A running VM with a live agent connection. Call `destroy()` exactly once."""
+    """A running VM with a live agent connection. Call `destroy()` (or `detach()`) once."""
 
-    request: BootRequest
-    process: Any  # arcbox_vm.ports.VmmProcess
+    sandbox_id: str
+    workdir: Path
+    process: VmmProcess
     agent: AgentConnection
     listener: AgentListener
     timings: dict[str, float] = field(default_factory=dict)
     _destroyed: bool = False
 
-    @property
-    def workdir(self) -> Path:
-        return self.request.workdir
-
     async def shutdown(self, timeout: float = 10.0) -> bool:
         """Graceful stop: the agent halts the guest, then wait for the VMM to exit.
 
-        Falls back to the VMM's own stop request (Ctrl-Alt-Del) if the agent does not
-        answer. Returns True if the VMM exited by itself within `timeout`.
+        Falls back to the VMM's own stop request (Ctrl-Alt-Del under Firecracker) if the
+        agent does not answer. Returns True if the VMM exited by itself within `timeout`.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -104,8 +103,8 @@ class BootedVm:
         if graceful_timeout > 0:
             with contextlib.suppress(Exception):
                 await self.shutdown(graceful_timeout)
-        await self.agent.close()
         await self.process.kill()
+        await self.agent.close()
         await self.process.cleanup()
         await self.listener.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -120,79 +119,91 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-async def boot_vm(driver: VmmDriver, req: BootRequest,
-                  progress: Callable[[str], None] | None = None) -> BootedVm:
-    """Run the start-up steps; returns when the agent's HELLO has arrived."""
-    say = progress or (lambda _msg: None)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    sockdir = socket_dir(req.workdir)
-    endpoint = driver.agent_endpoint(sockdir)
-    listener = AgentListener(endpoint.listen_path)
-    disk = req.workdir / "rootfs.ext4"
-    state: dict[str, Any] = {}
+class BootPlan:
+    """The steps that boot one VM; edit `steps` (insert_after/replace/remove) before `run()`.
 
-    async def make_workdir() -> None:
-        req.workdir.mkdir(parents=True, exist_ok=False)
+    Steps share what they make through `state` ("process", "agent"); `timings` gets the
+    seconds from the start to "launched" and "hello"."""
 
-    async def remove_workdir() -> None:
-        shutil.rmtree(req.workdir, ignore_errors=True)
+    def __init__(self, driver: VmmDriver, req: BootRequest, *, clone_disk: DiskCloner,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.driver = driver
+        self.req = req
+        self.clone_disk = clone_disk
+        self.say = progress or (lambda _msg: None)
+        self.sockdir = socket_dir(req.workdir)
+        self.endpoint = driver.agent_endpoint(self.sockdir)
+        self.listener = AgentListener(self.endpoint.listen_path)
+        self.disk = req.workdir / "rootfs.ext4"
+        self.state: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self._t0 = 0.0
+        self.steps = StepRunner([
+            Step("workdir", self._make_workdir, self._remove_workdir),
+            Step("sockdir", self._make_sockdir, self._remove_sockdir),
+            Step("disk", self._copy_disk),
+            Step("agent-listener", self.listener.start, self.listener.close),
+            Step("launch", self._launch, self._kill_vmm),
+            Step("wait-hello", self._wait_hello),
+        ])
 
-    async def make_sockdir() -> None:
-        sockdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    async def remove_sockdir() -> None:
-        shutil.rmtree(sockdir, ignore_errors=True)
-
-    async def copy_disk() -> None:
-        say("preparing disk")
-        await clone_disk(req.rootfs, disk)
-
-    async def listen() -> None:
-        await listener.start()
-
-    async def launch() -> None:
-        say(f"starting {driver.name}")
-        spec = MachineSpec(
-            sandbox_id=req.sandbox_id, workdir=req.workdir, kernel=req.kernel, rootfs=disk,
+    def machine_spec(self) -> MachineSpec:
+        req = self.req
+        return MachineSpec(
+            sandbox_id=req.sandbox_id, workdir=req.workdir, kernel=req.kernel, rootfs=self.disk,
             boot_args=req.boot_args, vcpus=req.vcpus, memory_mib=req.memory_mib, initrd=req.initrd,
-            tap_name=req.tap_name, guest_mac=req.guest_mac, netns=req.netns, sockdir=sockdir,
+            tap_name=req.tap_name, guest_mac=req.guest_mac, netns=req.netns, sockdir=self.sockdir,
             extra_boot_args=tuple(req.extra_boot_args) + (f"arcbox.hostname={req.sandbox_id[:63]}",),
         )
-        state["process"] = await driver.launch(spec, endpoint)
-        timings["launched"] = time.perf_counter() - t0
 
-    async def kill_vmm() -> None:  # cleanup() also kills and removes the sandbox's cgroup
-        proc = state.pop("process", None)
+    async def run(self) -> BootedVm:
+        """Run the steps; returns when the agent's HELLO has arrived (undoes all on failure)."""
+        self._t0 = time.perf_counter()
+        await self.steps.run()
+        return BootedVm(self.req.sandbox_id, self.req.workdir, self.state["process"], self.state["agent"],
+                        self.listener, self.timings)
+
+    async def _make_workdir(self) -> None:
+        self.req.workdir.mkdir(parents=True, exist_ok=False)
+
+    async def _remove_workdir(self) -> None:
+        shutil.rmtree(self.req.workdir, ignore_errors=True)
+
+    async def _make_sockdir(self) -> None:
+        self.sockdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def _remove_sockdir(self) -> None:
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+    async def _copy_disk(self) -> None:
+        self.say("preparing disk")
+        await self.clone_disk(self.req.rootfs, self.disk)
+
+    async def _launch(self) -> None:
+        self.say(f"starting {self.driver.name}")
+        self.state["process"] = await self.driver.launch(self.machine_spec(), self.endpoint)
+        self.timings["launched"] = time.perf_counter() - self._t0
+
+    async def _kill_vmm(self) -> None:  # cleanup() also kills and removes the sandbox's cgroup
+        proc = self.state.pop("process", None)
         if proc is not None:
             await proc.kill()
             await proc.cleanup()
 
-    async def wait_hello() -> None:
-        say("booting; waiting for the guest agent")
-        proc = state["process"]
-        exited = getattr(proc, "exited", None)
-        if exited is None:
-            exited = asyncio.ensure_future(proc.wait())
-            state["exit_waiter"] = exited
+    async def _wait_hello(self) -> None:
+        self.say("booting; waiting for the guest agent")
+        proc: VmmProcess = self.state["process"]
         try:
-            state["agent"] = await listener.accept(
-                req.hello_timeout, vmm_exit=exited,
-                describe_exit=getattr(proc, "describe_exit", lambda: f"{driver.name} exited during boot"),
-            )
+            self.state["agent"] = await self.listener.accept(
+                self.req.hello_timeout, vmm_exit=proc.exited, describe_exit=proc.describe_exit)
         except BootFailed as exc:
             # the workdir (and the console log in it) is removed by the undo: keep its end
             tail = _tail(proc.console_log)
             raise BootFailed(f"{exc}" + (f"\n--- last console lines ---\n{tail}" if tail else "")) from None
-        timings["hello"] = time.perf_counter() - t0
+        self.timings["hello"] = time.perf_counter() - self._t0
 
-    runner = StepRunner([
-        Step("workdir", make_workdir, remove_workdir),
-        Step("sockdir", make_sockdir, remove_sockdir),
-        Step("disk", copy_disk),
-        Step("agent-listener", listen, listener.close),
-        Step("launch", launch, kill_vmm),
-        Step("wait-hello", wait_hello),
-    ])
-    await runner.run()
-    return BootedVm(req, state["process"], state["agent"], listener, timings)
+
+async def boot_vm(driver: VmmDriver, req: BootRequest, progress: Callable[[str], None] | None = None, *,
+                  clone_disk: DiskCloner) -> BootedVm:
+    """Boot with the cold plan as it is; returns when the agent's HELLO has arrived."""
+    return await BootPlan(driver, req, clone_disk=clone_disk, progress=progress).run()

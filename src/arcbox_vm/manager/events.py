@@ -17,7 +17,7 @@ from collections import deque
 from typing import AsyncIterator
 
 from arcbox_vm.models import SandboxEvent
-from arcbox_vm.storage.state import StateStore, StoredEvent
+from arcbox_vm.ports.storage import StateStore, StoredEvent
 
 DEFAULT_RETAIN = 100_000
 _BATCH = 256
@@ -30,9 +30,11 @@ def _to_event(ev: StoredEvent) -> SandboxEvent:
 class EventSubscription:
     """Async iterator of SandboxEvent. `close()` (or `async with`) unsubscribes."""
 
-    def __init__(self, log: "EventLog", after_id: int) -> None:
+    def __init__(self, log: "EventLog", after_id: int, sandbox_id: str = "", action: str = "") -> None:
         self._log = log
         self.position = after_id  # id of the last event handed out
+        self._sandbox_id = sandbox_id  # "" = every sandbox
+        self._action = action  # "" = every action; "lagged" always passes
         self._buf: deque[SandboxEvent] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -46,9 +48,20 @@ class EventSubscription:
             missed = oldest - 1 - self.position
             self.position = oldest - 1
             return SandboxEvent("", "lagged", time.time_ns(), {"missed": str(missed)}, self.position)
-        for ev in self._log.store.events_since(self.position, _BATCH):
-            self._buf.append(_to_event(ev))
+        while not self._buf:
+            batch = self._log.store.events_since(self.position, _BATCH)
+            if not batch:
+                break
+            for ev in batch:
+                if self._wanted(ev):
+                    self._buf.append(_to_event(ev))
+            if not self._buf:
+                self.position = batch[-1].id  # all filtered out: read on
         return None
+
+    def _wanted(self, ev: StoredEvent) -> bool:
+        return (not self._sandbox_id or ev.sandbox_id == self._sandbox_id) and (
+            not self._action or ev.action == self._action)
 
     async def __anext__(self) -> SandboxEvent:
         while True:
@@ -91,14 +104,14 @@ class EventLog:
 
     def oldest_id(self) -> int:
         if self._oldest is None:
-            row = self.store.db.execute("SELECT MIN(id) FROM events").fetchone()
-            self._oldest = int(row[0] or 0)
+            self._oldest = self.store.first_event_id()
         return self._oldest
 
-    def subscribe(self, since: int | None = None) -> EventSubscription:
-        """From now on (since=None), or every event after id `since` (0 = the whole log)."""
+    def subscribe(self, since: int | None = None, sandbox_id: str = "", action: str = "") -> EventSubscription:
+        """From now on (since=None), or every event after id `since` (0 = the whole log);
+        only those of `sandbox_id` and of `action` when given ("lagged" always)."""
         start = self.store.last_event_id() if since is None else max(0, int(since))
-        sub = EventSubscription(self, start)
+        sub = EventSubscription(self, start, sandbox_id, action)
         self._subs.add(sub)
         return sub
 
@@ -115,7 +128,7 @@ class EventLog:
     def _prune(self, last_id: int) -> None:
         cutoff = last_id - self.retain
         if cutoff > 0:
-            self.store.db.execute("DELETE FROM events WHERE id <= ?", (cutoff,))
+            self.store.trim_events(cutoff)
             self._oldest = None
 
     def close(self) -> None:

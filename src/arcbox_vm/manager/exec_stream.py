@@ -123,3 +123,9 @@ class ExecHandle(ExecStream):
         await self._session.close_stdin()
 
     eof = close_stdin
+
+    async def input_ended(self) -> None:
+        """The client stopped sending (it half-closed its stream): for an exec that is
+        end-of-file on the command's stdin."""
+        with contextlib.suppress(Exception):
+            await self.close_stdin()

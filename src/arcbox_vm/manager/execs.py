@@ -30,7 +30,7 @@ from arcbox_vm.models import SandboxState as S
 
 if TYPE_CHECKING:
     from arcbox_vm.manager.record import SandboxRecord
-    from arcbox_vm.storage.state import StateStore
+    from arcbox_vm.ports.storage import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """`arcbox-vm run`: boot a throwaway VM, run one command, stream it, remove the VM.
 
 Like `docker run --rm`: whatever happens (command fails, user presses Ctrl-C, boot
-fails), the VM and everything made for it are gone when this returns.
+fails), the VM and everything made for it are gone when this returns. The adapters come
+from `composition.build_adapters(config, one_shot=True)`: the VMM dies with this process.
 """
 
 from __future__ import annotations
@@ -10,56 +11,59 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from arcbox_vm.agent import protocol
 from arcbox_vm.agent.host import ExitStatus
-from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS, BootRequest, boot_vm
-from arcbox_vm.models import OutputChunk
-from arcbox_vm.ports import VmmDriver
+from arcbox_vm.config import VmmConfig
+from arcbox_vm.manager.boot import BootRequest, boot_vm
+from arcbox_vm.manager.images import resolve_images
+from arcbox_vm.models import ExecSpec, OutputChunk
+from arcbox_vm.ports import Adapters
 
 
 @dataclass
 class OneShot:
-    """What to boot and what to run in it."""
+    """What to boot and what to run in it. Empty strings / zeros take the config's defaults
+    (kernel/rootfs "" = the built image)."""
 
-    argv: list[str]
-    kernel: Path
-    rootfs: Path
-    initrd: Path | None
-    data_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str = ""
-    user: str = ""
-    timeout: float = 0.0
-    vcpus: int = 1
-    memory_mib: int = 256
-    boot_args: str = DEFAULT_BOOT_ARGS
-    tty: bool = False
+    exec: ExecSpec
+    kernel: str = ""
+    rootfs: str = ""
+    initrd: str = ""
+    vcpus: int = 0
+    memory_mib: int = 0
+    boot_args: str = ""
 
 
-async def run_once(driver: VmmDriver, job: OneShot, on_chunk: Callable[[OutputChunk], None],
+async def run_once(config: VmmConfig, adapters: Adapters, job: OneShot, on_chunk: Callable[[OutputChunk], None],
                    stdin: AsyncIterator[bytes] | None = None,
                    progress: Callable[[str], None] | None = None) -> ExitStatus:
-    """Boot, run `job.argv`, feed `stdin`, call `on_chunk` for output; always clean up."""
+    """Boot, run `job.exec`, feed `stdin`, call `on_chunk` for output; always clean up."""
+    say = progress or (lambda _msg: None)
+    d = config.defaults
+    driver = adapters.driver
+    if not (job.kernel or d.kernel) or not (job.rootfs or d.rootfs):
+        say("looking for the guest image (built on first use)")
+    kernel, initrd, rootfs = await resolve_images(adapters.images, driver, job.kernel or d.kernel,
+                                                  job.initrd or d.initrd, job.rootfs or d.rootfs)
     sandbox_id = "run-" + secrets.token_hex(4)
     req = BootRequest(
-        sandbox_id=sandbox_id, workdir=job.data_dir / "runs" / sandbox_id,
-        kernel=job.kernel, rootfs=job.rootfs, initrd=job.initrd, vcpus=job.vcpus,
-        memory_mib=job.memory_mib, boot_args=job.boot_args,
+        sandbox_id=sandbox_id, workdir=config.data_dir / "runs" / sandbox_id, kernel=kernel, rootfs=rootfs,
+        initrd=initrd, vcpus=job.vcpus or d.vcpus, memory_mib=job.memory_mib or d.memory_mib,
+        boot_args=job.boot_args or d.boot_args, hello_timeout=config.agent.hello_timeout_s,
     )
-    vm = await boot_vm(driver, req, progress)
+    vm = await boot_vm(driver, req, progress, clone_disk=adapters.clone_disk)
     feeder: asyncio.Task[None] | None = None
+    spec = job.exec
     try:
-        if progress:
-            progress("running")
+        say("running")
+        cols, rows = spec.tty_size or (80, 24)
         session = await vm.agent.exec(protocol.exec_request(
-            job.argv, env=job.env, cwd=job.cwd, user=job.user, tty=job.tty,
-            timeout=job.timeout, stdin=stdin is not None,
+            list(spec.cmd), env=spec.env, cwd=spec.working_dir, user=spec.user, tty=spec.tty, rows=rows, cols=cols,
+            timeout=spec.timeout_seconds, stdin=stdin is not None,
         ))
-        if progress:
-            progress("")
+        say("")
         if stdin is not None:
             async def feed() -> None:
                 async for data in stdin:
@@ -76,3 +80,6 @@ async def run_once(driver: VmmDriver, job: OneShot, on_chunk: Callable[[OutputCh
             with contextlib.suppress(BaseException):
                 await feeder
         await asyncio.shield(vm.destroy())
+
+
+__all__ = ["OneShot", "run_once"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from arcbox_vm.manager.boot import BootedVm
 from arcbox_vm.models import SandboxInfo, SandboxNetworkInfo, SandboxState, SandboxSummary
-from arcbox_vm.network.backend import NetworkLease
+from arcbox_vm.ports.network import NetworkLease
 
 
 @dataclass

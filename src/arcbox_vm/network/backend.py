@@ -7,32 +7,19 @@ behind, and installs NAT when enabled; `close()` undoes all of that.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-from arcbox_vm.config import NetworkConfig
+from arcbox_vm.config.sections import NetworkConfig
 from arcbox_vm.network import nat, netns, tap
 from arcbox_vm.network.pool import IpPool
+from arcbox_vm.paths import manager_tag
+from arcbox_vm.ports.network import NetworkLease
+
+__all__ = ["NetworkLease", "TapNetwork", "guest_mac", "manager_tag"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NetworkLease:
-    ip: str
-    gateway: str
-    netmask: str
-    tap_name: str
-    mac: str
-    boot_args: tuple[str, ...]
-
-
-def manager_tag(data_dir: Path) -> str:
-    """4 hex chars naming this data dir's TAPs and NAT table (so managers don't collide)."""
-    return hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:4]
 
 
 def guest_mac(ip: str) -> str:
@@ -42,6 +29,8 @@ def guest_mac(ip: str) -> str:
 
 
 class TapNetwork:
+    """The production `arcbox_vm.ports.Network`: TAPs (netlink), an IP pool, optional NAT."""
+
     def __init__(self, cfg: NetworkConfig, data_dir: Path) -> None:
         self.cfg = cfg
         self.tag = manager_tag(data_dir)

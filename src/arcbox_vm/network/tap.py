@@ -57,11 +57,6 @@ def _list(netns: str, prefix: str) -> list[str]:
     return [n for n in names if n and n.startswith(prefix)]
 
 
-def _exists(netns: str, name: str) -> bool:
-    with _ipr(netns) as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
 async def create_tap(netns: str, name: str, gateway: str, guest_ip: str) -> None:
     try:
         await asyncio.to_thread(_create, netns, name, gateway, guest_ip)
@@ -77,6 +72,3 @@ async def delete_tap(netns: str, name: str) -> None:
 async def list_taps(netns: str, prefix: str) -> list[str]:
     return await asyncio.to_thread(_list, netns, prefix)
 
-
-async def tap_exists(netns: str, name: str) -> bool:
-    return await asyncio.to_thread(_exists, netns, name)

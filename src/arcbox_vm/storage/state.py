@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from arcbox_vm.errors import ArcboxError
+from arcbox_vm.errors import StateCorrupt, StateError
+from arcbox_vm.ports.storage import StoredEvent
+
+__all__ = ["StateCorrupt", "StateError", "StateStore", "StoredEvent"]
 
 SCHEMA_VERSION = 1
 
@@ -62,23 +64,6 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
-
-
-class StateError(ArcboxError):
-    """The state database cannot be read or written (disk full, read-only, ...)."""
-
-
-class StateCorrupt(StateError):
-    """The state database is damaged; the message says how to recover."""
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    id: int
-    sandbox_id: str
-    action: str
-    timestamp_ns: int
-    attributes: dict[str, str]
 
 
 class StateStore:
@@ -270,3 +255,11 @@ class StateStore:
     def last_event_id(self) -> int:
         row = self.db.execute("SELECT MAX(id) FROM events").fetchone()
         return int(row[0] or 0)
+
+    def first_event_id(self) -> int:
+        row = self.db.execute("SELECT MIN(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def trim_events(self, up_to_id: int) -> None:
+        """Delete events with id <= `up_to_id` (the log keeps only the newest)."""
+        self._write(lambda db: db.execute("DELETE FROM events WHERE id <= ?", (up_to_id,)))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from arcbox_vm.vmm.cgroup import SandboxCgroup
@@ -38,18 +39,23 @@ def is_same_process(pid: int | None, start_time: int | None) -> bool:
 class AdoptedProcess:
     """Implements `arcbox_vm.ports.VmmProcess` for a pid we re-adopted."""
 
-    def __init__(self, pid: int, start_time: int, console_log: Path, name: str = "the VMM",
-                 cgroup: SandboxCgroup | None = None) -> None:
-        self._pid = pid
+    def __init__(self, pid: int | None, start_time: int | None, console_log: Path, name: str = "the VMM",
+                 cgroup: SandboxCgroup | None = None, remove_files: Callable[[], None] | None = None) -> None:
+        self._pid = pid or 0
         self._start = start_time
         self._console_log = console_log
         self._name = name
         self.cgroup = cgroup  # the sandbox's cgroup (where the daemon that started it put it)
+        self._remove_files = remove_files  # what the driver made for this VM (sockets, jail)
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
         self._returncode: int | None = None
+        self._pidfd: int | None = None
+        if not is_same_process(pid, start_time):
+            self._set_exited()
+            return
         try:
-            self._pidfd: int | None = os.pidfd_open(pid)
+            self._pidfd = os.pidfd_open(self._pid)
         except OSError:
             self._pidfd = None
             self._set_exited()
@@ -74,7 +80,7 @@ class AdoptedProcess:
         return self._pid
 
     @property
-    def start_time(self) -> int:
+    def start_time(self) -> int | None:
         return self._start
 
     @property
@@ -104,5 +110,9 @@ class AdoptedProcess:
     async def cleanup(self) -> None:
         """Remove the sandbox's cgroup (killing what is left in it); the sandbox's
         directories are removed by their owner (the manager)."""
+        if self._returncode is None:
+            await self.kill()
+        if self._remove_files is not None:
+            self._remove_files()
         if self.cgroup is not None:
             await self.cgroup.remove()

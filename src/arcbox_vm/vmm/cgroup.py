@@ -25,6 +25,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from arcbox_vm.config.sections import check_cgroup_parent
+
 log = logging.getLogger(__name__)
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -85,16 +87,6 @@ def check_name(name: str, what: str = "sandbox id") -> str:
     return name
 
 
-def check_parent(parent: str) -> str:
-    """`daemon.cgroup_parent`: a relative cgroup path such as "arcbox-vm" or "vms/arcbox"."""
-    parts = parent.split("/")
-    if parent.startswith("/") or any(p in ("", ".", "..") or p.startswith("cgroup.") for p in parts) \
-            or not parent.isprintable() or any(c.isspace() for c in parent):
-        raise ValueError(f"must be a relative cgroup path like 'arcbox-vm' (no leading '/', '.', '..', "
-                         f"empty parts or spaces), got {parent!r}")
-    return parent
-
-
 def _write(path: Path, text: str) -> None:
     """One write(2) of `text` (cgroup files take one value per write)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -129,7 +121,7 @@ class SandboxCgroups:
         if not parent:
             log.info("per-sandbox cgroups are off (daemon.cgroup_parent is empty)")
             return cls(None, origin=origin)
-        check_parent(parent)
+        check_cgroup_parent(parent)
         check_name(tag, "tag")
         mount = find_cgroup2_mount(mountinfo)
         why = ""

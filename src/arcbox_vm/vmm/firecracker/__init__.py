@@ -2,7 +2,7 @@
 
 from .api import FirecrackerApi, parse_error_body
 from .bodies import ApiRequest, BodyError
-from .config import FirecrackerConfig, JailerConfig
+from arcbox_vm.config.firecracker import FirecrackerConfig, JailerConfig
 from .driver import FirecrackerDriver, FirecrackerProcess
 from .probe import firecracker_usable
 

@@ -33,13 +33,14 @@ from pathlib import Path
 
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, VSOCK_PORT
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
-from arcbox_vm.ports import AgentEndpoint, MachineSpec
+from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
+from arcbox_vm.vmm.adopted import AdoptedProcess, process_start_time
 from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 
 from . import bodies
 from .api import DEFAULT_REQUEST_TIMEOUT, FirecrackerApi
 from .bodies import ApiRequest
-from .config import FirecrackerConfig
+from arcbox_vm.config.firecracker import FirecrackerConfig
 from .process import (
     JAIL_INITRD,
     JAIL_KERNEL,
@@ -128,6 +129,7 @@ class FirecrackerProcess:
         self.cgroup = cgroup
         self._cleaned = False
         self._exited: asyncio.Future[int] | None = None
+        self._start_time: int | None = None
 
     @property
     def pid(self) -> int:
@@ -136,6 +138,12 @@ class FirecrackerProcess:
     @property
     def returncode(self) -> int | None:
         return self._handle.returncode
+
+    @property
+    def start_time(self) -> int | None:
+        if self._start_time is None:
+            self._start_time = process_start_time(self.pid)
+        return self._start_time
 
     @property
     def console_log(self) -> Path:
@@ -266,6 +274,14 @@ class FirecrackerDriver:
     def kernel_for(self, bzimage: Path, vmlinux: Path) -> Path:
         """Released Firecracker boots only an uncompressed ELF vmlinux."""
         return vmlinux
+
+    async def adopt(self, spec: AdoptSpec) -> AdoptedProcess:
+        """A Firecracker an earlier daemon started: watched through a pidfd; cleaning it up
+        removes its sockets, files, jail and cgroup like a launched one's."""
+        layout = layout_for(self.config, spec.sockdir, spec.workdir)
+        return AdoptedProcess(spec.pid, spec.start_time, layout.console_log, "Firecracker",
+                              cgroup=self.cgroups.sandbox(spec.sandbox_id),
+                              remove_files=lambda: _discard(layout, self.config, keep=None))
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> FirecrackerProcess:
         cfg = self.config

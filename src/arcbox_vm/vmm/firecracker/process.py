@@ -25,7 +25,7 @@ from pathlib import Path
 
 from arcbox_vm.errors import BootFailed, VmmError
 
-from .config import DEFAULT_CHROOT_BASE_DIR, FirecrackerConfig
+from arcbox_vm.config.firecracker import DEFAULT_CHROOT_BASE_DIR, FirecrackerConfig
 
 SOCKET_POLL_INTERVAL = 0.02  # seconds between API-socket probes (Firecracker needs ~12 ms)
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the terminating NUL

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from arcbox_vm.agent.protocol import SERIAL_PORT_NAME
 from arcbox_vm.ports import AgentEndpoint, MachineSpec
-from arcbox_vm.vmm.qemu.config import QemuConfig
+from arcbox_vm.config.qemu import QemuConfig
 
 
 def kernel_cmdline(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: QemuConfig) -> str:

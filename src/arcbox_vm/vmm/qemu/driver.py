@@ -10,12 +10,13 @@ from pathlib import Path
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, SERIAL_PORT_NAME
 from arcbox_vm.errors import BootFailed, VmmError
 from arcbox_vm.network.netns import exec_prefix
-from arcbox_vm.ports import AgentEndpoint, MachineSpec
+from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
+from arcbox_vm.vmm.adopted import AdoptedProcess, process_start_time
 from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 from arcbox_vm.vmm.kvm import probe_kvm
 from arcbox_vm.vmm.process import ChildProcess
 from arcbox_vm.vmm.qemu.cmdline import qemu_argv
-from arcbox_vm.vmm.qemu.config import QemuConfig
+from arcbox_vm.config.qemu import QemuConfig
 
 # How long QEMU must stay alive after exec before we call the launch good; a bad
 # kernel path, a busy TAP or a bad option makes it exit well within this.
@@ -31,6 +32,7 @@ class QemuProcess:
         self._console_log = console_log
         self.accel = accel
         self.cgroup = cgroup
+        self._start_time: int | None = None
 
     @property
     def pid(self) -> int:
@@ -39,6 +41,12 @@ class QemuProcess:
     @property
     def returncode(self) -> int | None:
         return self._child.returncode
+
+    @property
+    def start_time(self) -> int | None:
+        if self._start_time is None:
+            self._start_time = process_start_time(self.pid)
+        return self._start_time
 
     @property
     def console_log(self) -> Path:
@@ -55,13 +63,16 @@ class QemuProcess:
         return await self._child.wait()
 
     async def request_stop(self) -> None:
-        """QEMU has no guest-cooperative stop we rely on; the agent's SHUTDOWN does it."""
+        """Does nothing: microvm has no keyboard controller for Ctrl-Alt-Del, and QEMU's own
+        SIGTERM quits at once; the agent's SHUTDOWN is the graceful path."""
 
     async def kill(self) -> None:
         await self._child.kill()
 
     async def cleanup(self) -> None:
         """Remove the VM's cgroup (killing anything left in it); the workdir is its owner's."""
+        if self.returncode is None:
+            await self.kill()
         if self.cgroup is not None:
             await self.cgroup.remove()
 
@@ -99,6 +110,11 @@ class QemuDriver:
             raise VmmError(f"QEMU binary '{self.config.binary}' not found; install it with: "
                            "apt-get install -y qemu-system-x86")
         return path
+
+    async def adopt(self, spec: AdoptSpec) -> AdoptedProcess:
+        """A QEMU an earlier daemon started: watched through a pidfd; its cgroup is ours to remove."""
+        return AdoptedProcess(spec.pid, spec.start_time, spec.workdir / "console.log", "QEMU",
+                              cgroup=self.cgroups.sandbox(spec.sandbox_id))
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
         for path, what in ((spec.kernel, "kernel"), (spec.rootfs, "rootfs")):

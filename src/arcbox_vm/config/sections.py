@@ -1,36 +1,28 @@
-"""`VmmConfig` and its sections, as in the original's config.rs — every section optional.
-
-`VmmConfig.from_file(path)` reads TOML. Unknown keys and bad values are errors naming the
-key (`network.cidr: ...`); the original required all four sections and ignored `dns`.
-"""
+"""The sections of `VmmConfig` that configure the manager itself (network, API, daemon,
+defaults, agent). Every default is stated once, here; the CLI, the daemon and the library
+all read them from a `VmmConfig`."""
 
 from __future__ import annotations
 
 import ipaddress
-import tomllib
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from arcbox_vm.errors import ConfigError
-from arcbox_vm.manager.boot import DEFAULT_BOOT_ARGS
-from arcbox_vm.paths import data_dir as default_data_dir
-from arcbox_vm.vmm.cgroup import check_parent
-from arcbox_vm.vmm.firecracker.config import FirecrackerConfig, JailerConfig
-from arcbox_vm.vmm.qemu.config import QemuConfig
+# The kernel command line every sandbox starts from (the driver adds what it needs).
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/vm-agent"
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_VCPUS = 1
 
-__all__ = [
-    "AgentConfig",
-    "DaemonConfig",
-    "DefaultVmConfig",
-    "FirecrackerConfig",
-    "GrpcConfig",
-    "JailerConfig",
-    "NetworkConfig",
-    "QemuConfig",
-    "VmmConfig",
-]
+
+def check_cgroup_parent(parent: str) -> str:
+    """`daemon.cgroup_parent`: a relative cgroup path such as "arcbox-vm" or "vms/arcbox"."""
+    parts = parent.split("/")
+    if parent.startswith("/") or any(p in ("", ".", "..") or p.startswith("cgroup.") for p in parts) \
+            or not parent.isprintable() or any(c.isspace() for c in parent):
+        raise ValueError(f"must be a relative cgroup path like 'arcbox-vm' (no leading '/', '.', '..', "
+                         f"empty parts or spaces), got {parent!r}")
+    return parent
 
 
 class _Section(BaseModel):
@@ -154,7 +146,7 @@ class DaemonConfig(_Section):
     def _cgroup_parent(cls, v: str) -> str:
         if not v:
             return v
-        return check_parent(v.strip("/") or "/")  # "/arcbox-vm" is how cgroup paths are often written
+        return check_cgroup_parent(v.strip("/") or "/")  # "/arcbox-vm" is how cgroup paths are often written
 
 
 class DefaultVmConfig(_Section):
@@ -164,8 +156,8 @@ class DefaultVmConfig(_Section):
     initrd "" = the built image's initramfs when the built kernel is used, else none.
     """
 
-    vcpus: int = Field(1, ge=1, le=32)
-    memory_mib: int = Field(512, ge=64, le=1 << 20)
+    vcpus: int = Field(DEFAULT_VCPUS, ge=1, le=32)
+    memory_mib: int = Field(DEFAULT_MEMORY_MIB, ge=64, le=1 << 20)
     kernel: str = ""
     rootfs: str = ""
     initrd: str = ""
@@ -185,56 +177,3 @@ class AgentConfig(_Section):
     hello_timeout_s: float = Field(120.0, gt=0)
     keepalive_interval_s: float = Field(10.0, gt=0)
     keepalive_timeout_s: float = Field(60.0, gt=0)
-
-
-class VmmConfig(_Section):
-    """The whole configuration. `backend` picks the VMM ("auto": Firecracker if usable, else QEMU)."""
-
-    backend: Literal["auto", "firecracker", "qemu"] = "auto"
-    firecracker: FirecrackerConfig = Field(default_factory=FirecrackerConfig)
-    qemu: QemuConfig = Field(default_factory=QemuConfig)
-    network: NetworkConfig = Field(default_factory=NetworkConfig)
-    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
-    defaults: DefaultVmConfig = Field(default_factory=DefaultVmConfig)
-    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
-
-    @property
-    def data_dir(self) -> Path:
-        """Root for images, sandboxes and state (`firecracker.data_dir`, as in the original)."""
-        return Path(self.firecracker.data_dir) if self.firecracker.data_dir else default_data_dir()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VmmConfig":
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(_describe(exc)) from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "VmmConfig":
-        """Read a TOML file; errors name the file and the key."""
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(f"{p}: {_describe(exc)}") from None
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)

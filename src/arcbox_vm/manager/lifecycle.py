@@ -1,0 +1,214 @@
+"""Sandbox lifecycle use cases: create → boot → (watch, TTL) → stop → remove.
+
+- Ready means the agent's HELLO arrived; TTL counts from ready.
+- A watcher turns an unexpected VMM exit (`vmm_exited`) or an agent that stopped answering
+  its keepalive (`agent_unresponsive`) into FAILED.
+- Stop really waits: agent shutdown, then the VMM's own stop request, then kill; it
+  releases the VM, TAP and IP and keeps the record (STOPPED).
+- Remove and boot failure release everything: process, TAP, IP lease, sockets, disk copy,
+  directory. A removal is recorded first, so a restart finishes a half-done one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+
+from arcbox_vm.errors import ArcboxError, InvalidState, SandboxAlreadyExists
+from arcbox_vm.manager.boot import BootPlan, BootRequest
+from arcbox_vm.manager.context import ManagerContext
+from arcbox_vm.manager.images import resolve_images
+from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.models import SandboxSpec, SandboxState
+
+log = logging.getLogger(__name__)
+
+S = SandboxState
+LIVE = (S.READY, S.RUNNING)
+
+
+async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
+    """Register a sandbox and start its boot task; returns (id, ip) before boot."""
+    sid = spec.id or str(uuid.uuid4())
+    if sid in ctx.sandboxes:
+        raise SandboxAlreadyExists(sid)
+    d = ctx.config.defaults
+    sb = SandboxRecord(
+        id=sid, labels=dict(spec.labels), vcpus=spec.vcpus or d.vcpus,
+        memory_mib=spec.memory_mib or d.memory_mib, kernel=spec.kernel or d.kernel,
+        rootfs=spec.rootfs or d.rootfs, initrd=spec.initrd or d.initrd,
+        boot_args=spec.boot_args or d.boot_args, env=dict(spec.env), working_dir=spec.working_dir,
+        user=spec.user, ttl_seconds=spec.ttl_seconds, network_mode=spec.network.mode,
+        workdir=ctx.data_dir / "sandboxes" / sid,
+    )
+    if sb.workdir.exists():
+        raise SandboxAlreadyExists(sid)
+    ctx.sandboxes[sid] = sb  # reserve the id before the first await
+    try:
+        if sb.network_mode == "tap":
+            sb.lease = await ctx.network.allocate(sid)
+        ctx.emit(sb, "created")  # recorded before anything else happens
+    except BaseException:
+        del ctx.sandboxes[sid]
+        await ctx.release_network(sb)
+        raise
+    sb.tasks["boot"] = asyncio.create_task(boot(ctx, sb), name=f"boot-{sid}")
+    return sid, sb.lease.ip if sb.lease else ""
+
+
+def boot_plan(ctx: ManagerContext, sb: SandboxRecord, kernel, initrd, rootfs) -> BootPlan:  # noqa: ANN001
+    """The cold boot plan of `sb`, edited by the manager's boot-plan hooks."""
+    lease = sb.lease
+    req = BootRequest(
+        sandbox_id=sb.id, workdir=sb.workdir, kernel=kernel, rootfs=rootfs, initrd=initrd,
+        vcpus=sb.vcpus, memory_mib=sb.memory_mib, boot_args=sb.boot_args,
+        extra_boot_args=lease.boot_args if lease else (),
+        tap_name=lease.tap_name if lease else None, guest_mac=lease.mac if lease else None,
+        netns=ctx.network.netns if lease else "", hello_timeout=ctx.config.agent.hello_timeout_s,
+    )
+    plan = BootPlan(ctx.driver, req, clone_disk=ctx.adapters.clone_disk)
+    for hook in ctx.boot_plan_hooks:
+        hook(plan, sb)
+    return plan
+
+
+async def boot(ctx: ManagerContext, sb: SandboxRecord) -> None:
+    try:
+        driver = ctx.driver
+        sb.vmm = driver.name
+        kernel, initrd, rootfs = await resolve_images(ctx.adapters.images, driver, sb.kernel, sb.initrd, sb.rootfs)
+        vm = await boot_plan(ctx, sb, kernel, initrd, rootfs).run()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await ctx.release_network(sb)
+        sb.state = S.FAILED
+        sb.error = str(exc)
+        log.warning("sandbox %s failed to boot: %s", sb.id, exc)
+        ctx.emit(sb, "failed", error=str(exc), reason="boot_error")
+        return
+    sb.vm = vm
+    sb.state = S.READY
+    sb.ready_at = time.time()
+    try:
+        ctx.emit(sb, "ready")
+    except ArcboxError as exc:  # could not record it: do not run an unrecorded VM
+        sb.vm = None
+        await vm.destroy()
+        await ctx.release_network(sb)
+        sb.state = S.FAILED
+        sb.error = str(exc)
+        return
+    start_watchers(ctx, sb)
+
+
+def start_watchers(ctx: ManagerContext, sb: SandboxRecord) -> None:
+    """VMM-exit watcher, and the TTL timer (counted from ready) when one is set."""
+    sb.tasks["watch"] = asyncio.create_task(watch_vmm(ctx, sb), name=f"watch-{sb.id}")
+    if sb.ttl_seconds > 0:
+        sb.tasks["ttl"] = asyncio.create_task(ttl(ctx, sb), name=f"ttl-{sb.id}")
+
+
+async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
+    """An unexpected VMM exit (reason vmm_exited) or an agent that stopped answering
+    its keepalive (reason agent_unresponsive; the VMM is then killed) fails the sandbox."""
+    vm = sb.vm
+    assert vm is not None
+    a = ctx.config.agent
+    vm.agent.start_keepalive(a.keepalive_interval_s, a.keepalive_timeout_s)
+    exited = asyncio.ensure_future(vm.process.wait())
+    try:
+        await asyncio.wait({exited, vm.agent.closed}, return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():  # a guest that powers off closes the channel just before
+            await asyncio.wait({exited}, timeout=5.0)
+    finally:
+        if not exited.done():
+            exited.cancel()
+    if sb.state not in LIVE or sb.removed or sb.vm is not vm:
+        return  # stop/remove in progress: they own the outcome
+    if exited.done() and not exited.cancelled():
+        reason, sb.error = "vmm_exited", f"the VMM exited unexpectedly (status {exited.result()})"
+    else:
+        reason, sb.error = "agent_unresponsive", f"the guest agent stopped answering: {vm.agent.closed.result()}"
+    sb.state = S.FAILED
+    sb.vm = None
+    await vm.destroy()
+    await ctx.release_network(sb)
+    ctx.emit(sb, "failed", error=sb.error, reason=reason)
+
+
+async def ttl(ctx: ManagerContext, sb: SandboxRecord) -> None:
+    await asyncio.sleep(max(0.0, (sb.ready_at or time.time()) + sb.ttl_seconds - time.time()))
+    if not sb.removed:
+        sb.tasks.pop("ttl", None)  # do not cancel ourselves
+        await remove(ctx, sb, reason="ttl")
+
+
+def cancel_tasks(sb: SandboxRecord, *names: str) -> None:
+    current = asyncio.current_task()
+    for name in names:
+        task = sb.tasks.pop(name, None)
+        if task is not None and task is not current:
+            task.cancel()
+
+
+async def stop(ctx: ManagerContext, sb: SandboxRecord, timeout: float) -> None:
+    async with sb.lock:
+        if sb.state not in LIVE:
+            raise InvalidState(sb.id, sb.state.value, "only a ready or running sandbox can be stopped")
+        sb.state = S.STOPPING
+        ctx.emit(sb, "stopping", reason="user")
+        cancel_tasks(sb, "watch", "ttl")
+        vm, sb.vm = sb.vm, None
+        graceful = False
+        if vm is not None:
+            graceful = await vm.shutdown(timeout)
+            await vm.destroy()
+        ctx.execs.forget_all(sb)
+        await ctx.release_network(sb)
+        sb.state = S.STOPPED
+        ctx.emit(sb, "stopped", reason="user", graceful=str(graceful).lower())
+
+
+async def remove(ctx: ManagerContext, sb: SandboxRecord, reason: str) -> None:
+    if sb.removed:
+        return
+    sb.removed = True
+    sb.removing = True
+    with contextlib.suppress(ArcboxError):
+        ctx.save(sb)  # a restart finishes what this starts
+    cancel_tasks(sb, "watch", "ttl")
+    task = sb.tasks.pop("boot", None)
+    if task is not None and not task.done():
+        task.cancel()
+    if task is not None:
+        with contextlib.suppress(BaseException):
+            await task  # its start-up steps undo themselves
+    async with sb.lock:
+        vm, sb.vm = sb.vm, None
+        if vm is not None:
+            await vm.destroy()
+        ctx.execs.forget_all(sb)
+        await ctx.release_network(sb)
+        shutil.rmtree(sb.workdir, ignore_errors=True)
+        ctx.sandboxes.pop(sb.id, None)
+        ctx.emit(sb, "removed", reason=reason)
+
+
+async def detach_all(ctx: ManagerContext) -> None:
+    """Let go of every VM without stopping it (booting ones cannot be adopted: removed)."""
+    for sb in list(ctx.sandboxes.values()):
+        if sb.state == S.STARTING:
+            with contextlib.suppress(Exception):
+                await remove(ctx, sb, reason="manager_closed")
+            continue
+        cancel_tasks(sb, "watch", "ttl", "boot")
+        # first: commands keep running in the guest (keep_commands_running), their unread output saved
+        ctx.execs.forget_all(sb, save=True)
+        vm, sb.vm = sb.vm, None
+        if vm is not None:
+            await vm.detach()

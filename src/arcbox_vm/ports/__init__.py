@@ -1,0 +1,30 @@
+"""Ports: the small interfaces the use-case layer (`manager/`) depends on.
+
+Adapters implement them (`vmm/qemu`, `vmm/firecracker`, `network/`, `storage/`,
+`images/`, `vmm/cgroup.py`); `arcbox_vm.composition` is the one module that builds the
+concrete adapters from a `VmmConfig` and hands them over as an `Adapters` bundle.
+"""
+
+from arcbox_vm.ports.adapters import Adapters
+from arcbox_vm.ports.cgroups import SandboxCgroupSet
+from arcbox_vm.ports.images import BootImage, ImageStore
+from arcbox_vm.ports.network import Network, NetworkLease
+from arcbox_vm.ports.storage import DiskCloner, StateStore, StoredEvent
+from arcbox_vm.ports.vmm import AdoptSpec, AgentEndpoint, MachineSpec, VmmDriver, VmmProcess
+
+__all__ = [
+    "Adapters",
+    "AdoptSpec",
+    "AgentEndpoint",
+    "BootImage",
+    "DiskCloner",
+    "ImageStore",
+    "MachineSpec",
+    "Network",
+    "NetworkLease",
+    "SandboxCgroupSet",
+    "StateStore",
+    "StoredEvent",
+    "VmmDriver",
+    "VmmProcess",
+]
