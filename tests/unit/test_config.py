@@ -68,3 +68,47 @@ def test_seed_config_shape_is_accepted():
                      "boot_args": "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/vm-agent"},
     })
     assert str(cfg.data_dir) == "/tmp/x"
+
+
+def test_data_dir_is_top_level_and_firecracker_data_dir_is_its_alias(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCBOX_VM_DATA_DIR", str(tmp_path / "env"))
+    assert VmmConfig().data_dir == tmp_path / "env", "default: $ARCBOX_VM_DATA_DIR"
+    assert VmmConfig.from_dict({"data_dir": "/srv/a"}).data_dir.as_posix() == "/srv/a"
+    assert VmmConfig.from_dict({"firecracker": {"data_dir": "/srv/b"}}).data_dir.as_posix() == "/srv/b"
+    assert VmmConfig.from_dict({"backend": "qemu", "firecracker": {"data_dir": "/srv/c"}}).data_dir.as_posix() == \
+        "/srv/c", "the alias counts under QEMU too"
+    with pytest.raises(ConfigError, match="disagree"):
+        VmmConfig.from_dict({"data_dir": "/srv/a", "firecracker": {"data_dir": "/srv/b"}})
+
+
+def test_one_default_for_memory_and_vcpus():
+    from arcbox_vm.config import DEFAULT_MEMORY_MIB, DEFAULT_VCPUS
+
+    d = VmmConfig().defaults
+    assert (d.memory_mib, d.vcpus) == (DEFAULT_MEMORY_MIB, DEFAULT_VCPUS)
+
+
+def test_discover_prefers_the_argument_then_the_environment(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('backend = "qemu"\n')
+    b.write_text('backend = "firecracker"\n')
+    monkeypatch.setenv("ARCBOX_VM_CONFIG", str(b))
+    assert VmmConfig.discover(a).backend == "qemu"
+    assert VmmConfig.discover().backend == "firecracker"
+    monkeypatch.setenv("ARCBOX_VM_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        VmmConfig.discover()
+
+
+def test_run_reports_a_bad_config_file_with_exit_125(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[defaults]\nmemory_mb = 300\n")
+    cli = Path(sys.executable).with_name("arcbox-vm")
+    proc = subprocess.run([str(cli), "run", "--config", str(bad), "--", "true"], capture_output=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 125
+    assert b"defaults.memory_mb: unknown key" in proc.stderr

@@ -53,3 +53,17 @@ def test_run_timeout_exits_124(guest_image):
     proc = arcbox("run", "--timeout", "2", "--", "sleep", "1000")
     assert proc.returncode == 124
     assert b"timed out" in proc.stderr
+
+
+def test_run_uses_the_config_file(guest_image, tmp_path):
+    """`run --config` takes the daemon's defaults (here: memory and a user boot argument)."""
+    cfg = tmp_path / "arcbox.toml"
+    cfg.write_text('backend = "qemu"\n[defaults]\nmemory_mib = 320\n'
+                   'boot_args = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/vm-agent arcbox_test_marker=1"\n')
+    proc = arcbox("run", "--config", str(cfg), "--", "sh", "-c",
+                  "grep MemTotal /proc/meminfo; tr ' ' '\\n' < /proc/cmdline | grep arcbox_test_marker")
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    total_kib = int(lines[0].split()[1])
+    assert 250 * 1024 < total_kib <= 320 * 1024, lines[0]
+    assert lines[1] == "arcbox_test_marker=1"
