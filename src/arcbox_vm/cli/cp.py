@@ -88,6 +88,24 @@ async def upload(client: AsyncClient, src: str, dst: RemotePath) -> None:
         await client.upload(dst.sandbox_id, target, _counted(chunks, advance), mode=mode, size=size)
 
 
+def local_name(guest_path: str) -> str:
+    """The name a downloaded file gets in a local directory: the last component of the path
+    the USER asked for — never a name the guest reports (a hostile guest could answer
+    "../../.bashrc" or "/etc/cron.d/x")."""
+    name = posixpath.basename(posixpath.normpath(guest_path))
+    if name in ("", ".", "..", "/") or "/" in name or "\0" in name:
+        raise InvalidArgument(f"cp: cannot name a local file after {guest_path!r}; give the destination file name")
+    return name
+
+
+def local_mode(guest_mode: int) -> int:
+    """Permission bits for a downloaded file: the guest's rwx bits at most, never setuid,
+    setgid or sticky, and never more than this process's umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (guest_mode & 0o777 or 0o644) & ~umask
+
+
 async def download(client: AsyncClient, src: RemotePath, dst: str) -> None:
     st = await client.stat(src.sandbox_id, src.path)
     if st.type == "dir":
@@ -100,7 +118,7 @@ async def download(client: AsyncClient, src: RemotePath, dst: str) -> None:
         return
     target = dst
     if dst.endswith("/") or os.path.isdir(dst):
-        target = os.path.join(dst, st.name or posixpath.basename(src.path))
+        target = os.path.join(dst, local_name(src.path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".part",
                                dir=os.path.dirname(os.path.abspath(target)))
     try:
@@ -108,7 +126,7 @@ async def download(client: AsyncClient, src: RemotePath, dst: str) -> None:
             async for chunk in stream:
                 f.write(chunk)
                 adv(len(chunk))
-            os.fchmod(f.fileno(), st.mode & 0o777 or 0o644)
+            os.fchmod(f.fileno(), local_mode(st.mode))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
