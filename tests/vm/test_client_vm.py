@@ -169,8 +169,11 @@ def test_stopped_sandbox_refuses_commands(daemon, client):
 
 
 def test_boot_failure_raises_and_removes_the_sandbox(daemon, client):
+    images = daemon.config.parent / "data" / "named-images"  # kernels are named, from the daemon's images dir
+    images.mkdir(parents=True, exist_ok=True)
+    (images / "not-a-kernel").write_bytes(b"garbage\n")
     with pytest.raises(BootFailed) as info:
-        Sandbox.create(socket=daemon.socket, id="cli-bad-kernel", kernel="/etc/hostname", network="none")
+        Sandbox.create(socket=daemon.socket, id="cli-bad-kernel", kernel="not-a-kernel", network="none")
     assert "cli-bad-kernel" in str(info.value)
     with pytest.raises(SandboxNotFound):
         client.inspect("cli-bad-kernel")

@@ -155,6 +155,22 @@ def test_file_paths_are_confined_to_what_the_guest_allows(daemon, sid):
     assert code_of(lambda: stub.DownloadFile(pb.DownloadRequest(id=sid, path="/no/such"))) == grpc.StatusCode.NOT_FOUND
 
 
+def test_clients_name_images_and_never_boot_host_files(daemon, sid, tmp_path):
+    """A client's kernel/initrd/rootfs is a name in the daemon's images directory; a host
+    path, '..' or a symlink out of it is refused before any sandbox is made."""
+    stub = daemon.stub()
+    images = daemon.config.parent / "data" / "named-images"
+    images.mkdir(parents=True, exist_ok=True)
+    (images / "escape").symlink_to("/etc/shadow")
+    before = {s.id for s in stub.List(pb.ListSandboxesRequest()).sandboxes}
+    for field in ("kernel", "initrd", "rootfs"):
+        for value in ("/etc/shadow", "/proc/kcore", "../../../../etc/shadow", "escape", "missing", "a/../b"):
+            req = pb.CreateSandboxRequest(network=pb.NetworkSpec(mode="none"), **{field: value})
+            assert code_of(lambda: stub.Create(req)) == grpc.StatusCode.INVALID_ARGUMENT, (field, value)
+    assert {s.id for s in stub.List(pb.ListSandboxesRequest()).sandboxes} == before, "no record was made"
+    assert not [p for p in (daemon.config.parent / "data" / "sandboxes").iterdir() if p.name not in before]
+
+
 def test_daemon_still_serves_after_all_that(daemon, sid):
     t = time.monotonic()
     out, _, code = run(daemon.stub(), sid, ["echo", "alive"])

@@ -103,7 +103,7 @@ class SandboxServicer:
         _check(request)
         if request.id:
             logctx.sandbox_id.set(request.id)
-        spec = convert.spec_from_create(request)
+        spec = self.mgr.resolve_image_names(convert.spec_from_create(request))
         sid, ip = await self.mgr.create_sandbox(spec)
         logctx.sandbox_id.set(sid)
         log.info("created (ip %s)", ip or "none")

@@ -15,7 +15,6 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional, TypeVar
 
 import typer
@@ -25,7 +24,7 @@ from arcbox_vm.errors import ArcboxError
 if TYPE_CHECKING:
     from arcbox_vm.client.aio import AsyncClient
 
-__all__ = ["ConnectOptions", "EXIT_ERROR", "EXIT_INTERRUPTED", "daemon_command", "fail", "host_path", "one_line",
+__all__ = ["ConnectOptions", "EXIT_ERROR", "EXIT_INTERRUPTED", "daemon_command", "fail", "one_line",
            "run_async"]
 
 EXIT_ERROR = 1
@@ -138,8 +137,3 @@ def _silence_stdout() -> None:
     except OSError:
         pass
 
-
-def host_path(value: Optional[Path]) -> str:
-    """A --kernel/--rootfs/--initrd option → an absolute path ("" = the daemon's default).
-    Absolute because the daemon does not run in this shell's directory."""
-    return os.path.abspath(value) if value else ""

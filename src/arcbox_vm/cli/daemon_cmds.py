@@ -21,13 +21,12 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
-from arcbox_vm.cli.common import EXIT_ERROR, ConnectOptions, daemon_command, fail, host_path, one_line
+from arcbox_vm.cli.common import EXIT_ERROR, ConnectOptions, daemon_command, fail, one_line
 from arcbox_vm.cli.parsing import parse_env, parse_labels
 from arcbox_vm.errors import ArcboxError
 
@@ -54,9 +53,9 @@ def create(
     label: list[str] = typer.Option([], "--label", "-l", help="KEY=VALUE label (repeatable)."),
     vcpus: int = typer.Option(0, "--vcpus", min=0, max=32, help="vCPUs [default: the daemon's]."),
     memory: int = typer.Option(0, "--memory", "-m", min=0, help="Memory in MiB [default: the daemon's]."),
-    kernel: Optional[Path] = typer.Option(None, "--kernel", help="Kernel on the daemon's host."),
-    rootfs: Optional[Path] = typer.Option(None, "--rootfs", help="ext4 root filesystem on the daemon's host."),
-    initrd: Optional[Path] = typer.Option(None, "--initrd", help="Initramfs on the daemon's host."),
+    kernel: str = typer.Option("", "--kernel", help="Kernel: a name in the daemon's images directory [default: built]."),
+    rootfs: str = typer.Option("", "--rootfs", help="ext4 root filesystem: a name in the daemon's images directory."),
+    initrd: str = typer.Option("", "--initrd", help="Initramfs: a name in the daemon's images directory."),
     boot_args: str = typer.Option("", "--boot-args", help="Kernel command line base."),
     network: str = typer.Option("tap", "--network", help="tap (own IP, NAT if the daemon enables it) or none."),
     ttl: int = typer.Option(0, "--ttl", min=0, help="Remove the sandbox this many seconds after it is ready."),
@@ -82,8 +81,8 @@ def create(
                 waiter.subscribe()
             try:
                 created = await client.create(
-                    id=id, labels=parse_labels(label), vcpus=vcpus, memory_mib=memory, kernel=host_path(kernel),
-                    rootfs=host_path(rootfs), initrd=host_path(initrd), boot_args=boot_args,
+                    id=id, labels=parse_labels(label), vcpus=vcpus, memory_mib=memory, kernel=kernel,
+                    rootfs=rootfs, initrd=initrd, boot_args=boot_args,
                     network=network,  # type: ignore[arg-type]
                     ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user)
             except BaseException:

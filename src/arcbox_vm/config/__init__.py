@@ -26,6 +26,7 @@ from arcbox_vm.config.sections import (
     DaemonConfig,
     DefaultVmConfig,
     GrpcConfig,
+    ImagesConfig,
     NetworkConfig,
     _Section,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "DefaultVmConfig",
     "FirecrackerConfig",
     "GrpcConfig",
+    "ImagesConfig",
     "JailerConfig",
     "NetworkConfig",
     "QemuConfig",
@@ -63,6 +65,12 @@ class VmmConfig(_Section):
     defaults: DefaultVmConfig = Field(default_factory=DefaultVmConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+
+    @property
+    def named_images_dir(self) -> Path:
+        """Where the images API clients name live (`images.dir`, else `<data_dir>/named-images`)."""
+        return Path(self.images.dir) if self.images.dir else self.data_dir / "named-images"
 
     @model_validator(mode="before")
     @classmethod

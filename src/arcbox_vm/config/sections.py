@@ -177,3 +177,15 @@ class AgentConfig(_Section):
     hello_timeout_s: float = Field(120.0, gt=0)
     keepalive_interval_s: float = Field(10.0, gt=0)
     keepalive_timeout_s: float = Field(60.0, gt=0)
+
+
+class ImagesConfig(_Section):
+    """Images that API clients may boot, by name.
+
+    dir: a directory of kernels, initrds and rootfs images; over the API a sandbox's
+      kernel/initrd/rootfs is a name resolved inside it (symlinks followed, never out of
+      it), never a host path. "" = `<data_dir>/named-images`. The library (in-process,
+      trusted) may still pass paths.
+    """
+
+    dir: str = ""

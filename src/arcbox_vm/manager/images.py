@@ -7,10 +7,35 @@ kernel gets the configured initrd or none.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from arcbox_vm.errors import BootFailed
+from arcbox_vm.errors import BootFailed, InvalidArgument
 from arcbox_vm.ports import ImageStore, VmmDriver
+
+MAX_IMAGE_NAME = 255
+
+
+def named_image(directory: Path, name: str, what: str) -> str:
+    """The host path of the image an API client names: a file inside `directory` (after
+    resolving symlinks), never anything else. "" stays "" (the default image).
+
+    Clients are untrusted: a path of theirs (`/etc/shadow`, `/proc/kcore`, `../x`, a
+    symlink out of the directory) would make the root daemon copy or open host files."""
+    if not name:
+        return ""
+    parts = name.split("/")
+    if (len(name) > MAX_IMAGE_NAME or name.startswith("/") or "\0" in name or not name.isprintable()
+            or any(p in ("", ".", "..") for p in parts)):
+        raise InvalidArgument(f"{what} {name!r}: name an image in the daemon's images directory "
+                              f"({directory}), not a path")
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, target]) != root or target == root:
+        raise InvalidArgument(f"{what} {name!r} resolves outside the daemon's images directory ({directory})")
+    if not os.path.isfile(target):
+        raise InvalidArgument(f"{what} {name!r}: no such image in the daemon's images directory ({directory})")
+    return target
 
 
 async def resolve_images(images: ImageStore, driver: VmmDriver, kernel: str, initrd: str,

@@ -27,6 +27,7 @@ from arcbox_vm.manager.console import follow_console
 from arcbox_vm.manager.context import BootPlanHook, ManagerContext
 from arcbox_vm.manager.datadir_lock import DataDirLock
 from arcbox_vm.manager.events import EventSubscription
+from arcbox_vm.manager.images import named_image
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.manager.recovery import recover
@@ -195,6 +196,15 @@ class SandboxManager:
             raise InvalidArgument("create_sandbox takes a SandboxSpec")
         await self._ensure_started()
         return await lifecycle.create(self._ctx, spec)
+
+    def resolve_image_names(self, spec: SandboxSpec) -> SandboxSpec:
+        """For untrusted callers (the API): `spec` with its kernel/initrd/rootfs names
+        replaced by the files they name in the images directory (`images.dir`); anything
+        else — a host path, `..`, a symlink out of it, a missing file — raises
+        InvalidArgument before anything is made."""
+        d = self.config.named_images_dir
+        return spec.model_copy(update={what: named_image(d, getattr(spec, what), what)
+                                       for what in ("kernel", "initrd", "rootfs")})
 
     async def stop_sandbox(self, sandbox_id: str, timeout_seconds: float = 30) -> None:
         """Shut the guest down gracefully (up to `timeout_seconds`, 0 = 30), then kill it.
