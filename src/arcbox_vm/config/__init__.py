@@ -27,6 +27,7 @@ from arcbox_vm.config.sections import (
     DefaultVmConfig,
     GrpcConfig,
     ImagesConfig,
+    LimitsConfig,
     NetworkConfig,
     _Section,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "GrpcConfig",
     "ImagesConfig",
     "JailerConfig",
+    "LimitsConfig",
     "NetworkConfig",
     "QemuConfig",
     "VmmConfig",
@@ -66,6 +68,7 @@ class VmmConfig(_Section):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @property
     def named_images_dir(self) -> Path:

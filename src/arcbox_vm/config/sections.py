@@ -189,3 +189,28 @@ class ImagesConfig(_Section):
     """
 
     dir: str = ""
+
+
+class LimitsConfig(_Section):
+    """Limits on what API clients (and guests) may make the daemon hold. Over a limit:
+    RESOURCE_EXHAUSTED (counts, totals) or INVALID_ARGUMENT (one request too big).
+
+    max_total_memory_mib: guest memory of all live sandboxes together; 0 = the host's RAM.
+    vmm_overhead_mib: added to a sandbox's guest memory for its VMM cgroup's memory limit
+      (QEMU's own memory, the TCG translation cache).
+    pids_max: processes/threads one VMM may have (its cgroup's pids limit).
+    console_log_max_bytes: the newest this many bytes of a sandbox's serial console are kept.
+    """
+
+    max_sandboxes: int = Field(64, ge=1, le=100_000)
+    max_total_memory_mib: int = Field(0, ge=0)
+    max_memory_mib_per_sandbox: int = Field(16384, ge=64)
+    max_vcpus_per_sandbox: int = Field(8, ge=1, le=32)
+    max_labels: int = Field(64, ge=0)
+    max_label_bytes: int = Field(1024, ge=1, description="key + value of one label")
+    max_env_vars: int = Field(256, ge=0)
+    max_env_bytes: int = Field(128 * 1024, ge=1, description="all of a sandbox's default env together")
+    max_boot_args_bytes: int = Field(1024, ge=64)
+    vmm_overhead_mib: int = Field(160, ge=0)
+    pids_max: int = Field(512, ge=16)
+    console_log_max_bytes: int = Field(8 << 20, ge=64 << 10)

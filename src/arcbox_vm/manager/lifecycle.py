@@ -21,6 +21,7 @@ import uuid
 from arcbox_vm.errors import ArcboxError, InvalidState, SandboxAlreadyExists
 from arcbox_vm.manager.boot import BootPlan, BootRequest
 from arcbox_vm.manager.context import ManagerContext
+from arcbox_vm.manager import limits
 from arcbox_vm.manager.images import resolve_images
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxSpec, SandboxState
@@ -47,7 +48,9 @@ async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
     )
     if sb.workdir.exists():
         raise SandboxAlreadyExists(sid)
-    ctx.sandboxes[sid] = sb  # reserve the id before the first await
+    limits.check_sizes(ctx.config.limits, sb)
+    limits.check_room(ctx.config.limits, sb, ctx.sandboxes.values())
+    ctx.sandboxes[sid] = sb  # reserve the id (and its share of the limits) before the first await
     try:
         if sb.network_mode == "tap":
             sb.lease = await ctx.network.allocate(sid)
