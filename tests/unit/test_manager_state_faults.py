@@ -27,7 +27,8 @@ def small_data_dir(tmp_path):
 
 def manager(data_dir) -> SandboxManager:
     return SandboxManager(VmmConfig(backend="qemu", firecracker=FirecrackerConfig(data_dir=str(data_dir)),
-                                    defaults=DefaultVmConfig(kernel="/nonexistent/k", rootfs="/nonexistent/r")))
+                                    defaults=DefaultVmConfig(kernel="/nonexistent/k", rootfs="/nonexistent/r"),
+                                    limits={"max_sandboxes": 1000}))
 
 
 async def test_full_data_dir_refuses_create_cleanly(small_data_dir):
@@ -44,7 +45,7 @@ async def test_full_data_dir_refuses_create_cleanly(small_data_dir):
         with pytest.raises(StateError) as info:
             for i in range(200):  # until the database has no page left to grow into
                 await mgr.create_sandbox(SandboxSpec(id=f"sb-{i}", network=SandboxNetworkSpec(mode="none"),
-                                                     labels={"pad": "x" * 2000}))
+                                                     labels={"pad1": "x" * 1000, "pad2": "x" * 1000}))
         assert "full" in str(info.value) and "nothing was changed" in str(info.value)
         failed_id = f"sb-{len(mgr.list_sandboxes())}"
         assert failed_id not in {s.id for s in mgr.list_sandboxes()}

@@ -40,7 +40,8 @@ def test_argv_has_agent_chardev_as_client_and_no_reboot():
     assert "server" not in joined  # we listen, QEMU connects
     assert "virtserialport,chardev=agent,name=arcbox.agent.0" in argv
     assert argv[argv.index("-accel") + 1] == "tcg,tb-size=64"
-    assert argv[argv.index("-serial") + 1] == "file:/w/console.log"
+    assert argv[argv.index("-serial") + 1] == "chardev:console"
+    assert "file,id=console,path=/w/console.log,append=on" in argv, "O_APPEND: the manager truncates it to cap it"
     assert argv[argv.index("-initrd") + 1] == "/i"
     assert "-netdev" not in argv
 

@@ -24,6 +24,7 @@ from typing import Any
 from arcbox_vm.agent.host import AgentConnection, AgentListener
 from arcbox_vm.config.sections import DEFAULT_BOOT_ARGS
 from arcbox_vm.errors import BootFailed
+from arcbox_vm.manager.console import tail_text
 from arcbox_vm.manager.steps import Step, StepRunner
 from arcbox_vm.paths import socket_dir
 from arcbox_vm.ports import DiskCloner, MachineSpec, VmmDriver, VmmProcess
@@ -111,14 +112,6 @@ class BootedVm:
         shutil.rmtree(socket_dir(self.workdir), ignore_errors=True)
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 class BootPlan:
     """The steps that boot one VM; edit `steps` (insert_after/replace/remove) before `run()`.
 
@@ -198,7 +191,7 @@ class BootPlan:
                 self.req.hello_timeout, vmm_exit=proc.exited, describe_exit=proc.describe_exit)
         except BootFailed as exc:
             # the workdir (and the console log in it) is removed by the undo: keep its end
-            tail = _tail(proc.console_log)
+            tail = tail_text(proc.console_log)
             raise BootFailed(f"{exc}" + (f"\n--- last console lines ---\n{tail}" if tail else "")) from None
         self.timings["hello"] = time.perf_counter() - self._t0
 

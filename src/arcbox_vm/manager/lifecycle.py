@@ -20,6 +20,7 @@ import uuid
 
 from arcbox_vm.errors import ArcboxError, InvalidState, SandboxAlreadyExists
 from arcbox_vm.manager.boot import BootPlan, BootRequest
+from arcbox_vm.manager.console import keep_capped
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager import limits
 from arcbox_vm.manager.images import resolve_images
@@ -112,6 +113,9 @@ async def boot(ctx: ManagerContext, sb: SandboxRecord) -> None:
 def start_watchers(ctx: ManagerContext, sb: SandboxRecord) -> None:
     """VMM-exit watcher, and the TTL timer (counted from ready) when one is set."""
     sb.tasks["watch"] = asyncio.create_task(watch_vmm(ctx, sb), name=f"watch-{sb.id}")
+    if sb.vm is not None:
+        sb.tasks["console"] = asyncio.create_task(
+            keep_capped(sb.vm.process.console_log, ctx.config.limits.console_log_max_bytes), name=f"console-{sb.id}")
     if sb.ttl_seconds > 0:
         sb.tasks["ttl"] = asyncio.create_task(ttl(ctx, sb), name=f"ttl-{sb.id}")
 
@@ -139,6 +143,7 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
         reason, sb.error = "agent_unresponsive", f"the guest agent stopped answering: {vm.agent.closed.result()}"
     sb.state = S.FAILED
     sb.vm = None
+    cancel_tasks(sb, "console", "ttl")
     await vm.destroy()
     await ctx.release_network(sb)
     ctx.emit(sb, "failed", error=sb.error, reason=reason)
@@ -165,7 +170,7 @@ async def stop(ctx: ManagerContext, sb: SandboxRecord, timeout: float) -> None:
             raise InvalidState(sb.id, sb.state.value, "only a ready or running sandbox can be stopped")
         sb.state = S.STOPPING
         ctx.emit(sb, "stopping", reason="user")
-        cancel_tasks(sb, "watch", "ttl")
+        cancel_tasks(sb, "watch", "ttl", "console")
         vm, sb.vm = sb.vm, None
         graceful = False
         if vm is not None:
@@ -184,7 +189,7 @@ async def remove(ctx: ManagerContext, sb: SandboxRecord, reason: str) -> None:
     sb.removing = True
     with contextlib.suppress(ArcboxError):
         ctx.save(sb)  # a restart finishes what this starts
-    cancel_tasks(sb, "watch", "ttl")
+    cancel_tasks(sb, "watch", "ttl", "console")
     task = sb.tasks.pop("boot", None)
     if task is not None and not task.done():
         task.cancel()
@@ -209,7 +214,7 @@ async def detach_all(ctx: ManagerContext) -> None:
             with contextlib.suppress(Exception):
                 await remove(ctx, sb, reason="manager_closed")
             continue
-        cancel_tasks(sb, "watch", "ttl", "boot")
+        cancel_tasks(sb, "watch", "ttl", "console", "boot")
         # first: commands keep running in the guest (keep_commands_running), their unread output saved
         ctx.execs.forget_all(sb, save=True)
         vm, sb.vm = sb.vm, None

@@ -23,6 +23,11 @@ def kernel_cmdline(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: 
     return " ".join(p for p in parts if p)
 
 
+def _opt(path: Path) -> str:
+    """A path inside a QEMU option list (a ',' is written ',,')."""
+    return str(path).replace(",", ",,")
+
+
 def qemu_argv(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: QemuConfig,
               console_log: Path) -> list[str]:
     """The full command line for one VM. The agent chardev is a *client* of our socket."""
@@ -38,13 +43,16 @@ def qemu_argv(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: QemuC
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-serial", f"file:{console_log}",
+        # append: the manager caps the log by truncating it (see manager/console.py); with
+        # O_APPEND QEMU's next write lands at the new end instead of leaving a hole
+        "-chardev", f"file,id=console,path={_opt(console_log)},append=on",
+        "-serial", "chardev:console",
         "-kernel", str(spec.kernel),
         "-append", kernel_cmdline(spec, endpoint, accel, cfg),
         "-drive", f"id=root,file={spec.rootfs},format=raw,if=none,cache=unsafe,discard=unmap",
         "-device", f"{dev('blk')},drive=root",
         "-device", f"{dev('serial')},max_ports=2",
-        "-chardev", f"socket,id=agent,path={endpoint.listen_path},reconnect=1",
+        "-chardev", f"socket,id=agent,path={_opt(endpoint.listen_path)},reconnect=1",
         "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}",
     ]
     if spec.initrd is not None:
