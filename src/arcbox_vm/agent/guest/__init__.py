@@ -12,7 +12,11 @@ Copied into guest images by ``arcbox_vm.agent.bundle``; the launcher calls
 - ``transport`` opening the channel to the host (virtio-serial, vsock, unix socket)
 - ``agent``     the single-threaded event loop and frame dispatch
 - ``session``   one exec session: pipes/pty, credit-based output, stdin, exit tracking
-- ``files``     file transfer: atomic writes, streamed reads, stat, list, per-request uid/gid
+- ``filewrite`` FILE_WRITE: atomic upload through a temporary file, credit per write
+- ``fileread``  FILE_READ: streamed download, pumped by the loop within the host's credit
+- ``filestat``  FILE_STAT and FILE_LIST answers, bounded to one frame
+- ``fileinfo``  stat bodies, non-UTF-8 names and errno -> error code, shared by file requests
+- ``fscreds``   acting as a request's uid/gid around filesystem calls (setfsuid/setfsgid)
 - ``spawn``     user/env/cwd resolution and fork+exec with error reporting
 - ``procs``     wait-status decoding, reaping, killing a session's processes
 - ``power``     the shutdown sequence (TERM, KILL, sync, reboot/poweroff)

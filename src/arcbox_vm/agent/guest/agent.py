@@ -16,9 +16,9 @@ Robustness rules:
 - an unexpected exception in one handler is logged, and only what it touched (one
   session, or the channel) is dropped.
 
-File transfers (``files``) share the loop: a write session writes each FILE_DATA frame as
-it is decoded (the channel is read 256 KiB at a time), read sessions are pumped once per
-iteration within ``files.READ_BUDGET`` and their credit. Unlike exec sessions they do not
+File transfers (``filewrite``, ``fileread``, ``filestat``) share the loop: a write session
+writes each FILE_DATA frame as it is decoded (the channel is read 256 KiB at a time), read
+sessions are pumped once per iteration within ``READ_BUDGET`` and their credit. Unlike exec sessions they do not
 survive the channel: a lost connection or a shutdown aborts them (temporary files removed).
 """
 
@@ -56,6 +56,8 @@ FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow
 KEEP_FINISHED = 64  # finished detached sessions (exit status + spool) kept for a late ATTACH
 SPOOL_TOTAL = 16 << 20  # output bytes all detached sessions together may spool
 RECENT_CHANNELS = 1024  # finished channels remembered so late WINDOW/STDIN frames are ignored quietly
+READ_BUDGET = 256 * 1024  # file bytes read per loop iteration, all read sessions together
+MAX_FILE_SESSIONS = 64  # concurrent reads + writes
 
 _R = selectors.EVENT_READ
 _W = selectors.EVENT_WRITE
@@ -256,9 +258,7 @@ class Agent:
 
     def _pump_files(self) -> None:
         """Read sessions send up to READ_BUDGET bytes in all, round-robin, within credit."""
-        from . import files
-
-        budget = files.READ_BUDGET
+        budget = READ_BUDGET
         while budget > 0 and self.conn is not None and self.conn.out_bytes < HIGH_WATER:
             progress = False
             for fs in [fs for fs in self.files.values() if fs.kind == "read" and fs.wants()]:
@@ -297,25 +297,25 @@ class Agent:
         ch = f.channel
         if ch in self.sessions or ch in self.files or ch in self.detached:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d is already in use" % ch, ch)
-        from . import files
+        from . import fileinfo, fileread, filestat, filewrite
 
         try:
             req = protocol.validate_file_request(t, f.json())
             if t == MsgType.FILE_STAT:
-                self._send_json(MsgType.FILE_STAT_RESULT, ch, files.stat_path(req))
+                self._send_json(MsgType.FILE_STAT_RESULT, ch, filestat.stat_path(req))
                 self._remember(ch)
                 return
             if t == MsgType.FILE_LIST:
-                self._send_json(MsgType.FILE_LIST_RESULT, ch, files.list_dir(req))
+                self._send_json(MsgType.FILE_LIST_RESULT, ch, filestat.list_dir(req))
                 self._remember(ch)
                 return
-            if len(self.files) >= files.MAX_FILE_SESSIONS:
-                raise ProtocolError(ErrorCode.TOO_MANY, "too many file transfers (limit %d)" % files.MAX_FILE_SESSIONS)
+            if len(self.files) >= MAX_FILE_SESSIONS:
+                raise ProtocolError(ErrorCode.TOO_MANY, "too many file transfers (limit %d)" % MAX_FILE_SESSIONS)
             if t == MsgType.FILE_WRITE:
-                fs: Any = files.WriteSession(ch, req, self)
-                reply, body = MsgType.FILE_READY, {"path": files.safe_text(fs.target)}
+                fs: Any = filewrite.WriteSession(ch, req, self)
+                reply, body = MsgType.FILE_READY, {"path": fileinfo.safe_text(fs.target)}
             else:
-                fs = files.ReadSession(ch, req, self)
+                fs = fileread.ReadSession(ch, req, self)
                 reply, body = MsgType.FILE_INFO, fs.info
         except ProtocolError as exc:
             self._remember(ch)  # data the host pipelined after the request is dropped quietly
@@ -597,7 +597,7 @@ class Agent:
             import pwd  # noqa: F401
             import termios  # noqa: F401
 
-            from . import files, session, spawn  # noqa: F401
+            from . import fileread, filestat, filewrite, session, spawn  # noqa: F401
         except Exception:
             log_exc("warm-up imports failed")
 
