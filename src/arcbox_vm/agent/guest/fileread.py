@@ -2,9 +2,9 @@
 
 The session never sends on its own: the agent's loop pumps it (``FileTransfers``), at
 most ``transfers.READ_BUDGET`` bytes per loop iteration across all reads, never beyond
-the host's credit, and not at all while the channel's output queue is congested. So a
-download of any size holds at most one frame in memory, and a slow host stops the read
-instead of growing a queue.
+the host's credit, and not at all while the channel's output queue is congested. So the
+agent never reads ahead of what the host can take: a slow host stops the read instead of
+growing a queue.
 
 The file is opened as the request's user (``fscreds``); only regular files are read.
 """

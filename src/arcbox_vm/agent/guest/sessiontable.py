@@ -3,8 +3,9 @@
 A session is in exactly one place: ``sessions`` (attached to the current connection),
 ``detached`` (it outlived a connection and may be re-attached) or ``abandoned`` (ended
 by protocol, only waiting to be reaped); ``by_pid`` finds it when its child exits.
-Sessions leave the table here: with EXIT when attached, kept with their exit status and
-spool when detached, forgotten beyond ``KEEP_FINISHED``.
+Finished sessions are settled here: an attached one sends EXIT and goes; a detached one
+keeps its exit status and spool for a late ATTACH (the oldest beyond ``KEEP_FINISHED``
+are forgotten); an abandoned one is closed.
 
 Detached sessions spool their output so nothing is dropped while no host listens; the
 spool is bounded per session by the protocol window and for all of them together by
