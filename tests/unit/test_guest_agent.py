@@ -292,7 +292,7 @@ def test_many_concurrent_sessions(client: Client) -> None:
 
 
 def test_session_limit_gives_too_many() -> None:
-    a = AgentProcess(prelude="import arcbox_vm.agent.guest.agent as agent_mod\nagent_mod.MAX_SESSIONS = 3")
+    a = AgentProcess(prelude="import arcbox_vm.agent.guest.execs as execs_mod\nexecs_mod.MAX_SESSIONS = 3")
     token = unique_sleep()
     try:
         client, _ = a.connect()

@@ -315,7 +315,7 @@ def test_write_credit_comes_back_in_batches_as_data_is_written(client: Client, b
 
 
 def test_data_beyond_the_window_ends_the_write(box: Path) -> None:
-    a = AgentProcess(prelude="import arcbox_vm.agent.guest.files as f\nf.GRANT_BATCH = 1 << 40  # never grant")
+    a = AgentProcess(prelude="import arcbox_vm.agent.guest.filewrite as f\nf.GRANT_BATCH = 1 << 40  # never grant")
     try:
         client, _ = a.connect()
         start_write(client, 1, str(box / "greedy"))
@@ -515,7 +515,7 @@ def test_a_user_cannot_replace_or_read_a_file_it_may_not_touch(client: Client, b
 
 @needs_root
 def test_credentials_without_ctypes_use_seteuid(box: Path) -> None:
-    a = AgentProcess(prelude="import arcbox_vm.agent.guest.files as f\nf._libc = False  # as on python3-minimal")
+    a = AgentProcess(prelude="import arcbox_vm.agent.guest.fscreds as f\nf._libc = False  # as on python3-minimal")
     try:
         client, _ = a.connect()
         (box / "root-only").mkdir(mode=0o700)

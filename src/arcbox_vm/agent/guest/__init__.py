@@ -10,9 +10,19 @@ Copied into guest images by ``arcbox_vm.agent.bundle``; the launcher calls
 - ``sysinit``   PID-1 boot duties: mounts, hostname, DNS, Ctrl-Alt-Del
 - ``netcfg``    ``ip=`` parsing and interface/route setup with ioctls (no ``ip`` binary)
 - ``transport`` opening the channel to the host (virtio-serial, vsock, unix socket)
-- ``agent``     the single-threaded event loop and frame dispatch
+- ``agent``     the single-threaded event loop; ``Agent`` combines the parts below
+- ``connection`` dialing the host with backoff, HELLO, reading and writing the channel, losing it
+- ``frames``    decode errors, routing frames by channel, channel 0 (HELLO_ACK, ERROR, SHUTDOWN)
+- ``execs``     EXEC, ATTACH and the frames on an exec channel (stdin, credit, resize, signal)
+- ``sessiontable`` attached/detached/abandoned sessions, EXIT, reaping, the detached spool budget
+- ``transfers`` file requests in the loop: FILE_* routing, pumping reads, aborting on loss
+- ``shutdown``  SHUTDOWN / SIGTERM: end sessions, then reboot/poweroff (PID 1) or leave the loop
 - ``session``   one exec session: pipes/pty, credit-based output, stdin, exit tracking
-- ``files``     file transfer: atomic writes, streamed reads, stat, list, per-request uid/gid
+- ``filewrite`` FILE_WRITE: atomic upload through a temporary file, credit per write
+- ``fileread``  FILE_READ: streamed download, pumped by the loop within the host's credit
+- ``filestat``  FILE_STAT and FILE_LIST answers, bounded to one frame
+- ``fileinfo``  stat bodies, non-UTF-8 names and errno -> error code, shared by file requests
+- ``fscreds``   acting as a request's uid/gid around filesystem calls (setfsuid/setfsgid)
 - ``spawn``     user/env/cwd resolution and fork+exec with error reporting
 - ``procs``     wait-status decoding, reaping, killing a session's processes
 - ``power``     the shutdown sequence (TERM, KILL, sync, reboot/poweroff)
