@@ -55,11 +55,14 @@ class AgentConnection:
     """A live, handshaken channel to one guest agent."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: dict[str, Any],
-                 decoder: p.FrameDecoder) -> None:
+                 decoder: p.FrameDecoder, pending: Iterable[p.Frame | p.DecodeError] = ()) -> None:
+        """`decoder` holds what was read after HELLO but not decoded yet; `pending` is what was
+        decoded after it (both from the handshake's last read): dispatched before reading on."""
         self._reader = reader
         self._writer = writer
         self.hello = hello
         self._decoder = decoder
+        self._pending = list(pending)
         self._table = ChannelTable()  # channel -> ExecSession or a file operation
         self.detached: dict[int, dict[str, Any]] = _detached_sessions(hello)
         self._channels = itertools.count(max(self.detached, default=0) + 1)  # never a detached one's number
@@ -104,6 +107,8 @@ class AgentConnection:
     async def _read_loop(self) -> None:
         reason: BaseException = AgentDisconnected()
         try:
+            pending, self._pending = self._pending, []
+            self._dispatch_all(pending)
             while True:
                 data = await self._reader.read(READ_SIZE)
                 if not data:

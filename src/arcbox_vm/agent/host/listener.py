@@ -26,7 +26,8 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         data = await reader.read(READ_SIZE)
         if not data:
             raise AgentDisconnected("the channel closed before the guest agent said HELLO")
-        for item in decoder.feed(data):
+        items = decoder.feed(data)
+        for i, item in enumerate(items):
             if isinstance(item, p.DecodeError) or item.type != p.MsgType.HELLO:
                 continue  # noise before HELLO (e.g. a stale partial frame) is skipped
             try:
@@ -43,9 +44,8 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
                     "rebuild the image (`arcbox-vm image build`) or re-inject the agent", code="version")
             writer.write(_hello_ack())
             await writer.drain()
-            conn = AgentConnection(reader, writer, hello, decoder)
-            # frames that arrived in the same read as HELLO
-            return conn
+            # frames that arrived in the same read as HELLO are the connection's first ones
+            return AgentConnection(reader, writer, hello, decoder, pending=items[i + 1:])
 
 
 class AgentListener:
