@@ -12,8 +12,9 @@ import socket
 from typing import Any
 
 from arcbox_vm.agent import protocol as p
-from arcbox_vm.agent.host import AgentConnection, ChannelTable, handshake
+from arcbox_vm.agent.host import AgentConnection, ChannelTable, ExitStatus, handshake
 from arcbox_vm.errors import AgentDisconnected
+from arcbox_vm.manager.exec_stream import ExecHandle
 
 HELLO = p.encode_json(p.MsgType.HELLO, 0, {"proto": p.PROTOCOL_VERSION, "features": ["exec"]})
 
@@ -130,3 +131,29 @@ def test_channel_table_removes_only_the_registered_handler() -> None:
     assert table.get(3) is a and len(table) == 1
     table.remove(a)
     assert table.get(3) is None and len(table) == 0 and 3 not in table
+
+
+async def test_resize_takes_columns_first_on_every_host_api() -> None:
+    (reader, writer), agent = await _pair()
+    await agent.write(HELLO)
+    conn = await asyncio.wait_for(handshake(reader, writer), 5)
+    try:
+        assert (await agent.next()).type == p.MsgType.HELLO_ACK
+        start = asyncio.ensure_future(conn.exec(p.exec_request(["sh"], tty=True, rows=24, cols=80)))
+        req = await agent.next()
+        assert req.type == p.MsgType.EXEC
+        await agent.write(p.encode_json(p.MsgType.STARTED, req.channel, {"pid": 7}))
+        session = await asyncio.wait_for(start, 5)
+
+        await session.resize(120, 40)
+        resize = await agent.next()
+        assert (resize.type, resize.channel) == (p.MsgType.RESIZE, req.channel)
+        assert resize.json() == {"cols": 120, "rows": 40}
+        await ExecHandle(session, lambda code: None).resize(100, 30)  # the manager's handle: same order
+        assert (await agent.next()).json() == {"cols": 100, "rows": 30}
+
+        await agent.write(p.encode_json(p.MsgType.EXIT, req.channel, {"exit_code": 0}))
+        assert (await session.collect())[2] == ExitStatus(0)
+        assert len(conn._table) == 0
+    finally:
+        await _close(conn, agent)

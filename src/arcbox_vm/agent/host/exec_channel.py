@@ -156,7 +156,8 @@ class ExecSession:
         if not self._done:
             await self._host.send_frame(p.encode_frame(p.MsgType.STDIN_EOF, self.channel))
 
-    async def resize(self, rows: int, cols: int) -> None:
+    async def resize(self, cols: int, rows: int) -> None:
+        """Set the terminal size: width (columns) first, like `tty_size=(cols, rows)`."""
         if not self._done:
             await self._host.send_frame(p.encode_json(p.MsgType.RESIZE, self.channel, {"rows": rows, "cols": cols}))
 
