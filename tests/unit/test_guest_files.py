@@ -740,7 +740,7 @@ async def test_host_failures_mid_upload_remove_the_temp_file(conn: AgentConnecti
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await no_temps_soon(box) == [] and target.read_bytes() == b"original"
-    assert conn._sessions == {}
+    assert len(conn._table) == 0
 
 
 async def test_host_reader_is_bounded_and_closable(conn: AgentConnection, box: Path) -> None:
@@ -759,7 +759,7 @@ async def test_host_reader_is_bounded_and_closable(conn: AgentConnection, box: P
     async with await conn.read_file(str(box / "big")) as r:
         assert len(await r.__anext__()) > 0
     await asyncio.sleep(0.1)
-    assert conn._sessions == {}
+    assert len(conn._table) == 0
 
 
 async def test_an_old_agent_is_reported_clearly() -> None:
@@ -791,4 +791,4 @@ async def test_host_concurrent_transfers_share_the_channel(conn: AgentConnection
     assert results[4] == results[5] == (box / "src").read_bytes()
     for i, data in blobs.items():
         assert (box / ("up%d" % i)).read_bytes() == data
-    assert conn._sessions == {} and temps(box) == []
+    assert len(conn._table) == 0 and temps(box) == []

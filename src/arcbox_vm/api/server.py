@@ -178,8 +178,8 @@ class SandboxServicer:
                 if kind == "stdin" and not eof_sent:
                     await handle.send_stdin(msg.stdin)
                 elif kind == "resize":
-                    w, h = convert.tty_size(msg.resize, True)  # type: ignore[misc]
-                    await handle.resize(w, h)
+                    cols, rows = convert.tty_size(msg.resize, True)  # type: ignore[misc]
+                    await handle.resize(cols, rows)
                 elif kind == "eof" and msg.eof and not eof_sent:
                     await handle.close_stdin()
                     eof_sent = True

@@ -158,8 +158,8 @@ class ExecAttachment:
     async def send_stdin(self, data: bytes) -> None:
         await self._held.handle.send_stdin(data)
 
-    async def resize(self, width: int, height: int) -> None:
-        await self._held.handle.resize(width, height)
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._held.handle.resize(cols, rows)
 
     async def close_stdin(self) -> None:
         await self._held.handle.close_stdin()

@@ -116,8 +116,8 @@ class ExecHandle(ExecStream):
     async def send_stdin(self, data: bytes) -> None:
         await self._session.write_stdin(data)
 
-    async def resize(self, width: int, height: int) -> None:
-        await self._session.resize(rows=height, cols=width)
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._session.resize(cols, rows)
 
     async def close_stdin(self) -> None:
         await self._session.close_stdin()

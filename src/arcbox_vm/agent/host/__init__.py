@@ -1,0 +1,34 @@
+"""The host's side of the agent channel: handshake, multiplexing, flow control.
+
+Modules, each importing only those listed before it:
+
+- `channels`: the interface between the connection and its channel handlers
+  (`ChannelHandler`, `ChannelHost`, the `ChannelTable` registry)
+- `exec_channel`: `ExecSession` (one command on its own channel) and `ExitStatus`
+- `file_ops`: file transfers (`FileReader`, `DirListing`, `file_error`, ...)
+- `connection`: `AgentConnection` (read loop, dispatch, control frames, keepalive,
+  channel numbers, the exec and file operations)
+- `listener`: `handshake` and `AgentListener`
+"""
+
+from arcbox_vm.agent.host.channels import ChannelHandler, ChannelHost, ChannelTable
+from arcbox_vm.agent.host.connection import AgentConnection, _detached_sessions
+from arcbox_vm.agent.host.exec_channel import ExecSession, ExitStatus
+from arcbox_vm.agent.host.file_ops import READ_COALESCE, DirListing, FileReader, file_error
+from arcbox_vm.agent.host.listener import AgentListener, handshake
+
+__all__ = [
+    "READ_COALESCE",
+    "AgentConnection",
+    "AgentListener",
+    "ChannelHandler",
+    "ChannelHost",
+    "ChannelTable",
+    "DirListing",
+    "ExecSession",
+    "ExitStatus",
+    "FileReader",
+    "_detached_sessions",
+    "file_error",
+    "handshake",
+]

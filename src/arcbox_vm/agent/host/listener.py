@@ -1,0 +1,121 @@
+"""The start of an agent channel: the Unix socket the VMM connects to, and the handshake.
+
+The agent dials the host (the host listens first, so there is no connect race). On a
+fresh stream the agent says HELLO with its protocol version; the host checks it,
+answers HELLO_ACK and hands the stream to an `AgentConnection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from arcbox_vm.agent import protocol as p
+from arcbox_vm.agent.host.channels import READ_SIZE
+from arcbox_vm.agent.host.connection import AgentConnection, _hello_ack
+from arcbox_vm.errors import AgentDisconnected, AgentError, BootFailed
+
+
+async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> AgentConnection:
+    """Wait for the agent's HELLO on a fresh stream, check its version, acknowledge it."""
+    decoder = p.FrameDecoder()
+    while True:
+        data = await reader.read(READ_SIZE)
+        if not data:
+            raise AgentDisconnected("the channel closed before the guest agent said HELLO")
+        items = decoder.feed(data)
+        for i, item in enumerate(items):
+            if isinstance(item, p.DecodeError) or item.type != p.MsgType.HELLO:
+                continue  # noise before HELLO (e.g. a stale partial frame) is skipped
+            try:
+                hello = item.json()
+            except p.ProtocolError:
+                continue
+            proto = hello.get("proto")
+            if proto not in p.SUPPORTED_VERSIONS:
+                writer.write(p.encode_error(0, p.ErrorCode.VERSION,
+                                            f"host supports protocol {sorted(p.SUPPORTED_VERSIONS)}, agent sent {proto!r}"))
+                await writer.drain()
+                raise AgentError(
+                    f"the guest agent speaks protocol {proto!r}, this host supports {sorted(p.SUPPORTED_VERSIONS)}: "
+                    "rebuild the image (`arcbox-vm image build`) or re-inject the agent", code="version")
+            writer.write(_hello_ack())
+            await writer.drain()
+            # frames that arrived in the same read as HELLO are the connection's first ones
+            return AgentConnection(reader, writer, hello, decoder, pending=items[i + 1:])
+
+
+class AgentListener:
+    """Listens on the endpoint's Unix socket and yields the agent's connection.
+
+    Bind it *before* starting the VMM: the VMM connects to it (QEMU as a chardev client,
+    Firecracker when the guest dials its vsock port).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.path),
+                                                       limit=READ_SIZE * 2)
+        os.chmod(self.path, 0o600)
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.put_nowait((reader, writer))
+
+    async def accept(self, timeout: float, vmm_exit: asyncio.Future[Any] | None = None,
+                     describe_exit: Any = None) -> AgentConnection:
+        """Wait for a connection whose agent says HELLO; fail fast if the VMM exits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BootFailed(f"the guest agent did not say HELLO within {timeout:.0f} s; "
+                                 "see the VM console log for why")
+            get = asyncio.ensure_future(self._conns.get())
+            waiters: set[asyncio.Future[Any]] = {get}
+            if vmm_exit is not None:
+                waiters.add(vmm_exit)
+            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                if vmm_exit is not None and vmm_exit in done:
+                    raise BootFailed(describe_exit() if callable(describe_exit) else "the VMM exited during boot")
+                continue
+            reader, writer = get.result()
+            hs = asyncio.ensure_future(handshake(reader, writer))
+            waiters = {hs} | ({vmm_exit} if vmm_exit is not None else set())
+            done, _ = await asyncio.wait(waiters, timeout=max(0.0, deadline - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if hs in done:
+                try:
+                    return hs.result()
+                except AgentDisconnected:
+                    continue  # e.g. QEMU reconnecting; wait for the next connection
+            hs.cancel()
+            with contextlib.suppress(BaseException):
+                await hs
+            writer.close()
+            if vmm_exit is not None and vmm_exit in done:
+                raise BootFailed(describe_exit() if callable(describe_exit) else "the VMM exited during boot")
+
+    async def close(self, unlink: bool = True) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+        while not self._conns.empty():
+            _, w = self._conns.get_nowait()
+            w.close()
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
