@@ -12,7 +12,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
 
-from arcbox_vm.agent.host import ExecSession
+from arcbox_vm.agent.host import ExecChannel
 from arcbox_vm.errors import AgentError
 from arcbox_vm.models import OutputChunk
 
@@ -34,7 +34,7 @@ async def collect_chunks(chunks: AsyncIterator[OutputChunk]) -> tuple[bytes, byt
 
 
 class ExecStream:
-    def __init__(self, session: ExecSession, on_done: Callable[[int | None], None],
+    def __init__(self, session: ExecChannel, on_done: Callable[[int | None], None],
                  keep_running: Callable[[], bool] = lambda: False) -> None:
         self._session = session
         self._keep_running = keep_running  # true: dropping the stream leaves the command running

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from arcbox_vm.agent.host import AgentConnection, ExecSession
+from arcbox_vm.agent.host import AgentConnection, ExecChannel
 from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotFound, ResourceExhausted
 from arcbox_vm.manager import held_tail
 from arcbox_vm.manager.background import MAX_RUNNING, ExecAttachment, HeldExec, evict_finished
@@ -59,7 +59,7 @@ class ExecBook:
         self._closed = closed  # the manager is closed: no more state changes or events
         self._keep = keep  # see SandboxManager.keep_commands_running
 
-    def track(self, sb: "SandboxRecord", session: ExecSession, argv: list[str], cls: type[ExecStream],
+    def track(self, sb: "SandboxRecord", session: ExecChannel, argv: list[str], cls: type[ExecStream],
               new: bool = True) -> ExecStream:
         """Record a started (or re-attached) command and wrap it in an ExecStream whose end
         updates the record, the sandbox's RUNNING/READY state and `last_exit_code`.

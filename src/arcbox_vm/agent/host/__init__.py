@@ -4,7 +4,7 @@ Modules, each importing only those listed before it:
 
 - `channels`: the interface between the connection and its channel handlers
   (`ChannelHandler`, `ChannelHost`, the `ChannelTable` registry)
-- `exec_channel`: `ExecSession` (one command on its own channel) and `ExitStatus`
+- `exec_channel`: `ExecChannel` (the host end of one command, on its own channel; the client's ExecSession is another thing) and `ExitStatus`
 - `file_ops`: file transfers (`FileReader`, `DirListing`, `file_error`, ...)
 - `connection`: `AgentConnection` (read loop, dispatch, control frames, keepalive,
   channel numbers, the exec and file operations)
@@ -13,7 +13,7 @@ Modules, each importing only those listed before it:
 
 from arcbox_vm.agent.host.channels import ChannelHandler, ChannelHost, ChannelTable
 from arcbox_vm.agent.host.connection import AgentConnection, _detached_sessions
-from arcbox_vm.agent.host.exec_channel import ExecSession, ExitStatus
+from arcbox_vm.agent.host.exec_channel import ExecChannel, ExitStatus
 from arcbox_vm.agent.host.file_ops import READ_COALESCE, DirListing, FileReader, file_error
 from arcbox_vm.agent.host.listener import AgentListener, handshake
 
@@ -25,7 +25,7 @@ __all__ = [
     "ChannelHost",
     "ChannelTable",
     "DirListing",
-    "ExecSession",
+    "ExecChannel",
     "ExitStatus",
     "FileReader",
     "_detached_sessions",

@@ -20,7 +20,7 @@ from typing import Any
 
 from arcbox_vm.agent import protocol as p
 from arcbox_vm.agent.host.channels import READ_SIZE, ChannelHandler, ChannelTable
-from arcbox_vm.agent.host.exec_channel import ExecSession
+from arcbox_vm.agent.host.exec_channel import ExecChannel
 from arcbox_vm.agent.host.file_ops import (
     DirListing,
     FileReader,
@@ -63,7 +63,7 @@ class AgentConnection:
         self.hello = hello
         self._decoder = decoder
         self._pending = list(pending)
-        self._table = ChannelTable()  # channel -> ExecSession or a file operation
+        self._table = ChannelTable()  # channel -> ExecChannel or a file operation
         self.detached: dict[int, dict[str, Any]] = _detached_sessions(hello)
         self._channels = itertools.count(max(self.detached, default=0) + 1)  # never a detached one's number
         self._write_lock = asyncio.Lock()
@@ -197,12 +197,12 @@ class AgentConnection:
 
     # -- commands --------------------------------------------------------------------
 
-    async def exec(self, request: dict[str, Any]) -> ExecSession:
+    async def exec(self, request: dict[str, Any]) -> ExecChannel:
         """Start a command (an EXEC body from `protocol.exec_request`); returns once it runs.
 
         Raises ExecError when the guest cannot start it (not found, bad user, ...).
         """
-        session = ExecSession(self, self._new_channel(), request)
+        session = ExecChannel(self, self._new_channel(), request)
         self._table.add(session)
         try:
             await self.send_frame(p.encode_json(p.MsgType.EXEC, session.channel, request))
@@ -212,7 +212,7 @@ class AgentConnection:
             raise
         return session
 
-    async def attach(self, channel: int) -> ExecSession:
+    async def attach(self, channel: int) -> ExecChannel:
         """Take over a command that kept running, detached, while no host was connected
         (listed in this connection's HELLO, see `detached`). Its spooled output comes
         first, then the rest and the exit, as for `exec`.
@@ -224,7 +224,7 @@ class AgentConnection:
                             "(`arcbox-vm image build`) or re-inject the agent", code="unsupported")
         if channel in self._table:
             raise ExecError(f"channel {channel} is attached already", code=p.ErrorCode.CHANNEL_IN_USE)
-        session = ExecSession(self, channel, {"argv": [str(self.detached.get(channel, {}).get("argv0", ""))]})
+        session = ExecChannel(self, channel, {"argv": [str(self.detached.get(channel, {}).get("argv0", ""))]})
         self._table.add(session)
         try:
             await self.send_frame(p.encode_frame(p.MsgType.ATTACH, channel))

@@ -30,7 +30,7 @@ class ExitStatus:
     timed_out: bool = False
 
 
-class ExecSession:
+class ExecChannel:
     """One command running in the guest, on its own channel.
 
     Iterate it (`async for chunk in session`) to get `OutputChunk`s; the last one has
