@@ -6,39 +6,37 @@
     # leaving the block removes the sandbox (force) and closes the client it opened
 
 Every method delegates to the client with the id filled in; nothing here talks gRPC.
+This module imports the client (aio_client.py), never the other way round.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Literal, Unpack
+from typing import Literal, Unpack
 
+from arcbox_vm.client.aio_client import AsyncClient
+from arcbox_vm.client.aio_exec import AsyncExecSession
+from arcbox_vm.client.options import Command, ConnectArgs
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError, GuestFileNotFound
 from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo
 
-if TYPE_CHECKING:
-    from arcbox_vm.client.aio import AsyncClient, Command, ConnectArgs
-    from arcbox_vm.client.aio_exec import AsyncExecSession
-
 __all__ = ["AsyncFiles", "AsyncSandbox"]
 
 
-def _client(client: "AsyncClient | None", connect: "ConnectArgs") -> tuple["AsyncClient", bool]:
+def _client(client: AsyncClient | None, connect: ConnectArgs) -> tuple[AsyncClient, bool]:
     """The given client (not ours to close) or a new one from `connect` (ours)."""
     if client is not None:
         return client, False
-    from arcbox_vm.client.aio import AsyncClient
-
     return AsyncClient(**connect), True
 
 
 class AsyncFiles:
     """Guest files of one sandbox. Paths are absolute guest paths."""
 
-    def __init__(self, client: "AsyncClient", sandbox_id: str) -> None:
+    def __init__(self, client: AsyncClient, sandbox_id: str) -> None:
         self._client = client
         self._id = sandbox_id
 
@@ -75,7 +73,7 @@ class AsyncFiles:
 class AsyncSandbox:
     """A handle on one sandbox. `create()` / `connect()` make one; `async with` removes it."""
 
-    def __init__(self, client: "AsyncClient", sandbox_id: str, *, owns_client: bool = False,
+    def __init__(self, client: AsyncClient, sandbox_id: str, *, owns_client: bool = False,
                  remove_on_exit: bool = True) -> None:
         self.client = client
         self.id = sandbox_id
@@ -91,8 +89,8 @@ class AsyncSandbox:
                      memory_mib: int = 0, kernel: str = "", rootfs: str = "", initrd: str = "", boot_args: str = "",
                      network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                      env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
-                     wait: bool = True, timeout: float | None = 120.0, client: "AsyncClient | None" = None,
-                     remove_on_exit: bool = True, **connect: Unpack["ConnectArgs"]) -> "AsyncSandbox":
+                     wait: bool = True, timeout: float | None = 120.0, client: AsyncClient | None = None,
+                     remove_on_exit: bool = True, **connect: Unpack[ConnectArgs]) -> "AsyncSandbox":
         """Create a sandbox and (wait=True) wait until it is ready, at most `timeout` s.
 
         If it fails to become ready it is removed and BootFailed / ReadyTimeout raised, so
@@ -125,8 +123,8 @@ class AsyncSandbox:
             raise
 
     @classmethod
-    async def connect(cls, sandbox_id: str, *, client: "AsyncClient | None" = None, remove_on_exit: bool = True,
-                      **connect: Unpack["ConnectArgs"]) -> "AsyncSandbox":
+    async def connect(cls, sandbox_id: str, *, client: AsyncClient | None = None, remove_on_exit: bool = True,
+                      **connect: Unpack[ConnectArgs]) -> "AsyncSandbox":
         """A handle on an existing sandbox (checked with Inspect: SandboxNotFound if unknown)."""
         cli, owned = _client(client, connect)
         try:
@@ -179,7 +177,7 @@ class AsyncSandbox:
 
     # -- commands -------------------------------------------------------------------
 
-    async def run(self, cmd: "Command", *, env: Mapping[str, str] | None = None, working_dir: str = "",
+    async def run(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                   user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                   timeout: float | None = None, on_stdout: OutputCallback | None = None,
                   on_stderr: OutputCallback | None = None) -> RunResult:
@@ -187,34 +185,34 @@ class AsyncSandbox:
         return await self.client.run(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
                                      tty_size=tty_size, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr)
 
-    def run_stream(self, cmd: "Command", *, env: Mapping[str, str] | None = None, working_dir: str = "",
+    def run_stream(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                    user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                    timeout: float | None = None) -> AsyncIterator[Output]:
         return self.client.run_stream(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
                                       tty_size=tty_size, timeout=timeout)
 
-    async def exec(self, cmd: "Command", *, env: Mapping[str, str] | None = None, working_dir: str = "",
+    async def exec(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                    user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
-                   timeout: float | None = None) -> "AsyncExecSession":
+                   timeout: float | None = None) -> AsyncExecSession:
         """Interactive command (see AsyncExecSession)."""
         return await self.client.exec(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
                                       tty_size=tty_size, timeout=timeout)
 
-    async def start(self, cmd: "Command", *, env: Mapping[str, str] | None = None, working_dir: str = "",
+    async def start(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                     user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                     timeout: float | None = None, stdin: bool = False) -> str:
         """Background command: returns its exec id at once (see AsyncClient.start)."""
         return await self.client.start(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
                                        tty_size=tty_size, timeout=timeout, stdin=stdin)
 
-    async def attach(self, exec_id: str) -> "AsyncExecSession":
+    async def attach(self, exec_id: str) -> AsyncExecSession:
         """Attach to a background or detached command; leaving detaches (see AsyncClient.attach)."""
         return await self.client.attach(self.id, exec_id)
 
     async def signal(self, exec_id: str, signal: int = 9) -> None:
         await self.client.signal(self.id, exec_id, signal)
 
-    async def execs(self) -> "list[ExecInfo]":
+    async def execs(self) -> list[ExecInfo]:
         """Every command run in this sandbox, with exec id, status and exit code."""
         return await self.client.list_execs(self.id)
 

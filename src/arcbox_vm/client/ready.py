@@ -4,32 +4,42 @@ An event stream alone can hang forever: the "ready" event may be emitted before 
 subscription reaches the daemon, or the stream may break. Polling alone is slow or
 chatty. So: subscribe to the sandbox's events, and re-Inspect whenever an event arrives
 and at least every second — a missed event costs at most one poll interval.
+
+The waiter needs two calls of the client, named by `SandboxWatch` (AsyncClient has them),
+so this module does not import the client that uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from arcbox_vm.client.errors import ReadyTimeout
 from arcbox_vm.errors import ArcboxError, BootFailed
-from arcbox_vm.models import SandboxInfo, SandboxState
+from arcbox_vm.models import SandboxEvent, SandboxInfo, SandboxState
 
-if TYPE_CHECKING:
-    from arcbox_vm.client.aio import AsyncClient
-
-__all__ = ["ReadyWaiter"]
+__all__ = ["ReadyWaiter", "SandboxWatch"]
 
 _READY = (SandboxState.READY, SandboxState.RUNNING)
 _GONE = (SandboxState.STOPPING, SandboxState.STOPPED)
 MAX_POLL_INTERVAL = 1.0
 
 
+class SandboxWatch(Protocol):
+    """What the waiter uses of the client: one sandbox's state and its event stream."""
+
+    async def inspect(self, sandbox_id: str) -> SandboxInfo: ...
+
+    def events(self, id: str | None = None, action: str | None = None,
+               since: int | None = None) -> AsyncIterator[SandboxEvent]: ...
+
+
 class ReadyWaiter:
     """`subscribe()` early (before Create when the id is known), then `await wait(timeout)`."""
 
-    def __init__(self, client: "AsyncClient", sandbox_id: str) -> None:
+    def __init__(self, client: SandboxWatch, sandbox_id: str) -> None:
         self._client = client
         self._id = sandbox_id
         self._wake = asyncio.Event()

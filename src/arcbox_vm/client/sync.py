@@ -15,12 +15,13 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Literal, Unpack
 
-from arcbox_vm.client.aio import AsyncClient, Command, ConnectArgs
+from arcbox_vm.client.aio_client import AsyncClient
 from arcbox_vm.client.aio_exec import AsyncExecSession
 from arcbox_vm.client.aio_sandbox import AsyncSandbox
 from arcbox_vm.client.collect import OutputCollector
 from arcbox_vm.client.connection import Target
 from arcbox_vm.client.loop import LoopThread
+from arcbox_vm.client.options import Command, ConnectArgs
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
