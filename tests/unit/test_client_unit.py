@@ -26,7 +26,7 @@ from arcbox_vm.cli.parsing import RemotePath, parse_cp_operands, parse_env, pars
 from arcbox_vm.client import AsyncClient, AsyncSandbox, Client, Sandbox
 from arcbox_vm.client.collect import OutputCollector
 from arcbox_vm.client.connection import Target, resolve_target
-from arcbox_vm.client.convert import info_from_pb, timeout_to_pb
+from arcbox_vm.client.convert import exec_request_to_pb, info_from_pb, timeout_to_pb
 from arcbox_vm.client.errors import (
     AuthError,
     CommandError,
@@ -37,6 +37,7 @@ from arcbox_vm.client.errors import (
     Unimplemented,
     map_status,
 )
+from arcbox_vm.client.options import exec_spec
 from arcbox_vm.client.sources import CHUNK_SIZE, iter_chunks, source_size
 from arcbox_vm.client.types import Output
 from arcbox_vm.errors import (
@@ -54,6 +55,7 @@ from arcbox_vm.errors import (
     SandboxAlreadyExists,
     SandboxNotFound,
 )
+from arcbox_vm.models import ExecSpec
 
 CLI = str(Path(sys.executable).with_name("arcbox-vm"))
 S = grpc.StatusCode
@@ -206,6 +208,41 @@ def test_env_and_labels():
 
 
 # -- conversions, output folding, upload chunks ---------------------------------------------
+
+
+def test_exec_options_become_one_exec_spec_and_one_request_conversion():
+    spec = exec_spec("echo hi", env={"A": "1"}, working_dir="/w", user="u", tty=True, tty_size=(120, 40),
+                     timeout=1.5, stdin=True)
+    assert spec == ExecSpec(cmd=("sh", "-c", "echo hi"), env={"A": "1"}, working_dir="/w", user="u", tty=True,
+                            tty_size=(120, 40), timeout_seconds=1.5, stdin=True)
+    for message in (pb.RunRequest, pb.ExecRequest, pb.StartRequest):
+        req = exec_request_to_pb(message, "sb", spec)
+        assert (req.id, list(req.cmd), dict(req.env), req.working_dir, req.user, req.tty) == (
+            "sb", ["sh", "-c", "echo hi"], {"A": "1"}, "/w", "u", True)
+        assert (req.tty_size.width, req.tty_size.height, req.timeout_seconds) == (120, 40, 2)  # (cols, rows)
+    assert exec_request_to_pb(pb.StartRequest, "sb", spec).stdin
+    assert not exec_request_to_pb(pb.StartRequest, "sb", spec.replace(stdin=False)).stdin
+    plain = exec_request_to_pb(pb.RunRequest, "sb", exec_spec(["true"], timeout=-1))
+    assert (plain.HasField("tty_size"), plain.timeout_seconds, dict(plain.env)) == (False, 0, {})
+    # a 0 (or less) in tty_size is the daemon's default for that dimension, as it always was
+    assert exec_spec(["sh"], tty_size=(0, 50)).tty_size == (80, 50)
+    assert exec_spec(["sh"], tty_size=(100, -1)).tty_size == (100, 24)
+    for bad in ({"cmd": []}, {"cmd": [1]}, {"env": {"A": 1}}, {"tty_size": (70000, 10)}, {"tty_size": (1,)},
+                {"timeout": 10**6}, {"timeout": float("nan")}):
+        with pytest.raises(InvalidArgument):
+            exec_spec(**{"cmd": ["true"], **bad})  # type: ignore[arg-type]
+
+
+async def test_bad_exec_options_fail_before_any_request(fake):
+    async with AsyncClient(socket=fake.socket) as client:
+        with pytest.raises(InvalidArgument, match="cmd"):
+            client.run_stream("nobody", [])
+        with pytest.raises(InvalidArgument, match="tty_size"):
+            await client.exec("nobody", ["sh"], tty=True, tty_size=(0x10000, 24))
+        with pytest.raises(InvalidArgument, match="timeout"):
+            await client.start("nobody", ["sleep", "1"], timeout=86401)
+    with Client(socket=fake.socket) as sync_client, pytest.raises(InvalidArgument, match="strings"):
+        sync_client.run("nobody", ["true"], env={"A": 1})  # type: ignore[dict-item]
 
 
 def test_timeouts_round_up_and_unset_fields_become_none():

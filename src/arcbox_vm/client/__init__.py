@@ -16,10 +16,11 @@ classes of `arcbox_vm.errors` (SandboxNotFound, InvalidState, BootFailed, ...) p
 client-only ones in `arcbox_vm.client.errors`.
 
 Modules: connection (target, channel options), errors (status → exception), types,
-convert (protobuf ↔ types), options (Command, ConnectArgs), collect (output →
-RunResult), sources (upload chunks), ready (wait until ready), aio_exec / aio_client /
-aio_sandbox (asyncio API; `aio` re-exports it), loop + sync (blocking API). Imports
-among them go one way: no cycles (tests/unit/test_import_hygiene.py checks).
+convert (protobuf ↔ types), options (Command, ConnectArgs, the exec options → one
+ExecSpec), collect (output → RunResult), sources (upload chunks), ready (wait until
+ready), aio_exec / aio_client / aio_sandbox (asyncio API; `aio` re-exports it), loop +
+sync (blocking API). Imports among them go one way: no cycles
+(tests/unit/test_import_hygiene.py checks).
 """
 
 from arcbox_vm.client.aio import AsyncClient, AsyncExecSession, AsyncFiles, AsyncSandbox

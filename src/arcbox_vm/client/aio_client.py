@@ -4,6 +4,10 @@ This is the one place that speaks protobuf; `AsyncSandbox` (a sandbox-bound view
 the sync API (`arcbox_vm.client.sync`) are thin layers over it. Import it from
 `arcbox_vm.client` or `arcbox_vm.client.aio`.
 
+Commands: each public method takes the exec options as keywords and turns them into one
+`ExecSpec` (options.py); the `_run` / `_run_stream` / `_exec` / `_start` forms take that
+spec and are what AsyncSandbox and the sync API call.
+
     async with AsyncClient() as client:                       # target: see connection.py
         created = await client.create(memory_mib=512)
         await client.wait_ready(created.id)
@@ -29,25 +33,26 @@ from arcbox_vm.client.convert import (
     created_from_pb,
     event_from_pb,
     exec_info_from_pb,
+    exec_request_to_pb,
     file_stat_from_pb,
     info_from_pb,
     output_from_pb,
     str_map,
     summary_from_pb,
     timeout_to_pb,
-    tty_size_to_pb,
 )
 from arcbox_vm.client.errors import RpcKind, from_rpc_error
-from arcbox_vm.client.options import Command, as_argv
+from arcbox_vm.client.options import Command, exec_spec
 from arcbox_vm.client.ready import ReadyWaiter
 from arcbox_vm.client.sources import WriteSource, check_source, iter_chunks, source_size
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError
-from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
 
 __all__ = ["AsyncClient"]
 
 T = TypeVar("T")
+
 
 class AsyncClient:
     """A connection to the arcbox-vm daemon. Cheap to create; the channel opens on first
@@ -174,10 +179,11 @@ class AsyncClient:
                    timeout: float | None = None) -> AsyncIterator[Output]:
         """Start `cmd` without stdin now; yields its output as it comes, ending with "exit" or
         "error". timeout (s): the whole process group is killed then (the end says timed_out)."""
-        request = pb.RunRequest(id=sandbox_id, cmd=as_argv(cmd), env=str_map(env), working_dir=working_dir,
-                                user=user, tty=tty, timeout_seconds=timeout_to_pb(timeout),
-                                tty_size=tty_size_to_pb(tty_size))
-        call = self._stub.Run(request, metadata=self.target.metadata)
+        return self._run_stream(sandbox_id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                      tty_size=tty_size, timeout=timeout))
+
+    def _run_stream(self, sandbox_id: str, spec: ExecSpec) -> AsyncIterator[Output]:
+        call = self._stub.Run(exec_request_to_pb(pb.RunRequest, sandbox_id, spec), metadata=self.target.metadata)
         return _mapped(self._stream(call, sandbox_id=sandbox_id, kind="exec"), output_from_pb)
 
     async def run(self, sandbox_id: str, cmd: Command, *, env: Mapping[str, str] | None = None,
@@ -186,10 +192,14 @@ class AsyncClient:
                   on_stderr: OutputCallback | None = None) -> RunResult:
         """Run `cmd` to the end. A non-zero exit is a result, not an exception; CommandError
         if it ended without an exit status. Callbacks (sync or async) get output as it comes."""
+        spec = exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty, tty_size=tty_size,
+                         timeout=timeout)
+        return await self._run(sandbox_id, spec, on_stdout, on_stderr)
+
+    async def _run(self, sandbox_id: str, spec: ExecSpec, on_stdout: OutputCallback | None = None,
+                   on_stderr: OutputCallback | None = None) -> RunResult:
         collector = OutputCollector(on_stdout, on_stderr)
-        stream = self.run_stream(sandbox_id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                 tty_size=tty_size, timeout=timeout)
-        async for out in stream:
+        async for out in self._run_stream(sandbox_id, spec):
             pending = collector.feed(out)
             if _inspect.isawaitable(pending):
                 await pending
@@ -201,10 +211,12 @@ class AsyncClient:
         """Start an interactive command: write stdin, resize, close stdin, read output, wait.
         Errors the daemon reports at start (unknown sandbox, command not found) are raised
         by the first read or `wait()`."""
-        request = pb.ExecRequest(id=sandbox_id, cmd=as_argv(cmd), env=str_map(env), working_dir=working_dir,
-                                 user=user, tty=tty, tty_size=tty_size_to_pb(tty_size),
-                                 timeout_seconds=timeout_to_pb(timeout))
-        return await self._open_exec(sandbox_id, pb.ExecInput(init=request))
+        return await self._exec(sandbox_id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                      tty_size=tty_size, timeout=timeout, stdin=True))
+
+    async def _exec(self, sandbox_id: str, spec: ExecSpec) -> AsyncExecSession:
+        return await self._open_exec(sandbox_id, pb.ExecInput(init=exec_request_to_pb(pb.ExecRequest, sandbox_id,
+                                                                                       spec)))
 
     async def _open_exec(self, sandbox_id: str, first: pb.ExecInput) -> AsyncExecSession:
         """An Exec stream whose first message is `first` (init or attach)."""
@@ -225,10 +237,12 @@ class AsyncClient:
         """Start `cmd` in the background; returns its exec id at once. The daemon reads its
         output (keeping the newest 1 MiB while nobody is attached); `attach` streams it,
         `signal` stops it, `list_execs` shows its status and exit code."""
-        request = pb.StartRequest(id=sandbox_id, cmd=as_argv(cmd), env=str_map(env), working_dir=working_dir,
-                                  user=user, tty=tty, timeout_seconds=timeout_to_pb(timeout),
-                                  tty_size=tty_size_to_pb(tty_size), stdin=stdin)
-        resp = await self._unary(self._stub.Start, request, sandbox_id=sandbox_id, kind="exec")
+        return await self._start(sandbox_id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                       tty_size=tty_size, timeout=timeout, stdin=stdin))
+
+    async def _start(self, sandbox_id: str, spec: ExecSpec) -> str:
+        resp = await self._unary(self._stub.Start, exec_request_to_pb(pb.StartRequest, sandbox_id, spec),
+                                 sandbox_id=sandbox_id, kind="exec")
         return resp.exec_id
 
     async def signal(self, sandbox_id: str, exec_id: str, signal: int = 9) -> None:

@@ -23,7 +23,7 @@ import grpc
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.api.metadata import EXEC_ID as EXEC_ID_METADATA
 from arcbox_vm.client.collect import OutputCollector
-from arcbox_vm.client.convert import output_from_pb
+from arcbox_vm.client.convert import output_from_pb, tty_size_to_pb
 from arcbox_vm.client.types import Output, OutputCallback, RunResult
 from arcbox_vm.errors import AgentError
 
@@ -70,8 +70,8 @@ class AsyncExecSession:
             await self._send(pb.ExecInput(stdin=bytes(data)))
 
     async def resize(self, cols: int, rows: int) -> None:
-        """Set the terminal size (tty=True sessions)."""
-        await self._send(pb.ExecInput(resize=pb.TerminalSize(width=cols, height=rows)))
+        """Set the terminal size (tty=True sessions): columns first, as tty_size everywhere."""
+        await self._send(pb.ExecInput(resize=tty_size_to_pb((cols, rows))))
 
     async def close_stdin(self) -> None:
         """Send end-of-file to the command's stdin (once; later calls do nothing)."""

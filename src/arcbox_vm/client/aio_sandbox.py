@@ -6,7 +6,8 @@
     # leaving the block removes the sandbox (force) and closes the client it opened
 
 Every method delegates to the client with the id filled in; nothing here talks gRPC.
-This module imports the client (aio_client.py), never the other way round.
+Command options become one ExecSpec here (options.py) and go to the client's spec-taking
+forms. This module imports the client (aio_client.py), never the other way round.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal, Unpack
 
 from arcbox_vm.client.aio_client import AsyncClient
 from arcbox_vm.client.aio_exec import AsyncExecSession
-from arcbox_vm.client.options import Command, ConnectArgs
+from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError, GuestFileNotFound
@@ -182,28 +183,30 @@ class AsyncSandbox:
                   timeout: float | None = None, on_stdout: OutputCallback | None = None,
                   on_stderr: OutputCallback | None = None) -> RunResult:
         """Run to the end → RunResult (see AsyncClient.run)."""
-        return await self.client.run(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                     tty_size=tty_size, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+        spec = exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty, tty_size=tty_size,
+                         timeout=timeout)
+        return await self.client._run(self.id, spec, on_stdout, on_stderr)
 
     def run_stream(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                    user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                    timeout: float | None = None) -> AsyncIterator[Output]:
-        return self.client.run_stream(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                      tty_size=tty_size, timeout=timeout)
+        return self.client._run_stream(self.id, exec_spec(cmd, env=env, working_dir=working_dir, user=user,
+                                                          tty=tty, tty_size=tty_size, timeout=timeout))
 
     async def exec(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                    user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                    timeout: float | None = None) -> AsyncExecSession:
         """Interactive command (see AsyncExecSession)."""
-        return await self.client.exec(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                      tty_size=tty_size, timeout=timeout)
+        return await self.client._exec(self.id, exec_spec(cmd, env=env, working_dir=working_dir, user=user,
+                                                          tty=tty, tty_size=tty_size, timeout=timeout, stdin=True))
 
     async def start(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                     user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                     timeout: float | None = None, stdin: bool = False) -> str:
         """Background command: returns its exec id at once (see AsyncClient.start)."""
-        return await self.client.start(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                       tty_size=tty_size, timeout=timeout, stdin=stdin)
+        return await self.client._start(self.id, exec_spec(cmd, env=env, working_dir=working_dir, user=user,
+                                                           tty=tty, tty_size=tty_size, timeout=timeout,
+                                                           stdin=stdin))
 
     async def attach(self, exec_id: str) -> AsyncExecSession:
         """Attach to a background or detached command; leaving detaches (see AsyncClient.attach)."""

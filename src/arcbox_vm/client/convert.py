@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TypeVar
 
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.client.types import Created, Output
 from arcbox_vm.errors import InvalidArgument
 from arcbox_vm.models import (
     ExecInfo,
+    ExecSpec,
     FileStat,
     SandboxEvent,
     SandboxInfo,
@@ -24,9 +26,12 @@ from arcbox_vm.models import (
 )
 
 __all__ = [
-    "created_from_pb", "event_from_pb", "exec_info_from_pb", "file_stat_from_pb", "info_from_pb", "output_from_pb", "str_map",
-    "summary_from_pb", "timeout_to_pb", "tty_size_to_pb",
+    "created_from_pb", "event_from_pb", "exec_info_from_pb", "exec_request_to_pb", "file_stat_from_pb", "info_from_pb",
+    "output_from_pb", "str_map", "summary_from_pb", "timeout_to_pb", "tty_size_to_pb",
 ]
+
+# The three requests that start a command share the ExecSpec fields; only Start has stdin.
+ExecRequestT = TypeVar("ExecRequestT", pb.RunRequest, pb.ExecRequest, pb.StartRequest)
 
 
 def _state(value: str) -> SandboxState:
@@ -91,11 +96,22 @@ def timeout_to_pb(seconds: float | None) -> int:
 
 
 def tty_size_to_pb(size: tuple[int, int] | None) -> pb.TerminalSize | None:
-    """(columns, rows) → TerminalSize; None leaves the daemon's default (80x24)."""
+    """(cols, rows) → TerminalSize; None leaves the daemon's default (80x24)."""
     if size is None:
         return None
     cols, rows = size
-    return pb.TerminalSize(width=max(0, int(cols)), height=max(0, int(rows)))
+    return pb.TerminalSize(width=int(cols), height=int(rows))
+
+
+def exec_request_to_pb(message: type[ExecRequestT], sandbox_id: str, spec: ExecSpec) -> ExecRequestT:
+    """The one ExecSpec → RunRequest / ExecRequest / StartRequest conversion. `stdin` goes
+    only where the message has it (an Exec stream always carries stdin)."""
+    request = message(id=sandbox_id, cmd=spec.cmd, env=spec.env, working_dir=spec.working_dir, user=spec.user,
+                      tty=spec.tty, tty_size=tty_size_to_pb(spec.tty_size),
+                      timeout_seconds=timeout_to_pb(spec.timeout_seconds))
+    if "stdin" in message.DESCRIPTOR.fields_by_name:
+        request.stdin = spec.stdin
+    return request
 
 
 def str_map(values: Mapping[str, str] | None) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Thin wrappers that run the async client on a private loop thread (loop.py): the RPCs,
 streams, error mapping and ready-waiting exist once, in the async client. Streams come
-back as ordinary iterators, and output callbacks run in the caller's thread.
+back as ordinary iterators, and output callbacks run in the caller's thread. Command
+options become one ExecSpec at the method the caller called (options.py).
 
     from arcbox_vm.client import Sandbox
     with Sandbox.create(memory_mib=512) as sb:
@@ -21,11 +22,11 @@ from arcbox_vm.client.aio_sandbox import AsyncSandbox
 from arcbox_vm.client.collect import OutputCollector
 from arcbox_vm.client.connection import Target
 from arcbox_vm.client.loop import LoopThread
-from arcbox_vm.client.options import Command, ConnectArgs
+from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
-from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
 
 __all__ = ["Client", "ExecSession", "Files", "Sandbox"]
 
@@ -93,25 +94,35 @@ class Client:
     def run_stream(self, sandbox_id: str, cmd: Command, *, env: Mapping[str, str] | None = None,
                    working_dir: str = "", user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                    timeout: float | None = None) -> Iterator[Output]:
-        return self._loop.stream(lambda: self.aio.run_stream(sandbox_id, cmd, env=env, working_dir=working_dir,
-                                                             user=user, tty=tty, tty_size=tty_size, timeout=timeout))
+        return self._run_stream(sandbox_id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                      tty_size=tty_size, timeout=timeout))
+
+    def _run_stream(self, sandbox_id: str, spec: ExecSpec) -> Iterator[Output]:
+        return self._loop.stream(lambda: self.aio._run_stream(sandbox_id, spec))
 
     def run(self, sandbox_id: str, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
             user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None, timeout: float | None = None,
             on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> RunResult:
         """See AsyncClient.run; callbacks run in this thread."""
+        spec = exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty, tty_size=tty_size,
+                         timeout=timeout)
+        return self._run(sandbox_id, spec, on_stdout, on_stderr)
+
+    def _run(self, sandbox_id: str, spec: ExecSpec, on_stdout: OutputCallback | None = None,
+             on_stderr: OutputCallback | None = None) -> RunResult:
         collector = OutputCollector(on_stdout, on_stderr)
-        for out in self.run_stream(sandbox_id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                   tty_size=tty_size, timeout=timeout):
+        for out in self._run_stream(sandbox_id, spec):
             collector.feed(out)
         return collector.result()
 
     def exec(self, sandbox_id: str, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
              user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
              timeout: float | None = None) -> "ExecSession":
-        session = self._loop.run(self.aio.exec(sandbox_id, cmd, env=env, working_dir=working_dir, user=user,
-                                               tty=tty, tty_size=tty_size, timeout=timeout))
-        return ExecSession(self._loop, session)
+        return self._exec(sandbox_id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                tty_size=tty_size, timeout=timeout, stdin=True))
+
+    def _exec(self, sandbox_id: str, spec: ExecSpec) -> "ExecSession":
+        return ExecSession(self._loop, self._loop.run(self.aio._exec(sandbox_id, spec)))
 
     def list_execs(self, sandbox_id: str) -> list[ExecInfo]:
         return self._loop.run(self.aio.list_execs(sandbox_id))
@@ -120,8 +131,11 @@ class Client:
               user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
               timeout: float | None = None, stdin: bool = False) -> str:
         """See AsyncClient.start."""
-        return self._loop.run(self.aio.start(sandbox_id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                             tty_size=tty_size, timeout=timeout, stdin=stdin))
+        return self._start(sandbox_id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                 tty_size=tty_size, timeout=timeout, stdin=stdin))
+
+    def _start(self, sandbox_id: str, spec: ExecSpec) -> str:
+        return self._loop.run(self.aio._start(sandbox_id, spec))
 
     def signal(self, sandbox_id: str, exec_id: str, signal: int = 9) -> None:
         self._loop.run(self.aio.signal(sandbox_id, exec_id, signal))
@@ -300,27 +314,28 @@ class Sandbox:
     def run(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
             tty: bool = False, tty_size: tuple[int, int] | None = None, timeout: float | None = None,
             on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> RunResult:
-        return self.client.run(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                               tty_size=tty_size, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr)
+        spec = exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty, tty_size=tty_size,
+                         timeout=timeout)
+        return self.client._run(self.id, spec, on_stdout, on_stderr)
 
     def run_stream(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "",
                    user: str = "", tty: bool = False, tty_size: tuple[int, int] | None = None,
                    timeout: float | None = None) -> Iterator[Output]:
-        return self.client.run_stream(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                      tty_size=tty_size, timeout=timeout)
+        return self.client._run_stream(self.id, exec_spec(cmd, env=env, working_dir=working_dir, user=user,
+                                                          tty=tty, tty_size=tty_size, timeout=timeout))
 
     def exec(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
              tty: bool = False, tty_size: tuple[int, int] | None = None,
              timeout: float | None = None) -> ExecSession:
-        return self.client.exec(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                tty_size=tty_size, timeout=timeout)
+        return self.client._exec(self.id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                    tty_size=tty_size, timeout=timeout, stdin=True))
 
     def start(self, cmd: Command, *, env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
               tty: bool = False, tty_size: tuple[int, int] | None = None, timeout: float | None = None,
               stdin: bool = False) -> str:
         """See AsyncSandbox.start."""
-        return self.client.start(self.id, cmd, env=env, working_dir=working_dir, user=user, tty=tty,
-                                 tty_size=tty_size, timeout=timeout, stdin=stdin)
+        return self.client._start(self.id, exec_spec(cmd, env=env, working_dir=working_dir, user=user, tty=tty,
+                                                     tty_size=tty_size, timeout=timeout, stdin=stdin))
 
     def attach(self, exec_id: str) -> ExecSession:
         return self.client.attach(self.id, exec_id)
