@@ -302,8 +302,12 @@ def test_adapter_exceptions_are_still_needed():
 # package a module becomes.
 BEING_SPLIT = {
     "arcbox_vm.vmm.firecracker.process": "vmm/firecracker/process.py (590 lines) is being split (VMM driver work)",
-    "arcbox_vm.agent.protocol": "agent/protocol.py (524 lines) is over the limit and on no one's list yet; "
-                                "give it an owner (or an agreed exception)",
+}
+
+# Agreed exceptions, each with its own ceiling: {module: (max lines, why)}.
+SIZE_EXCEPTIONS = {
+    "arcbox_vm.agent.protocol": (560, "the wire protocol is ONE module shared by host and guest (a project rule); "
+                                      "about 90 of its lines are the protocol's specification"),
 }
 
 
@@ -314,5 +318,6 @@ def module_sizes() -> dict[str, int]:
 
 @pytest.mark.parametrize("owner", _cases(BEING_SPLIT))
 def test_no_module_has_more_than_500_lines(owner):
-    big = {name: n for name, n in module_sizes().items() if n > MAX_LINES and _owner([name], BEING_SPLIT) == owner}
+    big = {name: n for name, n in module_sizes().items()
+           if n > SIZE_EXCEPTIONS.get(name, (MAX_LINES, ""))[0] and _owner([name], BEING_SPLIT) == owner}
     assert not big, f"modules over {MAX_LINES} lines: " + ", ".join(f"{m} ({n})" for m, n in sorted(big.items()))
