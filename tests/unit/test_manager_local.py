@@ -175,6 +175,13 @@ async def collect_all(stream: AsyncIterator) -> list:
     return [chunk async for chunk in stream]
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -266,7 +273,7 @@ async def test_killed_vmm_fails_the_sandbox_and_takes_its_commands(rig: Rig) -> 
     marker = f"{os.getpid() % 1000 + 700}.{time.time_ns() % 10**6:06d}"  # a sleep unique to this test
     await mgr.start_exec(sid, ["sleep", marker])
     tree = rig.tree(mgr, sid)
-    sleepers = [p for p in tree if marker.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    sleepers = [p for p in tree if cmdline(p) == f"sleep\0{marker}\0".encode()]
     assert len(sleepers) == 1, "the background command runs below the agent"
     async with mgr.subscribe_events(sandbox_id=sid) as sub:
         os.kill(tree[0], signal.SIGKILL)
@@ -563,7 +570,7 @@ async def test_without_a_pid_namespace_kill_still_takes_every_process(rig: Rig) 
 
     def sleepers() -> list[int]:
         return [p for p in descendants(driver.processes[sid].pid)
-                if marker.encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+                if cmdline(p) == f"sleep\0{marker}\0".encode()]
 
     await wait_for(lambda: len(sleepers()) == 2, 5, "both sleeps below the agent (a subreaper)")
     tree = rig.tree(mgr, sid)
