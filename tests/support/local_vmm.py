@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import arcbox_vm
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY
@@ -286,3 +287,16 @@ class LocalDriver:
         proc = LocalProcess(spec.pid, spec.start_time, Path(spec.workdir) / "console.log")
         self.processes[spec.sandbox_id] = proc
         return proc
+
+
+class NoImageBuild:
+    """An `ImageStore` for managers over the local driver: sandboxes there name their
+    (dummy) kernel and rootfs, so asking for the built guest image is a bug — it fails
+    the boot and is counted (`calls`), never builds anything."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def default_image(self) -> NoReturn:
+        self.calls += 1
+        raise AssertionError("the manager asked for the built guest image although kernel and rootfs were given")

@@ -25,7 +25,7 @@ from arcbox_vm.config import AgentConfig, DaemonConfig, DefaultVmConfig, GrpcCon
 from arcbox_vm.daemon.serve import serve
 from arcbox_vm.errors import SandboxNotFound
 from arcbox_vm.models import SandboxEvent
-from tests.support.local_vmm import LocalDriver, alive, descendants
+from tests.support.local_vmm import LocalDriver, NoImageBuild, alive, descendants
 
 
 class Daemon:
@@ -45,10 +45,13 @@ class Daemon:
         self.task: asyncio.Task | None = None
         self.stop_event = asyncio.Event()
         self.manager: SandboxManager | None = None
+        self.images = NoImageBuild()
         self.pids: set[int] = set()  # every sandbox process seen (the teardown checks they are gone)
 
     async def start(self) -> Daemon:
         self.manager = SandboxManager(self.config, driver=LocalDriver())
+        self.images = NoImageBuild()
+        self.manager.adapters.images = self.images
         self.stop_event = asyncio.Event()
         ready = asyncio.Event()
         self.task = asyncio.create_task(serve(self.config, ready=ready, manager=self.manager, stop=self.stop_event))
@@ -105,6 +108,7 @@ async def daemon_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Asy
             os.kill(p, signal.SIGKILL)
         shutil.rmtree(runtime, ignore_errors=True)
     assert not left, f"processes outlived the daemon's sandboxes: {left}"
+    assert all(d.images.calls == 0 for d in made), "no guest image was asked for"
 
 
 async def wait_dead(pids: list[int], timeout: float = 5.0) -> list[int]:

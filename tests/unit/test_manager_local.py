@@ -32,21 +32,10 @@ from arcbox_vm.models import SandboxEvent
 from arcbox_vm.paths import socket_dir
 from arcbox_vm.ports import AdoptSpec, VmmDriver, VmmProcess
 from arcbox_vm.vmm.adopted import process_start_time
-from tests.support.local_vmm import LocalDriver, alive, descendants
+from tests.support.local_vmm import LocalDriver, NoImageBuild, alive, descendants
 
 S = SandboxState
 MiB = 1 << 20
-
-
-class NoImageBuild:
-    """Image store that fails the test if the manager ever asks for the built image."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def default_image(self):
-        self.calls += 1
-        raise AssertionError("the manager asked for the built guest image although kernel and rootfs were given")
 
 
 @dataclass
