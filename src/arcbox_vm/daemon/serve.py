@@ -66,8 +66,11 @@ def _secure_socket(path: Path, group: str) -> None:
         os.chown(path, -1, gid)
 
 
-async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Event | None = None) -> None:
-    manager = SandboxManager(cfg)
+async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Event | None = None,
+                manager: SandboxManager | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT — or until `stop` is set, if given (then no signal
+    handlers are installed). `manager` replaces the one built from `cfg` (tests)."""
+    manager = manager or SandboxManager(cfg)
     await manager._ensure_started()
     servicer = SandboxServicer(manager, max_file_bytes=cfg.daemon.max_file_mib << 20)
     servers: list[grpc.aio.Server] = []
@@ -83,10 +86,11 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         log.info("serving sandbox.v1 on unix:%s", unix_path)
         if cfg.grpc.tcp_addr:
             servers.append(await _start_tcp(cfg, servicer, insecure_tcp))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
         await stop.wait()

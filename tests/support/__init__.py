@@ -1,0 +1,1 @@
+"""Test-only helpers shared by several test directories (never imported by the package)."""
