@@ -65,6 +65,11 @@ class AgentDisconnected(AgentError):
         super().__init__(message, code="disconnected")
 
 
+
+class AgentUnresponsive(AgentDisconnected):
+    """The guest agent stopped answering its keepalive: the VM is frozen or overloaded
+    (a frozen VM never exits by itself, so nobody waits for it to)."""
+
 class ExecError(AgentError):
     """A command could not be started in the guest (not found, bad user, ...)."""
 

@@ -232,3 +232,17 @@ async def test_daemon_restart_keeps_a_background_command_attachable(daemon_facto
         await client.remove("keep", force=True)
         with pytest.raises(SandboxNotFound):
             await client.inspect("keep")
+
+
+async def test_subscribe_returns_once_live_so_no_event_after_it_is_missed(daemon_factory) -> None:
+    """`await client.subscribe()` then create: the `created` event is always there (with a
+    bare `events()` the daemon may subscribe after the create — a race seen 1 in 20)."""
+    d = await daemon_factory("remove").start()
+    async with AsyncClient(socket=str(d.socket)) as client:
+        for i in range(10):
+            events = await client.subscribe(id=f"sub-{i}", action="created")
+            await client.create(id=f"sub-{i}", network="none")
+            first = await asyncio.wait_for(anext(events), 5)
+            assert (first.sandbox_id, first.action) == (f"sub-{i}", "created")
+            await events.aclose()
+            await client.remove(f"sub-{i}", force=True)

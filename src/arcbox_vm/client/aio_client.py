@@ -156,15 +156,27 @@ class AsyncClient:
 
     def events(self, id: str | None = None, action: str | None = None,
                since: int | None = None) -> AsyncIterator[SandboxEvent]:
-        """Lifecycle events, forever (filtered by sandbox id and/or action): from the moment
-        of this call — the subscription starts here, not at the first `anext` — or, with
-        `since`, every retained event after that event id first (0 = the whole log).
-        Must be called inside the event loop that iterates it."""
+        """Lifecycle events, forever (filtered by sandbox id and/or action): the request is
+        sent at this call, not at the first `anext`, and the daemon subscribes when it
+        receives it — or, with `since`, every retained event after that event id first
+        (0 = the whole log). To act only once the subscription is live (so that an event
+        you cause next cannot be missed), use `await subscribe(...)`. Must be called inside
+        the event loop that iterates it."""
+        return _mapped(self._stream(self._events_call(id, action, since), sandbox_id=id or ""), event_from_pb)
+
+    async def subscribe(self, id: str | None = None, action: str | None = None,
+                        since: int | None = None) -> AsyncIterator[SandboxEvent]:
+        """Like `events`, but returns only once the daemon says the subscription is live:
+        every event after this returns is delivered."""
+        call = self._events_call(id, action, since)
+        await call.initial_metadata()  # the daemon sends it once subscribed (arcbox-events-subscribed)
+        return _mapped(self._stream(call, sandbox_id=id or ""), event_from_pb)
+
+    def _events_call(self, id: str | None, action: str | None, since: int | None):  # noqa: ANN202
         request = pb.SandboxEventsRequest(id=id or "", action=action or "")
         if since is not None:
             request.since = since
-        call = self._stub.Events(request, metadata=self.target.metadata)
-        return _mapped(self._stream(call, sandbox_id=id or ""), event_from_pb)
+        return self._stub.Events(request, metadata=self.target.metadata)
 
     def logs(self, sandbox_id: str, follow: bool = False) -> AsyncIterator[bytes]:
         """The VM's serial console so far; with follow, then new output until the sandbox is gone."""

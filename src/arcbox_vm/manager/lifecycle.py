@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 
-from arcbox_vm.errors import ArcboxError, InvalidState, SandboxAlreadyExists
+from arcbox_vm.errors import AgentUnresponsive, ArcboxError, InvalidState, SandboxAlreadyExists
 from arcbox_vm.manager.boot import BootPlan, BootRequest
 from arcbox_vm.manager.console import keep_capped
 from arcbox_vm.manager.context import ManagerContext
@@ -130,7 +130,8 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
     exited = asyncio.ensure_future(vm.process.wait())
     try:
         await asyncio.wait({exited, vm.agent.closed}, return_when=asyncio.FIRST_COMPLETED)
-        if not exited.done():  # a guest that powers off closes the channel just before
+        frozen = vm.agent.closed.done() and isinstance(vm.agent.closed.result(), AgentUnresponsive)
+        if not exited.done() and not frozen:  # a guest that powers off closes the channel just before
             await asyncio.wait({exited}, timeout=5.0)
     finally:
         if not exited.done():

@@ -39,6 +39,7 @@ from arcbox_vm.ports import AdoptSpec, VmmProcess
 log = logging.getLogger(__name__)
 
 ADOPT_TIMEOUT_S = 30.0  # how long a surviving guest agent gets to dial back
+ADOPT_PARALLEL = 16  # records settled at once at start-up
 
 
 async def _kill_users_of(path: os.PathLike, keep: set[int]) -> None:
@@ -79,14 +80,21 @@ async def _reconnect(ctx: ManagerContext, sb: SandboxRecord, proc: VmmProcess) -
 
 
 async def recover(ctx: ManagerContext) -> None:
+    """Settle every record (at most ADOPT_PARALLEL at once: a VM whose agent does not dial
+    back costs ADOPT_TIMEOUT_S, and must not hold up the others), then remove orphans."""
     adopted_pids: set[int] = set()
-    for row in ctx.store.sandboxes():
-        sb = SandboxRecord.from_row(row)
-        token = logctx.sandbox_id.set(sb.id)
-        try:
+    gate = asyncio.Semaphore(ADOPT_PARALLEL)
+
+    async def one(sb: SandboxRecord) -> None:
+        async with gate:
+            logctx.sandbox_id.set(sb.id)  # this task's own context
             await _recover_one(ctx, sb, adopted_pids)
-        finally:
-            logctx.sandbox_id.reset(token)
+
+    records = [SandboxRecord.from_row(row) for row in ctx.store.sandboxes()]
+    for sb in records:  # in creation order, before any await: list order stays stable
+        if not sb.removing:
+            ctx.sandboxes[sb.id] = sb
+    await asyncio.gather(*(one(sb) for sb in records))
     # nothing else may hold our resources
     await remove_orphan_cgroups(ctx)
     keep = {sb.workdir.name for sb in ctx.sandboxes.values()}

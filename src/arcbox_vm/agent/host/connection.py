@@ -30,7 +30,7 @@ from arcbox_vm.agent.host.file_ops import (
     _FileRequest,
     _FileWrite,
 )
-from arcbox_vm.errors import AgentDisconnected, ExecError, GuestFileError
+from arcbox_vm.errors import AgentDisconnected, AgentUnresponsive, ExecError, GuestFileError
 from arcbox_vm.models import FileStat
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ class AgentConnection:
                 await self.ping(timeout)
             except asyncio.TimeoutError:
                 log.warning("the guest agent did not answer a ping for %.0f s; giving up on it", timeout)
-                self._teardown(AgentDisconnected(f"the guest agent did not answer for {timeout:.0f} s "
+                self._teardown(AgentUnresponsive(f"the guest agent did not answer for {timeout:.0f} s "
                                                  "(the VM is frozen or overloaded)"))
                 self._reader_task.cancel()
                 return
