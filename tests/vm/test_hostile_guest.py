@@ -54,6 +54,7 @@ class Env:
         cfg = write_config(tmp / "c.toml", image, self.data_dir, tmp / "d.sock", netns=self.netns,
                            cidr="10.246.0.0/24", on_shutdown="remove")
         self.daemon = Daemon(cfg, tmp / "d.sock", tmp / "daemon.log")
+        self._consoles: dict[str, list] = {}
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = dict(os.environ, ARCBOX_VM_SOCKET=str(self.daemon.socket))
@@ -72,13 +73,23 @@ class Env:
         return memory_kib(self.daemon.pid, "VmRSS") * 1024
 
     def console(self, sid: str) -> str:
-        log = self.workdir(sid) / "console.log"
-        parts = [p.read_bytes() for p in (log.with_name(log.name + ".1"), log) if p.exists()]
-        return b"".join(parts).decode(errors="replace")
+        """Everything A's serial console said so far. The log is followed through a file
+        descriptor opened once, so it stays readable after the sandbox's directory is gone
+        (a daemon may well fail and remove a sandbox that floods it)."""
+        follower = self._consoles.get(sid)
+        if follower is None:
+            follower = self._consoles[sid] = [open(self.workdir(sid) / "console.log", "rb"), bytearray()]  # noqa: SIM115
+        f, seen = follower
+        if os.fstat(f.fileno()).st_size < f.tell():  # capped (truncated) meanwhile
+            f.seek(0)
+        seen += f.read()
+        return seen.decode(errors="replace")
 
     def clean_up(self) -> None:
         """Stop the daemon; if it will not stop, kill it and what it ran, and let a new daemon
         on the same data dir remove the rest (sandboxes, cgroups, the network namespace)."""
+        for f, _ in self._consoles.values():
+            f.close()
         d = self.daemon
         if d.proc is not None and d.proc.poll() is None:
             try:
@@ -154,6 +165,7 @@ def test_a_hostile_guest_cannot_hurt_the_daemon(env):
         wait_state(env.daemon.stub(), sid, ("ready",), timeout=240)
     assert env.ok("exec", b, "--", "echo", "before") == "before\n"
 
+    env.console(a)  # follow A's console from now on
     baseline = env.rss()
     exec_id = env.ok("exec", "-d", a, "--", "python3", "-c", ATTACK).strip()
     started = wait_for_console(env, a, r"ATTACK: stole fd \d+ .*flooding", ATTACK_START_S)
@@ -206,5 +218,6 @@ def test_a_hostile_guest_cannot_hurt_the_daemon(env):
     assert prober.results and all(good for good, _, _ in prober.results), \
         f"exec in {b} failed during the attack: {[why for good, _, why in prober.results if not good]}"
     assert serving.returncode == 0 and a in serving.stdout.decode().split(), serving.stderr.decode()
+    assert env.daemon.proc is not None and env.daemon.proc.poll() is None, "the daemon died"
     assert (after.returncode, after.stdout) == (0, b"after\n"), after.stderr.decode()
     assert ls_after.returncode == 0 and ls_after.stdout.decode().split() == [b], ls_after.stderr.decode()
