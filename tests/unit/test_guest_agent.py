@@ -201,6 +201,26 @@ def test_timeout_kills_the_whole_process_group(client: Client, tty: bool) -> Non
         kill_token(token)
 
 
+@pytest.mark.parametrize("timeout", [1e12, 3e6, 1.7e308])
+def test_an_enormous_timeout_does_not_stall_the_agent(agent: AgentProcess, client: Client, timeout: float) -> None:
+    """A deadline further away than epoll can wait (2^31-1 ms, ~24.8 days) must not break
+    the loop: the agent keeps answering PING and running other commands, and the long
+    command still ends by signal as usual."""
+    client.exec(1, ["sh", "-c", "echo ready; exec sleep 1000"], timeout=timeout)
+    assert client.next(1).payload == b"ready\n"
+    for i in range(3):
+        token = f"still-there-{i}".encode()
+        client.send(p.MsgType.PING, 0, token)
+        f = client.next(0, timeout=5)
+        assert (f.type, f.payload) == (p.MsgType.PONG, token)
+        res = client.run(["echo", f"other-{i}"], ch=2 + i)
+        assert (bytes(res.stdout), res.code) == (f"other-{i}\n".encode(), 0)
+    client.send_json(p.MsgType.SIGNAL, 1, {"signal": int(signal.SIGTERM)})
+    res = client.collect(1)
+    assert res.exit == {"exit_code": 143, "signal": int(signal.SIGTERM), "timed_out": False}
+    assert "unexpected error in the event loop" not in agent.log()
+
+
 def test_signal_frame_reaches_the_process_group(client: Client) -> None:
     client.exec(1, ["sh", "-c", "echo ready; exec sleep 30"])
     assert client.next(1).payload == b"ready\n"

@@ -59,6 +59,11 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
 
 _R = selectors.EVENT_READ
 
+# Longest single wait of the loop. epoll takes at most 2^31-1 ms (~24.8 days) and select(2)
+# a time_t: a later deadline (a long exec timeout) must mean "wake up, nothing to do yet",
+# never a timeout the selector refuses with OverflowError on every iteration.
+MAX_WAIT = 86400.0
+
 
 def _noop_handler(signum: int, frame: Any) -> None:
     """Signals are handled from the wakeup pipe in the loop, not here."""
@@ -163,7 +168,7 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
                 when.append(s.grace_at)
         if not when:
             return None
-        return max(0.0, min(when) - now)
+        return min(MAX_WAIT, max(0.0, min(when) - now))
 
     def _run_timers(self, now: float) -> None:
         for s in self._all_sessions():

@@ -41,6 +41,7 @@ EXIT_GRACE = 1.0  # seconds to wait for output EOF after the child exited
 DRAIN_CAP = 1 << 20  # bytes read after the grace period before pipes are closed anyway
 STDIN_WRITE = 64 * 1024  # bytes per write(2) to the child
 GRANT_BATCH = 32 * 1024  # return stdin credit in batches of at least this (or when idle)
+MAX_TIMEOUT = 366 * 86400.0  # longer exec timeouts count as this (the host sends at most a day)
 
 _R = selectors.EVENT_READ
 _W = selectors.EVENT_WRITE
@@ -84,7 +85,7 @@ class Session:
         self.grace_at: Optional[float] = None
         self.draining = False
         self.drained_bytes = 0
-        timeout = float(request.get("timeout") or 0)
+        timeout = min(float(request.get("timeout") or 0), MAX_TIMEOUT)
         self.deadline: Optional[float] = now + timeout if timeout > 0 else None
         self.timed_out = False
         self._reg: Dict[int, int] = {}  # fd -> events currently registered
