@@ -31,8 +31,7 @@ def firecracker_usable(
     """(usable, reason). `kernel`, if given, is the guest vmlinux (matters on PVM hosts)."""
     from arcbox_vm.errors import VmmError
 
-    from .process import resolve_binary  # local import: keep this module light
-
+    from .layout import resolve_binary  # local import: keep this module light
 
     try:
         path = resolve_binary(Path(binary), "firecracker")
