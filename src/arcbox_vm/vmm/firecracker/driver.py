@@ -163,7 +163,10 @@ class FirecrackerDriver:
                 )
             log.debug("starting %s", " ".join(argv))
             new_pid_ns = cfg.jailer is not None and cfg.jailer.new_pid_ns
-            # the jailer execs Firecracker in place (same pid) unless it starts it in a new pid namespace
+            # The jailer execs Firecracker in place (same pid) unless it starts it in a new pid
+            # namespace. die_with_parent survives that exec, but the jailer's switch to its uid/gid
+            # clears it (the kernel does, on a credential change): under a real jailer it only
+            # covers the jailer itself.
             handle = await TrackedProcess.spawn(argv, layout.console_log, name="the jailer" if new_pid_ns else "Firecracker",
                                                 die_with_parent=self.die_with_parent, truncate=True)
             if new_pid_ns:
