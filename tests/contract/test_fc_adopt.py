@@ -10,7 +10,6 @@ import asyncio
 import os
 import secrets
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -124,7 +123,7 @@ async def test_adopting_a_vm_that_is_gone_or_whose_pid_was_recycled(
     await launched.api.aclose()
     assert layout.jail_dir.is_dir(), "nobody cleaned up yet"
 
-    bystander = subprocess.Popen(["sleep", "60"])  # holds a pid that is not our VM
+    bystander = await asyncio.create_subprocess_exec("sleep", "60")  # holds a pid that is not our VM
     try:
         driver = FirecrackerDriver(cfg, cgroups=open_cgroups(cgroup_parent))
         specs = {
@@ -141,9 +140,9 @@ async def test_adopting_a_vm_that_is_gone_or_whose_pid_was_recycled(
             await proc.request_stop()  # nothing left to ask: no call is made
             await proc.kill()  # nothing to kill: no signal is sent
         assert adopted["gone"].returncode == 0, "not our child: its exit status comes from Firecracker's log"
-        assert bystander.poll() is None, "a recycled pid is never taken for the VM"
+        assert pid_alive(bystander.pid), "a recycled pid is never taken for the VM"
         await adopted["recycled"].cleanup()
-        assert bystander.poll() is None
+        assert pid_alive(bystander.pid)
         assert not layout.jail_dir.exists() and not layout.jail_dir.parent.exists(), "the jail is removed"
         assert sockets_under(short_dir) == []
         assert open_cgroups(cgroup_parent).list() == []
@@ -151,4 +150,4 @@ async def test_adopting_a_vm_that_is_gone_or_whose_pid_was_recycled(
             await proc.cleanup()  # idempotent: nothing left, no error
     finally:
         bystander.kill()
-        bystander.wait()
+        await bystander.wait()

@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from arcbox_vm.errors import VmmError
 from arcbox_vm.ports import AdoptSpec, VmmProcess
-from arcbox_vm.vmm.procfs import is_same_process, pid_alive, process_start_time
 from arcbox_vm.vmm.process import TrackedProcess, exit_status_text
+from arcbox_vm.vmm.procfs import is_same_process, pid_alive, process_start_time
 from arcbox_vm.vmm.qemu.driver import QemuDriver
 
 

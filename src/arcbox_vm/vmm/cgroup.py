@@ -103,12 +103,12 @@ class SandboxCgroups:
         self.origin = origin  # (parent, tag) it was opened for, also when that made it "off"
 
     @classmethod
-    def off(cls) -> "SandboxCgroups":
+    def off(cls) -> SandboxCgroups:
         return cls(None)
 
     @classmethod
     def open(cls, parent: str, tag: str, *, mountinfo: Path = MOUNTINFO,
-             self_cgroup: Path = SELF_CGROUP) -> "SandboxCgroups":
+             self_cgroup: Path = SELF_CGROUP) -> SandboxCgroups:
         """`<cgroup2 mount>/<parent>/<tag>`, or off (with one log line saying why)."""
         origin = (parent, tag)
         if not parent:
@@ -144,7 +144,7 @@ class SandboxCgroups:
         return cls(root, mount.path, origin)
 
     @classmethod
-    def _off_because(cls, why: str, origin: tuple[str, str]) -> "SandboxCgroups":
+    def _off_because(cls, why: str, origin: tuple[str, str]) -> SandboxCgroups:
         log.warning("per-sandbox cgroups are off: %s; VMM processes stay in the daemon's cgroup "
                     "(a service manager that stops the daemon may kill them)", why)
         return cls(None, origin=origin)
@@ -164,7 +164,7 @@ class SandboxCgroups:
             return None
         return str(PurePosixPath(path.relative_to(self.mount)))
 
-    def sandbox(self, sandbox_id: str) -> "SandboxCgroup | None":
+    def sandbox(self, sandbox_id: str) -> SandboxCgroup | None:
         """A handle on one sandbox's cgroup (None when off, or for an id no cgroup can be named after)."""
         if not self.enabled:
             return None

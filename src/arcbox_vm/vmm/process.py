@@ -105,7 +105,7 @@ class TrackedProcess:
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], log_path: Path, *, name: str, die_with_parent: bool = False,
-                    truncate: bool = False, cwd: Path | None = None) -> "TrackedProcess":
+                    truncate: bool = False, cwd: Path | None = None) -> TrackedProcess:
         """Start `argv` as our child with stdout+stderr appended to `log_path` (emptied first
         with `truncate`). Raises VmmError when it cannot be started."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
@@ -127,7 +127,7 @@ class TrackedProcess:
 
     @classmethod
     def watch(cls, pid: int | None, *, name: str, log_path: Path | None, start_time: int | None = None,
-              exit_status: Callable[[], int | None] | None = None) -> "TrackedProcess":
+              exit_status: Callable[[], int | None] | None = None) -> TrackedProcess:
         """Follow `pid`, which is not our child. With `start_time` (a recorded process) it
         must still be that very process; without, it is whatever runs as `pid` now (a pid
         just handed over). A process that is gone (or `pid` None) comes back already exited."""

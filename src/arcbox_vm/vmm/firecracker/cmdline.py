@@ -16,6 +16,7 @@ from arcbox_vm.network.netns import exec_prefix
 
 from .layout import JAIL_API_SOCKET, JAIL_SECCOMP, Layout
 
+
 def firecracker_options(config: FirecrackerConfig, *, log_path: str | None, seccomp_filter: str | None) -> list[str]:
     """Firecracker flags that come from the config (shared by direct and jailer mode)."""
     args: list[str] = []

@@ -34,7 +34,7 @@ from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, VSOCK_PORT
 from arcbox_vm.config.firecracker import FirecrackerConfig
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
 from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
-from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
+from arcbox_vm.vmm.cgroup import SandboxCgroups
 from arcbox_vm.vmm.process import TrackedProcess
 
 from . import bodies

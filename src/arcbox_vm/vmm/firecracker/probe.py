@@ -14,9 +14,9 @@ import re
 import subprocess
 from pathlib import Path
 
+from arcbox_vm.config.firecracker import DEFAULT_FIRECRACKER_BINARY
 from arcbox_vm.vmm.kvm import KVM_API_VERSION, kvm_device_usable
 
-from arcbox_vm.config.firecracker import DEFAULT_FIRECRACKER_BINARY
 _VERSION_RE = re.compile(r"Firecracker v?(\S+)")
 
 

@@ -21,6 +21,7 @@ from arcbox_vm.vmm.procfs import MOUNTINFO
 
 from .layout import Layout, exec_file_name
 
+
 def unlink_quiet(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
