@@ -16,7 +16,7 @@ from arcbox_vm.ports import MachineSpec
 from arcbox_vm.vmm import cgroup as cg
 from arcbox_vm.vmm.cgroup import SandboxCgroups, find_cgroup2_mount
 from arcbox_vm.vmm.firecracker import FirecrackerConfig, FirecrackerDriver, JailerConfig
-from arcbox_vm.vmm.firecracker import process as fc_process
+from arcbox_vm.vmm.procfs import pid_alive
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ async def test_vmm_lands_in_the_sandbox_cgroup_and_cleanup_removes_it(
     finally:
         await proc.kill()
         await proc.cleanup()
-    assert not fc_process._pid_alive(proc.pid)
+    assert not pid_alive(proc.pid)
     assert cgroups.list() == [] and not cgroups.root.exists()
 
 
@@ -93,7 +93,7 @@ async def test_a_failed_launch_leaves_no_cgroup(cgroups, fake_env, vm_files) -> 
         with pytest.raises(FirecrackerApiError, match="refused for the test"):
             await d.launch(spec(vm_files), d.agent_endpoint(vm_files.workdir))
     assert placed, "the VMM was in its cgroup when the launch failed"
-    assert not fc_process._pid_alive(placed[0])
+    assert not pid_alive(placed[0])
     assert cgroups.list() == [] and not cgroups.root.exists()
 
 

@@ -15,14 +15,10 @@ from arcbox_vm.agent.protocol import FrameDecoder, MsgType
 from arcbox_vm.errors import FirecrackerApiError, VmmError
 from arcbox_vm.ports import MachineSpec
 from arcbox_vm.vmm.firecracker import FirecrackerConfig, FirecrackerDriver, JailerConfig
-from arcbox_vm.vmm.firecracker import process as fc_process
-from arcbox_vm.vmm.firecracker.process import (
-    cgroup_dirs,
-    jail_id,
-    jailer_argv,
-    layout_for,
-    stage_file,
-)
+from arcbox_vm.vmm.firecracker.cmdline import jailer_argv
+from arcbox_vm.vmm.firecracker.layout import jail_id, layout_for
+from arcbox_vm.vmm.firecracker.staging import cgroup_dirs, stage_file
+from arcbox_vm.vmm.procfs import pid_alive
 
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 
@@ -191,13 +187,24 @@ def test_stage_file_copies_private_readonly_files(short_dir) -> None:
 
 
 def test_cgroup_dirs(tmp_path) -> None:
-    mounts = tmp_path / "mounts"
-    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\ncgroup /cg/cpu cgroup rw,cpu 0 0\n")
+    """The jailer's per-VM cgroups, found with the shared mountinfo parser: the cgroup2
+    mount for v2; for v1 the hierarchy of each controller named in `--cgroup`."""
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "30 25 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755\n"
+        "31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "32 30 0:28 / /cg/cpu rw,nosuid shared:10 - cgroup cgroup rw,cpu,cpuacct\n"
+        "33 30 0:29 / /cg/my\\040cpuset rw,nosuid shared:11 - cgroup cgroup rw,cpuset\n"
+        "34 30 0:30 / /cg/systemd rw,nosuid shared:12 - cgroup cgroup rw,xattr,name=systemd\n"
+    )
     cfg = FirecrackerConfig(jailer=JailerConfig(uid=1, gid=1, cgroup_version="2", cgroups=["memory.max=1G"]))
-    assert cgroup_dirs(cfg, "vm-1", mounts) == [Path("/sys/fs/cgroup/firecracker/vm-1")]
-    cfg1 = FirecrackerConfig(jailer=JailerConfig(uid=1, gid=1, parent_cgroup="a/b", cgroups=["cpu.shares=2"]))
-    assert cgroup_dirs(cfg1, "vm-1", mounts) == [Path("/cg/cpu/a/b/vm-1")]
-    assert cgroup_dirs(FirecrackerConfig(jailer=JailerConfig(uid=1, gid=1)), "vm-1", mounts) == []
+    assert cgroup_dirs(cfg, "vm-1", mountinfo) == [Path("/sys/fs/cgroup/unified/firecracker/vm-1")]
+    cfg1 = FirecrackerConfig(jailer=JailerConfig(uid=1, gid=1, parent_cgroup="a/b",
+                                                 cgroups=["cpu.shares=2", "cpuacct.x=1", "cpuset.cpus=0"]))
+    assert cgroup_dirs(cfg1, "vm-1", mountinfo) == [Path("/cg/cpu/a/b/vm-1"), Path("/cg/my cpuset/a/b/vm-1")]
+    cfg_missing = FirecrackerConfig(jailer=JailerConfig(uid=1, gid=1, cgroups=["memory.limit_in_bytes=1"]))
+    assert cgroup_dirs(cfg_missing, "vm-1", mountinfo) == []  # no v1 memory hierarchy here
+    assert cgroup_dirs(FirecrackerConfig(jailer=JailerConfig(uid=1, gid=1)), "vm-1", mountinfo) == []
 
 
 async def test_launch_under_jailer(fake_env, vm_files, short_dir, agent_sink_factory) -> None:
@@ -277,7 +284,7 @@ async def test_launch_under_jailer_new_pid_ns(fake_env, vm_files, short_dir, age
     finally:
         await proc.kill()
         await proc.cleanup()
-    assert not fc_process._pid_alive(proc.pid)
+    assert not pid_alive(proc.pid)
 
 
 async def test_new_pid_ns_kill(fake_env, vm_files, short_dir, agent_sink_factory) -> None:
@@ -289,7 +296,7 @@ async def test_new_pid_ns_kill(fake_env, vm_files, short_dir, agent_sink_factory
     proc = await d.launch(make_spec(vm_files), ep)
     await proc.kill()
     assert proc.returncode == -9
-    assert not fc_process._pid_alive(proc.pid)
+    assert not pid_alive(proc.pid)
     await proc.cleanup()
 
 
@@ -324,7 +331,7 @@ async def test_failed_launch_under_jailer_keeps_only_the_endpoint(
     root = layout_for(d.config, vm_files.workdir).jail_root
     assert sorted(p.name for p in root.iterdir()) == ["v.sock_52"]
     assert list(vm_files.workdir.iterdir()) == []
-    assert not fc_process._pid_alive(fake_env.requests()[-1]["pid"])
+    assert not pid_alive(fake_env.requests()[-1]["pid"])
 
 
 async def test_jailer_rejects_exec_file_without_firecracker_in_name(fake_env, short_dir) -> None:

@@ -21,8 +21,9 @@ from arcbox_vm.agent.protocol import FrameDecoder, MsgType
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
 from arcbox_vm.ports import AgentEndpoint, MachineSpec, VmmDriver, VmmProcess
 from arcbox_vm.vmm.firecracker import FirecrackerConfig, FirecrackerDriver
-from arcbox_vm.vmm.firecracker import process as fc_process
+from arcbox_vm.vmm.firecracker import cmdline as fc_cmdline
 from arcbox_vm.vmm.firecracker.driver import check_cmdline_length, compose_boot_args
+from arcbox_vm.vmm.procfs import pid_alive
 
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
 EXPECTED = [
@@ -62,7 +63,7 @@ def leftovers(workdir: Path, endpoint: AgentEndpoint) -> list[str]:
 
 
 def alive(pid: int) -> bool:
-    return fc_process._pid_alive(pid)
+    return pid_alive(pid)
 
 
 def test_driver_implements_the_port() -> None:
@@ -230,8 +231,8 @@ async def test_early_exit_is_reported_with_exit_code(fake_env, vm_files) -> None
 
 
 async def test_rejected_flag_fails_fast_with_exit_code(fake_env, vm_files, monkeypatch) -> None:
-    real = fc_process.firecracker_options
-    monkeypatch.setattr(fc_process, "firecracker_options", lambda *a, **k: real(*a, **k) + ["--no-such-flag"])
+    real = fc_cmdline.firecracker_options
+    monkeypatch.setattr(fc_cmdline, "firecracker_options", lambda *a, **k: real(*a, **k) + ["--no-such-flag"])
     d = driver()
     ep = d.agent_endpoint(vm_files.workdir)
     with pytest.raises(BootFailed, match="exited with code 153"):

@@ -40,7 +40,7 @@ import arcbox_vm
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY
 from arcbox_vm.errors import BootFailed, VmmError
 from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
-from arcbox_vm.vmm.adopted import is_same_process, process_start_time
+from arcbox_vm.vmm.procfs import is_same_process, process_start_time
 
 # The src dir of the arcbox_vm package this test process imported: the agent runs that code.
 SRC_DIR = Path(arcbox_vm.__file__).resolve().parents[1]

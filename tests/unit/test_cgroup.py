@@ -19,7 +19,8 @@ from arcbox_vm.paths import manager_tag
 from arcbox_vm.vmm import cgroup as cg
 from arcbox_vm.vmm.cgroup import SandboxCgroups, find_cgroup2_mount
 from arcbox_vm.vmm.firecracker import FirecrackerConfig, JailerConfig
-from arcbox_vm.vmm.firecracker.process import jailer_argv, jailer_sets_cgroups, layout_for
+from arcbox_vm.vmm.firecracker.cmdline import jailer_argv, jailer_sets_cgroups
+from arcbox_vm.vmm.firecracker.layout import layout_for
 
 V1_LINES = [
     "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755",

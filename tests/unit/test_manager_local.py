@@ -31,7 +31,7 @@ from arcbox_vm.manager.steps import Step
 from arcbox_vm.models import SandboxEvent
 from arcbox_vm.paths import socket_dir
 from arcbox_vm.ports import AdoptSpec, VmmDriver, VmmProcess
-from arcbox_vm.vmm.adopted import process_start_time
+from arcbox_vm.vmm.procfs import process_start_time
 from tests.support.local_vmm import LocalDriver, NoImageBuild, alive, descendants
 
 S = SandboxState

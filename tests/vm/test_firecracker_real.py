@@ -26,7 +26,10 @@ from arcbox_vm.agent.protocol import FrameDecoder, MsgType
 from arcbox_vm.errors import FirecrackerApiError
 from arcbox_vm.ports import MachineSpec
 from arcbox_vm.vmm.firecracker import FirecrackerApi, FirecrackerConfig, FirecrackerDriver, firecracker_usable
-from arcbox_vm.vmm.firecracker import process as fc_process
+from arcbox_vm.vmm.firecracker.cmdline import firecracker_argv
+from arcbox_vm.vmm.firecracker.layout import layout_for
+from arcbox_vm.vmm.firecracker.waits import wait_for_api_socket
+from arcbox_vm.vmm.process import TrackedProcess, tail
 
 pytestmark = pytest.mark.firecracker
 
@@ -88,10 +91,10 @@ async def test_boot_until_agent_hello(fc_vm) -> None:
         done, _ = await asyncio.wait({exited, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if exited in done:
-            pytest.fail(f"{proc.describe_exit()}\nconsole:\n{fc_process.tail(proc.console_log, 40)}")
+            pytest.fail(f"{proc.describe_exit()}\nconsole:\n{tail(proc.console_log, 40)}")
         if not received:
             pytest.fail(
-                f"no bytes from the agent within {timeout:g}s\nconsole:\n{fc_process.tail(proc.console_log, 40)}"
+                f"no bytes from the agent within {timeout:g}s\nconsole:\n{tail(proc.console_log, 40)}"
             )
         for _ in range(50):  # a HELLO may arrive in more than one read
             frames = [f for f in FrameDecoder().feed(bytes(received)) if hasattr(f, "type")]
@@ -115,11 +118,11 @@ async def test_real_error_shapes(tmp_path: Path) -> None:
     """Both error bodies of a real Firecracker parse into FirecrackerApiError."""
     env = need("FC_BINARY")
     cfg = FirecrackerConfig(binary=env["FC_BINARY"], http_api_max_payload_size=256, socket_timeout_secs=15)
-    layout = fc_process.layout_for(cfg, tmp_path)
-    child = await fc_process.start(fc_process.firecracker_argv(cfg, layout, "fc-err-test"), layout.console_log)
-    handle = fc_process.ProcessHandle(pid=child.pid, child=child)
+    layout = layout_for(cfg, tmp_path)
+    handle = await TrackedProcess.spawn(firecracker_argv(cfg, layout, "fc-err-test"), layout.console_log,
+                                        name="Firecracker", truncate=True)
     try:
-        await fc_process.wait_for_api_socket(layout.api_socket, handle, 15, lambda: "")
+        await wait_for_api_socket(layout.api_socket, handle, 15, lambda: "")
         async with FirecrackerApi(layout.api_socket) as api:
             assert (await api.get("/"))["app_name"] == "Firecracker"
             with pytest.raises(FirecrackerApiError) as info:  # VMM layer: {"fault_message": ...}

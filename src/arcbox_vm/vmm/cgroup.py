@@ -20,24 +20,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from arcbox_vm.config.sections import check_cgroup_parent
+from arcbox_vm.vmm.procfs import MOUNTINFO, Mount, mounts, pid_alive
 
 log = logging.getLogger(__name__)
 
-MOUNTINFO = Path("/proc/self/mountinfo")
 SELF_CGROUP = Path("/proc/self/cgroup")
 KILL_TIMEOUT_S = 10.0
 _POLL_S = 0.02
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo (octal)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 @dataclass(frozen=True)
@@ -48,25 +42,24 @@ class Cgroup2Mount:
     read_only: bool = False
 
 
+def _prefer_whole(found: list[Mount]) -> Mount | None:
+    """A mount of the hierarchy's root ("/") over a bind mount of a sub-tree."""
+    return next((m for m in found if m.root == "/"), found[0] if found else None)
+
+
 def find_cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Cgroup2Mount | None:
     """The cgroup2 mount from `mountinfo` (pure v2: /sys/fs/cgroup; hybrid: usually
     /sys/fs/cgroup/unified), never a hard-coded path. A mount of the hierarchy's root
     ("/") is preferred over a bind mount of a sub-tree. None if there is none."""
-    try:
-        lines = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    found: list[tuple[bool, Cgroup2Mount]] = []
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 6 or not tail or tail[0] != "cgroup2":
-            continue
-        options = fields[5].split(",")
-        found.append((fields[3] == "/", Cgroup2Mount(Path(_unescape(fields[4])), "ro" in options)))
-    if not found:
-        return None
-    return next((m for whole, m in found if whole), found[0][1])
+    mount = _prefer_whole([m for m in mounts(mountinfo) if m.fstype == "cgroup2"])
+    return Cgroup2Mount(mount.path, mount.read_only) if mount is not None else None
+
+
+def find_cgroup1_mount(controller: str, mountinfo: Path = MOUNTINFO) -> Path | None:
+    """The mount point of the cgroup v1 hierarchy that has `controller` (e.g. "cpu"), or None."""
+    mount = _prefer_whole([m for m in mounts(mountinfo)
+                           if m.fstype == "cgroup" and controller in m.super_options])
+    return mount.path if mount is not None else None
 
 
 def own_cgroup(self_cgroup: Path = SELF_CGROUP) -> str | None:
@@ -110,12 +103,12 @@ class SandboxCgroups:
         self.origin = origin  # (parent, tag) it was opened for, also when that made it "off"
 
     @classmethod
-    def off(cls) -> "SandboxCgroups":
+    def off(cls) -> SandboxCgroups:
         return cls(None)
 
     @classmethod
     def open(cls, parent: str, tag: str, *, mountinfo: Path = MOUNTINFO,
-             self_cgroup: Path = SELF_CGROUP) -> "SandboxCgroups":
+             self_cgroup: Path = SELF_CGROUP) -> SandboxCgroups:
         """`<cgroup2 mount>/<parent>/<tag>`, or off (with one log line saying why)."""
         origin = (parent, tag)
         if not parent:
@@ -151,7 +144,7 @@ class SandboxCgroups:
         return cls(root, mount.path, origin)
 
     @classmethod
-    def _off_because(cls, why: str, origin: tuple[str, str]) -> "SandboxCgroups":
+    def _off_because(cls, why: str, origin: tuple[str, str]) -> SandboxCgroups:
         log.warning("per-sandbox cgroups are off: %s; VMM processes stay in the daemon's cgroup "
                     "(a service manager that stops the daemon may kill them)", why)
         return cls(None, origin=origin)
@@ -171,7 +164,7 @@ class SandboxCgroups:
             return None
         return str(PurePosixPath(path.relative_to(self.mount)))
 
-    def sandbox(self, sandbox_id: str) -> "SandboxCgroup | None":
+    def sandbox(self, sandbox_id: str) -> SandboxCgroup | None:
         """A handle on one sandbox's cgroup (None when off, or for an id no cgroup can be named after)."""
         if not self.enabled:
             return None
@@ -326,15 +319,6 @@ def _sigkill_all(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")
-
-
 def _populated(path: Path) -> bool:
     """cgroup.events says whether any live process is in the sub-tree (zombies are not)."""
     try:
@@ -347,7 +331,7 @@ def _populated(path: Path) -> bool:
             return False
     except OSError:
         pass
-    return any(_alive(pid) for pid in _pids(path))
+    return any(pid_alive(pid) for pid in _pids(path))
 
 
 def _rmdir_tree(path: Path) -> bool:

@@ -27,44 +27,24 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, VSOCK_PORT
+from arcbox_vm.config.firecracker import FirecrackerConfig
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
 from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
-from arcbox_vm.vmm.adopted import AdoptedProcess, process_start_time
-from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
+from arcbox_vm.vmm.cgroup import SandboxCgroups
+from arcbox_vm.vmm.process import TrackedProcess
 
 from . import bodies
 from .api import DEFAULT_REQUEST_TIMEOUT, FirecrackerApi
 from .bodies import ApiRequest
-from arcbox_vm.config.firecracker import FirecrackerConfig
-from .process import (
-    JAIL_INITRD,
-    JAIL_KERNEL,
-    JAIL_ROOTFS,
-    JAIL_SECCOMP,
-    Layout,
-    ProcessHandle,
-    cgroup_dirs,
-    create_empty_file,
-    describe_exit,
-    diagnostics,
-    firecracker_argv,
-    instance_id,
-    jailer_argv,
-    jailer_netns,
-    jailer_sets_cgroups,
-    layout_for,
-    resolve_binary,
-    stage_file,
-    start,
-    unlink_quiet,
-    wait_for_api_socket,
-    wait_for_pid_file,
-)
+from .cmdline import firecracker_argv, jailer_argv, jailer_netns, jailer_sets_cgroups
+from .layout import JAIL_INITRD, JAIL_KERNEL, JAIL_ROOTFS, JAIL_SECCOMP, Layout, instance_id, layout_for, resolve_binary
+from .process import FirecrackerProcess, diagnostics, exit_code_from_log
+from .staging import clear_jail, create_empty_file, discard, stage_file, unlink_quiet
+from .waits import wait_for_api_socket, wait_for_pid_file
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +56,6 @@ CMDLINE_MAX = 2048  # x86_64 CMDLINE_MAX_SIZE, including the terminating NUL
 # " virtio_mmio.device=4K@0xc000N000:<irq>" per MMIO device (about 36 bytes each).
 _FC_FIXED_SUFFIX = len(" pci=off") + len(" root=/dev/vda rw")
 _FC_PER_DEVICE = 40
-_EXIT_CODE_RE = re.compile(rb"exit_code=(\d+)")
 _ROOT_ARG_RE = re.compile(r"(^|\s)root=")
 
 
@@ -97,142 +76,6 @@ def check_cmdline_length(boot_args: str, devices: int) -> None:
             f"{CMDLINE_MAX}-byte x86 limit; shorten boot_args / extra_boot_args by at least "
             f"{ours + reserve + 1 - CMDLINE_MAX} bytes"
         )
-
-
-def _exit_code_from_log(path: Path) -> int | None:
-    """Firecracker logs `exit_code=N` when it ends; used when the VMM is not our child."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            matches = _EXIT_CODE_RE.findall(f.read())
-    except OSError:
-        return None
-    return int(matches[-1]) if matches else None
-
-
-class FirecrackerProcess:
-    """A running Firecracker VM (implements `arcbox_vm.ports.VmmProcess`)."""
-
-    def __init__(
-        self,
-        handle: ProcessHandle,
-        api: FirecrackerApi,
-        layout: Layout,
-        config: FirecrackerConfig,
-        cgroup: SandboxCgroup | None = None,
-    ) -> None:
-        self._handle = handle
-        self._api = api
-        self.layout = layout
-        self._config = config
-        self.cgroup = cgroup
-        self._cleaned = False
-        self._exited: asyncio.Future[int] | None = None
-        self._start_time: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self._handle.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._handle.returncode
-
-    @property
-    def start_time(self) -> int | None:
-        if self._start_time is None:
-            self._start_time = process_start_time(self.pid)
-        return self._start_time
-
-    @property
-    def console_log(self) -> Path:
-        return self.layout.console_log
-
-    @property
-    def api(self) -> FirecrackerApi:
-        """The API client, for post-boot calls (pause/resume, snapshots, rate limiters)."""
-        return self._api
-
-    @property
-    def exited(self) -> asyncio.Future[int]:
-        """Resolves with the exit status when the VMM ends (for racing against boot waits)."""
-        if self._exited is None:
-            self._exited = asyncio.ensure_future(self._handle.wait())
-        return self._exited
-
-    def describe_exit(self) -> str:
-        """ "Firecracker exited with ..." plus the end of its log and console, for error messages."""
-        return f"Firecracker (pid {self.pid}) {describe_exit(self.returncode)}" + diagnostics(
-            self.layout.log, self.layout.console_log
-        )
-
-    async def send(self, request: ApiRequest) -> object:
-        return await self._api.send(request)
-
-    async def wait(self) -> int:
-        return await self._handle.wait()
-
-    async def request_stop(self) -> None:
-        """Send Ctrl+Alt+Del; the guest reboots and (with reboot=k) Firecracker exits. Best effort."""
-        if self.returncode is not None:
-            return
-        try:
-            await self._api.send(bodies.send_ctrl_alt_del())
-        except VmmError as exc:
-            log.info("SendCtrlAltDel to Firecracker pid %s failed (ignored): %s", self.pid, exc)
-
-    async def kill(self) -> None:
-        await self._handle.kill()
-
-    async def cleanup(self) -> None:
-        """Remove sockets, log/metrics/console files, the jail and the sandbox's cgroup;
-        kills the VMM if still running."""
-        if self._cleaned:
-            return
-        if self.returncode is None:
-            await self.kill()
-        if self._exited is not None and not self._exited.done():
-            self._exited.cancel()
-        await self._api.aclose()
-        _discard(self.layout, self._config, keep=None)
-        if self.cgroup is not None:
-            await self.cgroup.remove()
-        self._cleaned = True
-
-
-def _discard(layout: Layout, config: FirecrackerConfig, keep: Path | None) -> None:
-    """Delete what the driver made for one VM. `keep` (the agent listen socket) survives."""
-    unlink_quiet(layout.console_log)
-    if layout.jail_root is None:
-        for path in (layout.api_socket, layout.vsock_uds, layout.log, layout.metrics):
-            unlink_quiet(path)
-        return
-    jail_dir = layout.jail_dir
-    assert jail_dir is not None
-    if keep is not None and keep.parent == layout.jail_root and keep.exists():
-        _clear_jail(layout.jail_root, keep_name=keep.name)
-    else:
-        shutil.rmtree(jail_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            jail_dir.parent.rmdir()  # <base>/<exec name>, if no other jail is left
-    assert layout.jail_id is not None
-    for cg in cgroup_dirs(config, layout.jail_id):
-        with contextlib.suppress(OSError):
-            cg.rmdir()
-
-
-def _clear_jail(root: Path, keep_name: str | None) -> None:
-    """Empty a jail root except `keep_name` (stale files would break the jailer: mknod, pid file)."""
-    if not root.is_dir():
-        return
-    for entry in root.iterdir():
-        if entry.name == keep_name:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            unlink_quiet(entry)
 
 
 class FirecrackerDriver:
@@ -275,13 +118,17 @@ class FirecrackerDriver:
         """Released Firecracker boots only an uncompressed ELF vmlinux."""
         return vmlinux
 
-    async def adopt(self, spec: AdoptSpec) -> AdoptedProcess:
-        """A Firecracker an earlier daemon started: watched through a pidfd; cleaning it up
-        removes its sockets, files, jail and cgroup like a launched one's."""
-        layout = layout_for(self.config, spec.sockdir, spec.workdir)
-        return AdoptedProcess(spec.pid, spec.start_time, layout.console_log, "Firecracker",
-                              cgroup=self.cgroups.sandbox(spec.sandbox_id),
-                              remove_files=lambda: _discard(layout, self.config, keep=None))
+    async def adopt(self, spec: AdoptSpec) -> FirecrackerProcess:
+        """A Firecracker an earlier daemon started (pid + start time), watched through a pidfd;
+        already exited if it is gone. Its API socket still works, and cleaning it up removes
+        its sockets, files, jail and cgroup exactly like a launched one's."""
+        cfg = self.config
+        layout = layout_for(cfg, spec.sockdir, spec.workdir)
+        handle = TrackedProcess.watch(spec.pid, name="Firecracker", log_path=layout.console_log,
+                                      start_time=spec.start_time, exit_status=lambda: exit_code_from_log(layout.log))
+        cgroup = None if jailer_sets_cgroups(cfg) else self.cgroups.sandbox(spec.sandbox_id)
+        api = FirecrackerApi(layout.api_socket, timeout=self.request_timeout)
+        return FirecrackerProcess(handle, api, layout, cfg, cgroup)
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> FirecrackerProcess:
         cfg = self.config
@@ -291,11 +138,11 @@ class FirecrackerDriver:
         fc_binary = resolve_binary(cfg.binary, "firecracker")
         jailer_binary = resolve_binary(cfg.jailer.binary, "jailer") if cfg.jailer is not None else None
         requests = self.plan_requests(spec, endpoint, layout=layout)  # validates before spawning
-        netns = getattr(spec, "netns", "")  # named network namespace the VMM must run in
+        netns = spec.netns  # named network namespace the VMM must run in
         if cfg.jailer is not None:
             jailer_netns(cfg, netns)  # conflicting namespaces fail before anything is created
 
-        handle: ProcessHandle | None = None
+        handle: TrackedProcess | None = None
         api: FirecrackerApi | None = None
         keep = endpoint.listen_path if layout.jailed else None
         cgroup = None if jailer_sets_cgroups(cfg) else self.cgroups.sandbox(spec.sandbox_id)
@@ -315,16 +162,20 @@ class FirecrackerDriver:
                     join_cgroup=cgroup.relative if cgroup is not None else None,
                 )
             log.debug("starting %s", " ".join(argv))
-            child = await start(argv, layout.console_log, die_with_parent=self.die_with_parent)
-            if cfg.jailer is not None and cfg.jailer.new_pid_ns:
-                handle = ProcessHandle(pid=child.pid, child=child)  # the jailer, until it hands over
-                pid_file = layout.jail_file(f"{fc_binary.name}.pid")
-                pid = await wait_for_pid_file(pid_file, child, cfg.api_socket_timeout, diag)
+            new_pid_ns = cfg.jailer is not None and cfg.jailer.new_pid_ns
+            # The jailer execs Firecracker in place (same pid) unless it starts it in a new pid
+            # namespace. die_with_parent survives that exec, but the jailer's switch to its uid/gid
+            # clears it (the kernel does, on a credential change): under a real jailer it only
+            # covers the jailer itself.
+            handle = await TrackedProcess.spawn(argv, layout.console_log, name="the jailer" if new_pid_ns else "Firecracker",
+                                                die_with_parent=self.die_with_parent, truncate=True)
+            if new_pid_ns:
+                pid = await wait_for_pid_file(layout.jail_file(f"{fc_binary.name}.pid"), handle,
+                                              cfg.api_socket_timeout, diag)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(child.wait(), cfg.api_socket_timeout)
-                handle = ProcessHandle(pid=pid, exit_hint=lambda: _exit_code_from_log(layout.log))
-            else:
-                handle = ProcessHandle(pid=child.pid, child=child)
+                    await asyncio.wait_for(handle.wait(), cfg.api_socket_timeout)
+                handle = TrackedProcess.watch(pid, name="Firecracker", log_path=layout.console_log,
+                                              exit_status=lambda: exit_code_from_log(layout.log))
             if cgroup is not None and not cgroup.place(handle.pid) and cfg.jailer is None:
                 cgroup = None  # logged; the VM runs on in our cgroup (a jailer may have joined it)
             await wait_for_api_socket(layout.api_socket, handle, cfg.api_socket_timeout, diag)
@@ -428,7 +279,7 @@ class FirecrackerDriver:
         assert root is not None
         root.mkdir(parents=True, exist_ok=True)
         listen = Path(endpoint.listen_path)
-        _clear_jail(root, keep_name=listen.name if listen.parent == root else None)
+        clear_jail(root, keep_name=listen.name if listen.parent == root else None)
         unlink_quiet(uds_host)
         stage_file(Path(spec.kernel), layout.jail_file(JAIL_KERNEL), uid=uid, gid=gid, writable=False)
         if spec.initrd is not None:
@@ -446,7 +297,7 @@ class FirecrackerDriver:
 
     @staticmethod
     async def _send_during_boot(
-        api: FirecrackerApi, request: ApiRequest, handle: ProcessHandle, diag: Callable[[], str]
+        api: FirecrackerApi, request: ApiRequest, handle: TrackedProcess, diag: Callable[[], str]
     ) -> None:
         try:
             await api.send(request)
@@ -456,13 +307,11 @@ class FirecrackerDriver:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(handle.wait(), 0.5)
             if handle.returncode is not None:
-                raise BootFailed(
-                    f"Firecracker (pid {handle.pid}) {describe_exit(handle.returncode)} during {request}{diag()}"
-                ) from exc
+                raise BootFailed(f"{handle.describe_exit()} during {request}{diag()}") from exc
             raise
 
     async def _abort(
-        self, handle: ProcessHandle | None, api: FirecrackerApi | None, layout: Layout, keep: Path | None
+        self, handle: TrackedProcess | None, api: FirecrackerApi | None, layout: Layout, keep: Path | None
     ) -> None:
         if handle is not None:
             with contextlib.suppress(Exception):
@@ -470,4 +319,4 @@ class FirecrackerDriver:
         if api is not None:
             with contextlib.suppress(Exception):
                 await api.aclose()
-        _discard(layout, self.config, keep)
+        discard(layout, self.config, keep)

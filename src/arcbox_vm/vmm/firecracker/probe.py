@@ -14,9 +14,9 @@ import re
 import subprocess
 from pathlib import Path
 
+from arcbox_vm.config.firecracker import DEFAULT_FIRECRACKER_BINARY
 from arcbox_vm.vmm.kvm import KVM_API_VERSION, kvm_device_usable
 
-from arcbox_vm.config.firecracker import DEFAULT_FIRECRACKER_BINARY
 _VERSION_RE = re.compile(r"Firecracker v?(\S+)")
 
 
@@ -31,8 +31,7 @@ def firecracker_usable(
     """(usable, reason). `kernel`, if given, is the guest vmlinux (matters on PVM hosts)."""
     from arcbox_vm.errors import VmmError
 
-    from .process import resolve_binary  # local import: keep this module light
-
+    from .layout import resolve_binary  # local import: keep this module light
 
     try:
         path = resolve_binary(Path(binary), "firecracker")

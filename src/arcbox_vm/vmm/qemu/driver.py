@@ -8,45 +8,46 @@ import shutil
 from pathlib import Path
 
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, SERIAL_PORT_NAME
+from arcbox_vm.config.qemu import QemuConfig
 from arcbox_vm.errors import BootFailed, VmmError
 from arcbox_vm.network.netns import exec_prefix
 from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
-from arcbox_vm.vmm.adopted import AdoptedProcess, process_start_time
 from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 from arcbox_vm.vmm.kvm import probe_kvm
-from arcbox_vm.vmm.process import ChildProcess
+from arcbox_vm.vmm.process import TrackedProcess
 from arcbox_vm.vmm.qemu.cmdline import qemu_argv
-from arcbox_vm.config.qemu import QemuConfig
 
 # How long QEMU must stay alive after exec before we call the launch good; a bad
 # kernel path, a busy TAP or a bad option makes it exit well within this.
 _STARTUP_GRACE_S = 0.3
+CONSOLE_LOG = "console.log"  # the guest's serial console, in the workdir
+VMM_LOG = "vmm.log"  # QEMU's own stdout/stderr, in the workdir
 
 
 class QemuProcess:
-    """A running QEMU; implements `arcbox_vm.ports.VmmProcess`."""
+    """A QEMU VM, launched or adopted; implements `arcbox_vm.ports.VmmProcess`.
 
-    def __init__(self, child: ChildProcess, console_log: Path, accel: str,
+    QEMU makes nothing of its own outside the workdir (which is the manager's): cleaning up
+    removes the sandbox's cgroup, killing whatever is left in it."""
+
+    def __init__(self, process: TrackedProcess, console_log: Path, accel: str | None,
                  cgroup: SandboxCgroup | None = None) -> None:
-        self._child = child
+        self._process = process
         self._console_log = console_log
-        self.accel = accel
+        self.accel = accel  # None: adopted, started by an earlier daemon
         self.cgroup = cgroup
-        self._start_time: int | None = None
 
     @property
     def pid(self) -> int:
-        return self._child.pid
+        return self._process.pid
 
     @property
     def returncode(self) -> int | None:
-        return self._child.returncode
+        return self._process.returncode
 
     @property
     def start_time(self) -> int | None:
-        if self._start_time is None:
-            self._start_time = process_start_time(self.pid)
-        return self._start_time
+        return self._process.start_time
 
     @property
     def console_log(self) -> Path:
@@ -54,23 +55,27 @@ class QemuProcess:
 
     @property
     def exited(self) -> asyncio.Future[int]:
-        return self._child.exited
+        return self._process.exited
 
     def describe_exit(self) -> str:
-        return self._child.describe_exit("QEMU")
+        """ "QEMU (pid N) exited with code 1: <the end of QEMU's own output>"."""
+        tail = self._process.log_tail(lines=40, max_bytes=2000)
+        return self._process.describe_exit() + (f": {tail}" if tail else " (it printed nothing)")
 
     async def wait(self) -> int:
-        return await self._child.wait()
+        return await self._process.wait()
 
     async def request_stop(self) -> None:
-        """Does nothing: microvm has no keyboard controller for Ctrl-Alt-Del, and QEMU's own
-        SIGTERM quits at once; the agent's SHUTDOWN is the graceful path."""
+        """Does nothing: `-machine microvm` has no keyboard controller, so there is no
+        Ctrl-Alt-Del to send, and QEMU's own SIGTERM quits at once without telling the guest.
+        The agent's SHUTDOWN is the graceful path; after it, the manager kills."""
 
     async def kill(self) -> None:
-        await self._child.kill()
+        await self._process.kill()
 
     async def cleanup(self) -> None:
-        """Remove the VM's cgroup (killing anything left in it); the workdir is its owner's."""
+        """Remove the VM's cgroup (killing anything left in it); kills QEMU first if it
+        still runs. The workdir (console and QEMU logs, agent socket) is its owner's."""
         if self.returncode is None:
             await self.kill()
         if self.cgroup is not None:
@@ -111,10 +116,12 @@ class QemuDriver:
                            "apt-get install -y qemu-system-x86")
         return path
 
-    async def adopt(self, spec: AdoptSpec) -> AdoptedProcess:
-        """A QEMU an earlier daemon started: watched through a pidfd; its cgroup is ours to remove."""
-        return AdoptedProcess(spec.pid, spec.start_time, spec.workdir / "console.log", "QEMU",
-                              cgroup=self.cgroups.sandbox(spec.sandbox_id))
+    async def adopt(self, spec: AdoptSpec) -> QemuProcess:
+        """A QEMU an earlier daemon started (pid + start time), watched through a pidfd;
+        already exited if it is gone. Its cgroup is ours to remove."""
+        process = TrackedProcess.watch(spec.pid, name="QEMU", log_path=spec.workdir / VMM_LOG,
+                                       start_time=spec.start_time)
+        return QemuProcess(process, spec.workdir / CONSOLE_LOG, None, self.cgroups.sandbox(spec.sandbox_id))
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
         for path, what in ((spec.kernel, "kernel"), (spec.rootfs, "rootfs")):
@@ -123,19 +130,20 @@ class QemuDriver:
         if spec.initrd is not None and not Path(spec.initrd).is_file():
             raise BootFailed(f"the initrd {spec.initrd} does not exist")
         accel = self.accel()
-        console_log = spec.workdir / "console.log"
+        console_log = spec.workdir / CONSOLE_LOG
         console_log.touch()
         argv = qemu_argv(spec, endpoint, accel, self.config, console_log)
         argv[0] = self.binary()
         argv = exec_prefix(spec.netns) + argv
         cgroup = self.cgroups.sandbox(spec.sandbox_id)
-        child = await ChildProcess.start(argv, spec.workdir / "vmm.log", die_with_parent=self.die_with_parent)
+        child = await TrackedProcess.spawn(argv, spec.workdir / VMM_LOG, name="QEMU",
+                                           die_with_parent=self.die_with_parent)
         if cgroup is not None and not cgroup.place(child.pid):
             cgroup = None  # logged; the VM runs on in our cgroup
         proc = QemuProcess(child, console_log, accel, cgroup)
         try:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(child.exited), _STARTUP_GRACE_S)
+                await asyncio.wait_for(child.wait(), _STARTUP_GRACE_S)
             if child.returncode is not None:
                 raise BootFailed(proc.describe_exit())
         except BaseException:  # failed or cancelled: leave no process and no cgroup behind
