@@ -6,7 +6,7 @@ cgroup tree, the disk cloner — and wires them together:
 
 - `build_adapters(config)` for a `SandboxManager` (the library and the daemon);
 - `build_adapters(config, one_shot=True)` for `arcbox-vm run`: VMMs die with the CLI
-  (PR_SET_PDEATHSIG) under every driver, and get no cgroup (a daemon on the same data
+  (PR_SET_PDEATHSIG; under the Firecracker jailer only until it drops privileges), and get no cgroup (a daemon on the same data
   dir removes sandbox cgroups it does not own at start; a one-shot VM must not be one).
 
 "auto" picks Firecracker when its binary exists and KVM can run the guest, else QEMU.
