@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Stream = Literal["stdout", "stderr", "exit", "error"]
 
@@ -91,10 +92,58 @@ class ExecSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+# The most CIDRs one allow_out / deny_out list may hold (each becomes a firewall element).
+MAX_EGRESS_CIDRS = 256
+
+
+def egress_cidrs(values: object, what: str = "allow_out") -> list[str]:
+    """IPv4 networks for an egress list, normalised ("1.2.3.4" = 1.2.3.4/32) and sorted,
+    duplicates dropped; ValueError names the entry that is not one."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, set, frozenset)):
+        raise ValueError(f"{what} must be a list of IPv4 CIDRs like 10.1.2.0/24")
+    if len(values) > MAX_EGRESS_CIDRS:
+        raise ValueError(f"{what} holds at most {MAX_EGRESS_CIDRS} CIDRs, got {len(values)}")
+    out = set()
+    for item in values:
+        try:
+            net = ipaddress.ip_network(str(item).strip(), strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {item!r} is not a CIDR like 10.1.2.0/24 ({exc})") from None
+        if net.version != 4:
+            raise ValueError(f"{what}: {item!r} is IPv6; sandboxes have IPv4 only")
+        out.add(net)
+    return [str(n) for n in sorted(out)]
+
+
 class SandboxNetworkSpec(BaseModel):
+    """A sandbox's network.
+
+    mode "tap": its own address on a TAP device; "none": no network at all.
+    egress: "none" — nothing beyond its TAP except `allow_out`; "nat" — anything, through
+      NAT. None = the daemon's `[network] default_egress` ("none" unless configured).
+    allow_out: IPv4 CIDRs it may reach even with egress "none".
+    deny_out: IPv4 CIDRs it may never reach; wins over allow_out and egress "nat".
+    Whatever these say, the host, other sandboxes and the operator's `[network] blocked`
+    ranges (private, link-local, metadata) stay out of reach.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["tap", "none"] = "tap"
+    egress: Literal["none", "nat"] | None = None
+    allow_out: list[str] = Field(default_factory=list)
+    deny_out: list[str] = Field(default_factory=list)
+
+    @field_validator("allow_out", "deny_out", mode="before")
+    @classmethod
+    def _cidrs(cls, v: object, info) -> list[str]:  # noqa: ANN001
+        return egress_cidrs(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _only_with_tap(self) -> "SandboxNetworkSpec":
+        if self.mode == "none" and (self.egress or self.allow_out or self.deny_out):
+            raise ValueError("egress, allow_out and deny_out need network mode 'tap'")
+        return self
 
 
 class SandboxSpec(BaseModel):
@@ -139,9 +188,14 @@ class SandboxSpec(BaseModel):
 
 @dataclass(frozen=True)
 class SandboxNetworkInfo:
+    """A sandbox's address and its egress policy as applied (see SandboxNetworkSpec)."""
+
     ip_address: str
     gateway: str
     tap_name: str
+    egress: str = ""
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,24 +29,101 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Never reachable from a guest unless `blocked_except` says otherwise: the private
+# ranges (RFC 1918), carrier-grade NAT (RFC 6598) and link-local (cloud metadata services).
+DEFAULT_BLOCKED = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"]
+HOST_ALLOW_PROTOCOLS = ("tcp", "udp", "icmp")
+
+
+def _ipv4_networks(values: list[str], what: str) -> list[str]:
+    out = []
+    for item in values:
+        try:
+            net = ipaddress.IPv4Network(item, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{what} entries must be IPv4 CIDRs like 10.0.0.0/8, got {item!r} ({exc})") from None
+        out.append(str(net))
+    return out
+
+
+def parse_host_allow(entry: str) -> tuple[str, int, str]:
+    """"172.20.0.1:53/udp" -> ("172.20.0.1", 53, "udp"); "172.20.0.1/icmp" (ping) -> port 0."""
+    addr, sep, proto = entry.strip().rpartition("/")
+    proto = proto.lower()
+    if not sep or proto not in HOST_ALLOW_PROTOCOLS:
+        raise ValueError(f"host_allow entries are '<ip>:<port>/tcp', '<ip>:<port>/udp' or '<ip>/icmp', got {entry!r}")
+    port = 0
+    if proto != "icmp":
+        addr, sep, port_s = addr.rpartition(":")
+        if not sep or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise ValueError(f"host_allow: {entry!r} needs a port 1-65535 ('<ip>:<port>/{proto}')")
+        port = int(port_s)
+    try:
+        ip = str(ipaddress.IPv4Address(addr))
+    except ValueError:
+        raise ValueError(f"host_allow: {entry!r} needs an IPv4 address of the host (e.g. the gateway)") from None
+    return ip, port, proto
+
+
 class NetworkConfig(_Section):
     """Sandbox networking (mode "tap"): one TAP per sandbox, point-to-point to the gateway.
 
     cidr: the pool guest addresses come from (network, broadcast and gateway excluded).
     gateway: the host end of every TAP and the guest's default route.
     dns: resolvers written to the guest's /etc/resolv.conf; empty = none (no guest sends
-      DNS traffic to a resolver nobody configured).
-    nat: masquerade guest traffic leaving through any non-sandbox interface (nftables),
-      and enable IPv4 forwarding; the rules are ours and removed when the manager closes.
-    netns: named network namespace for the TAPs, routes, NAT rules and VMM processes;
+      DNS traffic to a resolver nobody configured). Guests reach them only if allowed:
+      one on the host through `host_allow`, others through the sandbox's egress policy.
+    default_egress: the egress of a sandbox whose spec does not say: "none" (nothing
+      beyond its TAP except its allow_out list) or "nat" (anything not blocked, through
+      NAT; IPv4 forwarding is enabled the first time a sandbox may leave).
+    nat: the old switch; true = default_egress "nat" when default_egress is not set.
+    host_allow: what guests may reach on the host itself, "<ip>:<port>/tcp|udp" or
+      "<ip>/icmp" (ping), e.g. "172.20.0.1:53/udp" for a DNS forwarder on the gateway.
+      Everything else a guest sends to the host is dropped (replies to connections the
+      host opened excepted). Independent of the sandboxes' egress policies.
+    blocked: IPv4 CIDRs no guest ever reaches, whatever its policy says (default: the
+      private ranges, 100.64.0.0/10 and 169.254.0.0/16 — cloud metadata). The sandbox
+      network (`cidr`) is always blocked too.
+    blocked_except: CIDRs inside `blocked` that sandboxes may reach after all — when their
+      own policy allows them (e.g. an internal package mirror). Only the operator can
+      open a blocked range; a sandbox's allow_out cannot.
+    netns: named network namespace for the TAPs, routes, rules and VMM processes;
       "" = the host's. Created if missing (and then removed when the manager closes).
+
+    Firewall rules (nftables, table `arcbox_vm_<tag>`, family inet) are ours: installed at
+    start, per-sandbox elements with each lease, all removed when the manager closes.
     """
 
     cidr: str = "172.20.0.0/16"
     gateway: str = "172.20.0.1"
     dns: list[str] = Field(default_factory=list)
+    default_egress: Literal["none", "nat"] = "none"
     nat: bool = False
+    host_allow: list[str] = Field(default_factory=list)
+    blocked: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKED))
+    blocked_except: list[str] = Field(default_factory=list)
     netns: str = ""
+
+    @field_validator("host_allow")
+    @classmethod
+    def _host_allow(cls, v: list[str]) -> list[str]:
+        out = []
+        for entry in v:
+            ip, port, proto = parse_host_allow(entry)
+            out.append(f"{ip}/icmp" if proto == "icmp" else f"{ip}:{port}/{proto}")
+        return out
+
+    @field_validator("blocked", "blocked_except")
+    @classmethod
+    def _ranges(cls, v: list[str], info) -> list[str]:  # noqa: ANN001
+        return _ipv4_networks(v, info.field_name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nat_means_default_egress(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("nat") is True and "default_egress" not in data:
+            return {**data, "default_egress": "nat"}
+        return data
 
     @field_validator("cidr")
     @classmethod

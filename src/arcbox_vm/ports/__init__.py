@@ -8,7 +8,7 @@ concrete adapters from a `VmmConfig` and hands them over as an `Adapters` bundle
 from arcbox_vm.ports.adapters import Adapters
 from arcbox_vm.ports.cgroups import SandboxCgroupSet
 from arcbox_vm.ports.images import BootImage, ImageStore
-from arcbox_vm.ports.network import Network, NetworkLease
+from arcbox_vm.ports.network import EgressPolicy, Network, NetworkLease
 from arcbox_vm.ports.storage import DiskCloner, StateStore, StoredEvent
 from arcbox_vm.ports.vmm import AdoptSpec, AgentEndpoint, MachineSpec, VmmDriver, VmmProcess
 
@@ -18,6 +18,7 @@ __all__ = [
     "AgentEndpoint",
     "BootImage",
     "DiskCloner",
+    "EgressPolicy",
     "ImageStore",
     "MachineSpec",
     "Network",
