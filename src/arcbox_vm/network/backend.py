@@ -1,21 +1,25 @@
-"""The sandbox network as the manager sees it: leases of (IP, TAP, MAC, boot argument).
+"""The sandbox network as the manager sees it: leases of (IP, TAP, MAC, boot argument),
+each with its firewall rules.
 
 One object per manager. `start()` creates the namespace if configured (remembering
-that we did), removes TAPs and NAT tables a crashed manager of the same data dir left
-behind, and installs NAT when enabled; `close()` undoes all of that.
+that we did), removes TAPs a crashed manager of the same data dir left behind and
+replaces our nftables table (rules.py) in one transaction, with the rules of re-adopted
+sandboxes; `close()` undoes all of that. Each lease's rules are added with it, replaced
+by `set_policy` and removed with it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from arcbox_vm.config.sections import NetworkConfig
-from arcbox_vm.network import nat, netns, tap
+from arcbox_vm.network import firewall, netns, rules, tap
 from arcbox_vm.network.pool import IpPool
 from arcbox_vm.paths import manager_tag
-from arcbox_vm.ports.network import NetworkLease
+from arcbox_vm.ports.network import EgressPolicy, NetworkLease
 
 __all__ = ["NetworkLease", "TapNetwork", "guest_mac", "manager_tag"]
 
@@ -29,22 +33,30 @@ def guest_mac(ip: str) -> str:
 
 
 class TapNetwork:
-    """The production `arcbox_vm.ports.Network`: TAPs (netlink), an IP pool, optional NAT."""
+    """The production `arcbox_vm.ports.Network`: TAPs (netlink), an IP pool, nftables rules."""
 
     def __init__(self, cfg: NetworkConfig, data_dir: Path) -> None:
         self.cfg = cfg
         self.tag = manager_tag(data_dir)
         self.tap_prefix = f"ab{self.tag}-"
+        self.firewall = rules.Firewall.from_config(cfg, self.tag, self.tap_prefix)
         self.pool = IpPool(cfg.cidr, cfg.gateway)
         self.netns = cfg.netns
         self._created_netns = False
         # "we created this namespace" must survive a restart that adopts running VMs
         self._netns_marker = Path(data_dir) / "netns-created"
         self._started = False
+        self._forwarding = False
 
-    async def start(self, keep_taps: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    @property
+    def table(self) -> str:
+        """Our nftables table (family inet) in `netns`."""
+        return self.firewall.table
+
+    async def start(self, keep_taps: set[str] = frozenset(),  # type: ignore[assignment]
+                    adopted: Sequence[tuple[NetworkLease, EgressPolicy | None]] = ()) -> None:
         """Create the namespace if needed; remove our TAPs that no sandbox owns (`keep_taps`
-        are re-adopted ones) and a stale NAT table; install NAT if configured."""
+        are re-adopted ones); replace our table, with the `adopted` leases' rules."""
         if self._started:
             return
         if self.netns:
@@ -58,37 +70,61 @@ class TapNetwork:
                 continue
             log.warning("removing TAP %s left behind by an earlier manager", name)
             await tap.delete_tap(self.netns, name)
-        await nat.remove(self.netns, self.tag)
-        if self.cfg.nat:
-            await nat.install(self.netns, self.tag, self.cfg.cidr, self.tap_prefix)
+        await firewall.nft(self.netns, self.firewall.install(adopted))
+        if any(rules.allows_egress(self.firewall.policy(p)) for _, p in adopted):
+            await self._enable_forwarding()
         self._started = True
+
+    async def _enable_forwarding(self) -> None:
+        if not self._forwarding:
+            await firewall.enable_forwarding(self.netns)
+            self._forwarding = True
 
     def tap_name(self, ip: str) -> str:
         return f"{self.tap_prefix}{self.pool.offset(ip):x}"
 
-    async def allocate(self, owner: str) -> NetworkLease:
+    async def allocate(self, owner: str, policy: EgressPolicy | None = None) -> NetworkLease:
         await self.start()
         ip = str(self.pool.allocate(owner))
         name = self.tap_name(ip)
-        try:
-            await tap.create_tap(self.netns, name, self.cfg.gateway, ip)
-        except BaseException:
-            self.pool.release(ip)
-            raise
         args = [f"ip={ip}::{self.cfg.gateway}:{self.pool.netmask}::eth0:off"]
         if self.cfg.dns:
             args.append("arcbox.dns=" + ",".join(self.cfg.dns))
-        return NetworkLease(ip, self.cfg.gateway, self.pool.netmask, name, guest_mac(ip), tuple(args))
+        lease = NetworkLease(ip, self.cfg.gateway, self.pool.netmask, name, guest_mac(ip), tuple(args))
+        try:
+            await tap.create_tap(self.netns, name, self.cfg.gateway, ip)
+            try:
+                await self.set_policy(lease, policy)
+            except BaseException:
+                await self._remove(lease)
+                raise
+        except BaseException:
+            self.pool.release(ip)
+            raise
+        return lease
+
+    async def set_policy(self, lease: NetworkLease, policy: EgressPolicy | None) -> None:
+        """The lease's source check and egress policy, replacing what it had: one transaction."""
+        if rules.allows_egress(self.firewall.policy(policy)):
+            await self._enable_forwarding()
+        await firewall.nft(self.netns, self.firewall.sandbox(lease, policy))
+
+    async def _remove(self, lease: NetworkLease) -> None:
+        try:
+            await firewall.nft(self.netns, self.firewall.sandbox_removal(lease))
+        finally:
+            await tap.delete_tap(self.netns, lease.tap_name)
 
     async def release_orphan(self, lease: NetworkLease) -> None:
-        """Delete the TAP of a lease the pool does not hold (found in the state at start)."""
+        """Delete the TAP of a lease the pool does not hold (found in the state at start);
+        its rules go with the table `start` replaces."""
         if self.netns and not netns.exists(self.netns):
             return  # opening a missing namespace would create it
         await tap.delete_tap(self.netns, lease.tap_name)
 
     async def release(self, lease: NetworkLease) -> None:
         try:
-            await tap.delete_tap(self.netns, lease.tap_name)
+            await self._remove(lease)
         finally:
             self.pool.release(lease.ip)
 
@@ -97,7 +133,7 @@ class TapNetwork:
             return
         for name in await tap.list_taps(self.netns, self.tap_prefix):
             await tap.delete_tap(self.netns, name)
-        await nat.remove(self.netns, self.tag)
+        await firewall.nft(self.netns, rules.removal(self.tag), check=False)
         if self._created_netns:
             netns.remove(self.netns)
             self._netns_marker.unlink(missing_ok=True)

@@ -82,3 +82,10 @@ def entered(name: str) -> Iterator[None]:
             _setns(own)
     finally:
         os.close(own)
+
+
+def write_sysctl(name: str, key: str, value: str) -> None:
+    """Write /proc/sys/<key> as seen inside namespace `name` (call from a worker thread:
+    /proc/sys/net belongs to the namespace of the thread that opens it)."""
+    with entered(name), open(os.path.join("/proc/sys", key), "w") as f:
+        f.write(value)

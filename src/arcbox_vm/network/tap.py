@@ -2,7 +2,8 @@
 
 Every TAP carries the gateway address locally with the guest's address as its peer, so
 the kernel installs a /32 route to the guest through that TAP. There is no bridge: two
-guests cannot reach each other at layer 2, only through the host's routing (and NAT).
+guests cannot reach each other at layer 2, and the firewall (rules.py) drops what the
+host's routing would carry between them. IPv6 is disabled on every TAP.
 """
 
 from __future__ import annotations
@@ -38,11 +39,22 @@ def _create(netns: str, name: str, gateway: str, guest_ip: str) -> None:
         ipr.link("add", ifname=name, kind="tuntap", mode="tap")
         idx = ipr.link_lookup(ifname=name)[0]
         try:
+            _disable_ipv6(name)  # before it is up: no link-local address, no neighbour discovery
             ipr.addr("add", index=idx, local=gateway, address=guest_ip, prefixlen=32)
             ipr.link("set", index=idx, state="up")
         except Exception:
             ipr.link("del", index=idx)
             raise
+
+
+def _disable_ipv6(name: str) -> None:
+    """No IPv6 on the TAP (the firewall drops it too). /proc/sys/net is the namespace of
+    this thread, which `_ipr` entered; a host without IPv6 has nothing to disable."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass
 
 
 def _delete(netns: str, name: str) -> None:
