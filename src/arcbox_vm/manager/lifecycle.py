@@ -22,7 +22,7 @@ from arcbox_vm.errors import AgentUnresponsive, ArcboxError, InvalidState, Sandb
 from arcbox_vm.manager.boot import BootPlan, BootRequest
 from arcbox_vm.manager.console import keep_capped
 from arcbox_vm.manager.context import ManagerContext
-from arcbox_vm.manager import limits
+from arcbox_vm.manager import limits, network_policy
 from arcbox_vm.manager.images import resolve_images
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxSpec, SandboxState
@@ -54,7 +54,8 @@ async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
     ctx.sandboxes[sid] = sb  # reserve the id (and its share of the limits) before the first await
     try:
         if sb.network_mode == "tap":
-            sb.lease = await ctx.network.allocate(sid)
+            sb.egress = network_policy.resolve(spec.network, ctx.config.network.default_egress)
+            sb.lease = await ctx.network.allocate(sid, sb.egress)
         ctx.emit(sb, "created")  # recorded before anything else happens
     except BaseException:
         del ctx.sandboxes[sid]

@@ -12,7 +12,7 @@ from typing import Any
 
 from arcbox_vm.manager.boot import BootedVm
 from arcbox_vm.models import SandboxInfo, SandboxNetworkInfo, SandboxState, SandboxSummary
-from arcbox_vm.ports.network import NetworkLease
+from arcbox_vm.ports.network import EgressPolicy, NetworkLease
 
 
 @dataclass
@@ -38,6 +38,7 @@ class SandboxRecord:
     last_exit_code: int | None = None
     error: str | None = None
     lease: NetworkLease | None = None
+    egress: EgressPolicy | None = None  # tap mode; None = the configured default (records of older versions)
     vm: BootedVm | None = None
     vmm: str = ""
     active_execs: int = 0
@@ -62,7 +63,8 @@ class SandboxRecord:
             lease = json.dumps({**self.lease.__dict__, "boot_args": list(self.lease.boot_args)})
         return {
             "id": self.id, "state": self.state.value,
-            "spec": json.dumps({k: getattr(self, k) for k in self._SPEC_FIELDS}),
+            "spec": json.dumps({**{k: getattr(self, k) for k in self._SPEC_FIELDS},
+                                "egress": self.egress.to_json() if self.egress is not None else None}),
             "workdir": str(self.workdir), "vmm": self.vmm, "pid": self.pid, "pid_start": self.pid_start,
             "lease": lease, "created_at": self.created_at, "ready_at": self.ready_at,
             "last_exited_at": self.last_exited_at, "last_exit_code": self.last_exit_code, "error": self.error,
@@ -74,6 +76,8 @@ class SandboxRecord:
         spec = json.loads(row["spec"])
         rec = cls(id=row["id"], workdir=Path(row["workdir"]), **{k: spec[k] for k in cls._SPEC_FIELDS})
         rec.state = SandboxState(row["state"])
+        if spec.get("egress"):
+            rec.egress = EgressPolicy.from_json(spec["egress"])
         rec.vmm = row["vmm"] or ""
         rec.pid, rec.pid_start = row["pid"], row["pid_start"]
         if row["lease"]:
@@ -86,7 +90,9 @@ class SandboxRecord:
         return rec
 
     def info(self) -> SandboxInfo:
-        net = (SandboxNetworkInfo(self.lease.ip, self.lease.gateway, self.lease.tap_name)
+        pol = self.egress
+        net = (SandboxNetworkInfo(self.lease.ip, self.lease.gateway, self.lease.tap_name,
+                                  pol.egress if pol else "", pol.allow_out if pol else (), pol.deny_out if pol else ())
                if self.lease is not None else None)
         pid = self.vm.process.pid if self.vm is not None and self.vm.process.returncode is None else None
         return SandboxInfo(

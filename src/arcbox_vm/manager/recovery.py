@@ -11,7 +11,8 @@ so a recycled pid is never taken for ours), then:
 - removal half done: finished.
 Whatever is not re-adopted is cleaned up by the driver that made it (`cleanup()`: sockets,
 jail, cgroup). Then whatever no record owns is removed: sandbox cgroups, VMM processes and
-directories under `sandboxes/`, socket directories, TAPs with our tag, a stale NAT table.
+directories under `sandboxes/`, socket directories, TAPs with our tag; our firewall table
+is replaced, with the re-adopted sandboxes' rules (their egress policies as recorded).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ async def recover(ctx: ManagerContext) -> None:
             shutil.rmtree(socket_dir(workdir), ignore_errors=True)
             log.warning("removed sandbox directory %s that no record owns", workdir.name)
     if os.geteuid() == 0:
-        owned = {sb.lease.tap_name for sb in ctx.sandboxes.values() if sb.lease is not None}
-        await ctx.network.start(keep_taps=owned)
+        owned = [(sb.lease, sb.egress) for sb in ctx.sandboxes.values() if sb.lease is not None]
+        await ctx.network.start(keep_taps={lease.tap_name for lease, _ in owned}, adopted=owned)
 
 
 async def _release_everything(ctx: ManagerContext, sb: SandboxRecord, proc: VmmProcess | None,

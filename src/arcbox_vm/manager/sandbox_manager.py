@@ -21,7 +21,7 @@ from arcbox_vm.agent.host import AgentConnection, FileReader
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import ArcboxError, BootFailed, InvalidArgument, InvalidState, StateError
 from arcbox_vm.manager import files as _files
-from arcbox_vm.manager import lifecycle
+from arcbox_vm.manager import lifecycle, network_policy
 from arcbox_vm.manager.background import ExecAttachment
 from arcbox_vm.manager.console import follow_console
 from arcbox_vm.manager.context import BootPlanHook, ManagerContext
@@ -222,6 +222,17 @@ class SandboxManager:
         if sb.state == S.RUNNING and not force:
             raise InvalidState(sb.id, sb.state.value, "commands are running in it; pass force=True to remove it anyway")
         await lifecycle.remove(self._ctx, sb, reason="user")
+
+    async def update_network(self, sandbox_id: str, *, egress: str | None = None,
+                             allow_out: list[str] | None = None, deny_out: list[str] | None = None) -> SandboxInfo:
+        """Change a sandbox's egress policy; None keeps that part. egress "none" | "nat";
+        allow_out / deny_out replace the lists (IPv4 CIDRs; deny wins). A running sandbox's
+        rules change at once — connections to what is no longer allowed stop too —, and the
+        record keeps the policy for a restarted daemon. InvalidArgument for a bad CIDR;
+        InvalidState for a sandbox without network."""
+        sb = self._get(sandbox_id)
+        await network_policy.update(self._ctx, sb, egress, allow_out, deny_out)
+        return sb.info()
 
     # -- commands --------------------------------------------------------------------
 
