@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.errors import InvalidArgument
 from arcbox_vm.models import ExecInfo, ExecSpec, FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
@@ -18,15 +20,42 @@ def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
     if unsupported:
         raise InvalidArgument(f"{', '.join(unsupported)} not supported yet: create the sandbox without it "
                               "and use Run / UploadFile instead")
-    mode = req.network.mode if req.HasField("network") and req.network.mode else "tap"
-    if mode not in ("tap", "none"):
-        raise InvalidArgument(f"network.mode must be 'tap' or 'none', got {mode!r}")
     return SandboxSpec(
         id=req.id or None, labels=dict(req.labels), kernel=req.kernel, rootfs=req.rootfs, initrd=req.initrd,
         boot_args=req.boot_args, vcpus=req.limits.vcpus, memory_mib=req.limits.memory_mib,
-        network=SandboxNetworkSpec(mode=mode), ttl_seconds=req.ttl_seconds, env=dict(req.env),
+        network=network_spec(req.network), ttl_seconds=req.ttl_seconds, env=dict(req.env),
         working_dir=req.working_dir, user=req.user,
     )
+
+
+def network_spec(net: pb.NetworkSpec) -> SandboxNetworkSpec:
+    """An unset message is all defaults (tap, the daemon's default egress, no lists)."""
+    mode = net.mode or "tap"
+    if mode not in ("tap", "none"):
+        raise InvalidArgument(f"network.mode must be 'tap' or 'none', got {mode!r}")
+    egress = check_egress(net.egress)
+    try:
+        return SandboxNetworkSpec(mode=mode, egress=egress, allow_out=list(net.allow_out),
+                                  deny_out=list(net.deny_out))
+    except ValidationError as exc:
+        raise InvalidArgument("network: " + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) \
+            from None
+
+
+def check_egress(egress: str) -> str | None:
+    """"" = unset (the daemon's default / keep); else "none" or "nat"."""
+    if egress and egress not in ("none", "nat"):
+        raise InvalidArgument(f"network egress must be 'none' or 'nat', got {egress!r}")
+    return egress or None
+
+
+def network_update(req: pb.UpdateNetworkRequest) -> dict[str, Any]:
+    """The keywords of `SandboxManager.update_network`: an unset field keeps that part."""
+    return {
+        "egress": check_egress(req.egress),
+        "allow_out": list(req.allow_out.cidrs) if req.HasField("allow_out") else None,
+        "deny_out": list(req.deny_out.cidrs) if req.HasField("deny_out") else None,
+    }
 
 
 def tty_size(size: pb.TerminalSize | None, has: bool) -> tuple[int, int] | None:
@@ -62,8 +91,9 @@ def info(i: SandboxInfo) -> pb.SandboxInfo:
         last_exit_code=i.last_exit_code or 0, error=i.error or "", vmm=i.vmm,
     )
     if i.network is not None:
-        msg.network.CopyFrom(pb.SandboxNetwork(ip_address=i.network.ip_address, gateway=i.network.gateway,
-                                               tap_name=i.network.tap_name))
+        n = i.network
+        msg.network.CopyFrom(pb.SandboxNetwork(ip_address=n.ip_address, gateway=n.gateway, tap_name=n.tap_name,
+                                               egress=n.egress, allow_out=n.allow_out, deny_out=n.deny_out))
     return msg
 
 

@@ -124,6 +124,11 @@ class SandboxServicer:
         return convert.info(self.mgr.inspect_sandbox(_need_id(request)))
 
     @unary
+    async def UpdateNetwork(self, request: pb.UpdateNetworkRequest, context: grpc.aio.ServicerContext) -> pb.SandboxInfo:
+        sandbox_id = _need_id(request)
+        return convert.info(await self.mgr.update_network(sandbox_id, **convert.network_update(request)))
+
+    @unary
     async def List(self, request: pb.ListSandboxesRequest, context: grpc.aio.ServicerContext) -> pb.ListSandboxesResponse:
         _check(request)
         try:

@@ -29,10 +29,34 @@ class Mount(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class NetworkSpec(_message.Message):
-    __slots__ = ("mode",)
+    __slots__ = ("mode", "egress", "allow_out", "deny_out")
     MODE_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OUT_FIELD_NUMBER: _ClassVar[int]
+    DENY_OUT_FIELD_NUMBER: _ClassVar[int]
     mode: str
-    def __init__(self, mode: _Optional[str] = ...) -> None: ...
+    egress: str
+    allow_out: _containers.RepeatedScalarFieldContainer[str]
+    deny_out: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mode: _Optional[str] = ..., egress: _Optional[str] = ..., allow_out: _Optional[_Iterable[str]] = ..., deny_out: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CidrList(_message.Message):
+    __slots__ = ("cidrs",)
+    CIDRS_FIELD_NUMBER: _ClassVar[int]
+    cidrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cidrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateNetworkRequest(_message.Message):
+    __slots__ = ("id", "egress", "allow_out", "deny_out")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OUT_FIELD_NUMBER: _ClassVar[int]
+    DENY_OUT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    egress: str
+    allow_out: CidrList
+    deny_out: CidrList
+    def __init__(self, id: _Optional[str] = ..., egress: _Optional[str] = ..., allow_out: _Optional[_Union[CidrList, _Mapping]] = ..., deny_out: _Optional[_Union[CidrList, _Mapping]] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
     __slots__ = ("id", "labels", "kernel", "rootfs", "boot_args", "limits", "image", "cmd", "env", "working_dir", "user", "mounts", "network", "ttl_seconds", "ssh_public_key", "initrd")
@@ -302,14 +326,20 @@ class InspectSandboxRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class SandboxNetwork(_message.Message):
-    __slots__ = ("ip_address", "gateway", "tap_name")
+    __slots__ = ("ip_address", "gateway", "tap_name", "egress", "allow_out", "deny_out")
     IP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     TAP_NAME_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_OUT_FIELD_NUMBER: _ClassVar[int]
+    DENY_OUT_FIELD_NUMBER: _ClassVar[int]
     ip_address: str
     gateway: str
     tap_name: str
-    def __init__(self, ip_address: _Optional[str] = ..., gateway: _Optional[str] = ..., tap_name: _Optional[str] = ...) -> None: ...
+    egress: str
+    allow_out: _containers.RepeatedScalarFieldContainer[str]
+    deny_out: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ip_address: _Optional[str] = ..., gateway: _Optional[str] = ..., tap_name: _Optional[str] = ..., egress: _Optional[str] = ..., allow_out: _Optional[_Iterable[str]] = ..., deny_out: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SandboxInfo(_message.Message):
     __slots__ = ("id", "state", "labels", "limits", "network", "created_at", "ready_at", "last_exited_at", "last_exit_code", "error", "vmm")

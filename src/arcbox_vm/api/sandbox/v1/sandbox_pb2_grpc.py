@@ -66,6 +66,11 @@ class SandboxServiceStub:
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.InspectSandboxRequest.SerializeToString,
                 response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxInfo.FromString,
                 _registered_method=True)
+        self.UpdateNetwork = channel.unary_unary(
+                '/sandbox.v1.SandboxService/UpdateNetwork',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxInfo.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/sandbox.v1.SandboxService/List',
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSandboxesRequest.SerializeToString,
@@ -165,6 +170,15 @@ class SandboxServiceServicer:
 
     def Inspect(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNetwork(self, request, context):
+        """Change a sandbox's egress policy: a running one's rules change at once (connections
+        to what is no longer allowed stop too); the policy is kept across daemon restarts.
+        Returns the sandbox with its new policy. FAILED_PRECONDITION without network.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -280,6 +294,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
             'Inspect': grpc.unary_unary_rpc_method_handler(
                     servicer.Inspect,
                     request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.InspectSandboxRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxInfo.SerializeToString,
+            ),
+            'UpdateNetwork': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNetwork,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest.FromString,
                     response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxInfo.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
@@ -501,6 +520,33 @@ class SandboxService:
             target,
             '/sandbox.v1.SandboxService/Inspect',
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.InspectSandboxRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNetwork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxService/UpdateNetwork',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.UpdateNetworkRequest.SerializeToString,
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.SandboxInfo.FromString,
             options,
             channel_credentials,
