@@ -3,6 +3,7 @@
     create   register + boot a sandbox; prints its id as the last stdout line
     ls       list sandboxes (table, -q ids, --json)
     inspect  one sandbox as JSON
+    update   change a sandbox's egress policy (--egress, --allow-out, --deny-out)
     exec     run a command in a sandbox (see exec_cmd.py for -i / -t / exit codes)
     cp       copy a file in or out (see cp.py)
     stop     halt sandboxes
@@ -57,7 +58,14 @@ def create(
     rootfs: str = typer.Option("", "--rootfs", help="ext4 root filesystem: a name in the daemon's images directory."),
     initrd: str = typer.Option("", "--initrd", help="Initramfs: a name in the daemon's images directory."),
     boot_args: str = typer.Option("", "--boot-args", help="Kernel command line base."),
-    network: str = typer.Option("tap", "--network", help="tap (own IP, NAT if the daemon enables it) or none."),
+    network: str = typer.Option("tap", "--network", help="tap (own IP on a TAP device) or none (no network)."),
+    egress: Optional[str] = typer.Option(None, "--egress", metavar="none|nat",
+                                         help="none: reach only --allow-out; nat: anything, through NAT "
+                                              "[default: the daemon's default_egress]."),
+    allow_out: list[str] = typer.Option([], "--allow-out", metavar="CIDR",
+                                        help="IPv4 CIDR the sandbox may reach, also with --egress none (repeatable)."),
+    deny_out: list[str] = typer.Option([], "--deny-out", metavar="CIDR",
+                                       help="IPv4 CIDR it may never reach; wins over the rest (repeatable)."),
     ttl: int = typer.Option(0, "--ttl", min=0, help="Remove the sandbox this many seconds after it is ready."),
     env: list[str] = typer.Option([], "--env", "-e", help="Default env of its commands: KEY=VALUE or KEY."),
     workdir: str = typer.Option("", "--workdir", "-w", help="Default working directory of its commands."),
@@ -73,6 +81,8 @@ def create(
     and the failed sandbox kept for `arcbox-vm logs ID` (remove it with `rm -f`)."""
     if network not in ("tap", "none"):
         fail(f"--network {network!r}: expected tap or none")
+    if egress is not None and egress not in ("none", "nat"):
+        fail(f"--egress {egress!r}: expected none or nat")
 
     async def main() -> dict[str, str]:
         async with conn.client() as client:
@@ -84,6 +94,7 @@ def create(
                     id=id, labels=parse_labels(label), vcpus=vcpus, memory_mib=memory, kernel=kernel,
                     rootfs=rootfs, initrd=initrd, boot_args=boot_args,
                     network=network,  # type: ignore[arg-type]
+                    egress=egress, allow_out=allow_out, deny_out=deny_out,  # type: ignore[arg-type]
                     ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user)
             except BaseException:
                 if waiter is not None:
@@ -135,6 +146,40 @@ def inspect(
     from arcbox_vm.cli.output import print_json
 
     print_json(conn.call(lambda client: client.inspect(sandbox_id)))
+
+
+@daemon_command
+def update(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    egress: Optional[str] = typer.Option(None, "--egress", metavar="none|nat",
+                                         help="none: reach only the allow-out list; nat: anything, through NAT."),
+    allow_out: list[str] = typer.Option([], "--allow-out", metavar="CIDR",
+                                        help="Replace the allow-out list with these IPv4 CIDRs (repeatable)."),
+    deny_out: list[str] = typer.Option([], "--deny-out", metavar="CIDR",
+                                       help="Replace the deny-out list with these IPv4 CIDRs (repeatable)."),
+    clear_allow_out: bool = typer.Option(False, "--clear-allow-out", help="Empty the allow-out list."),
+    clear_deny_out: bool = typer.Option(False, "--clear-deny-out", help="Empty the deny-out list."),
+    json_out: bool = typer.Option(False, "--json", help="Print the sandbox's network as JSON."),
+    *, conn: ConnectOptions,
+) -> None:
+    """Change a sandbox's egress policy, effective at once (also for open connections);
+    what is not given stays as it was. Prints the id (or the network with --json)."""
+    if egress is not None and egress not in ("none", "nat"):
+        fail(f"--egress {egress!r}: expected none or nat")
+    if (allow_out and clear_allow_out) or (deny_out and clear_deny_out):
+        fail("give either --allow-out/--deny-out or the matching --clear-..., not both")
+    if egress is None and not (allow_out or deny_out or clear_allow_out or clear_deny_out):
+        fail("nothing to update: give --egress, --allow-out, --deny-out or --clear-allow-out/--clear-deny-out")
+    new_allow = [] if clear_allow_out else (allow_out or None)
+    new_deny = [] if clear_deny_out else (deny_out or None)
+    info = conn.call(lambda client: client.update_network(sandbox_id, egress=egress,  # type: ignore[arg-type]
+                                                          allow_out=new_allow, deny_out=new_deny))
+    if json_out:
+        from arcbox_vm.cli.output import print_json
+
+        print_json(info.network)
+    else:
+        print(sandbox_id, flush=True)
 
 
 @daemon_command
@@ -337,6 +382,7 @@ def register(app: typer.Typer) -> None:
     app.command("create")(create)
     app.command("ls")(ls)
     app.command("inspect")(inspect)
+    app.command("update")(update)
     app.command("exec", context_settings=no_interspersed)(exec_)
     app.command("execs")(execs)
     app.command("attach")(attach)

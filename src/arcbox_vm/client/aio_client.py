@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect as _inspect
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import grpc
@@ -36,6 +36,8 @@ from arcbox_vm.client.convert import (
     exec_request_to_pb,
     file_stat_from_pb,
     info_from_pb,
+    network_spec_to_pb,
+    network_update_to_pb,
     output_from_pb,
     str_map,
     summary_from_pb,
@@ -113,17 +115,29 @@ class AsyncClient:
     async def create(self, *, id: str | None = None, labels: Mapping[str, str] | None = None, vcpus: int = 0,
                      memory_mib: int = 0, kernel: str = "", rootfs: str = "", initrd: str = "",
                      boot_args: str = "", network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
-                     env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "") -> Created:
+                     env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
+                     egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
+                     deny_out: Sequence[str] = ()) -> Created:
         """Register a sandbox and start booting it; returns at once (state "starting").
-        Zero / empty values take the daemon's defaults. Use `wait_ready` to wait for boot."""
+        Zero / empty values take the daemon's defaults. Use `wait_ready` to wait for boot.
+        egress "none" reaches only `allow_out` (IPv4 CIDRs), "nat" anything through NAT
+        (None = the daemon's default); `deny_out` wins over both."""
         request = pb.CreateSandboxRequest(
             id=id or "", labels=str_map(labels), kernel=os.fspath(kernel), rootfs=os.fspath(rootfs),
             initrd=os.fspath(initrd), boot_args=boot_args,
             limits=pb.ResourceLimits(vcpus=vcpus, memory_mib=memory_mib), env=str_map(env),
             working_dir=working_dir, user=user, ttl_seconds=ttl_seconds,
-            network=pb.NetworkSpec(mode=network) if network else None,
+            network=network_spec_to_pb(network, egress, allow_out, deny_out),
         )
         return created_from_pb(await self._unary(self._stub.Create, request, sandbox_id=id or ""))
+
+    async def update_network(self, sandbox_id: str, *, egress: Literal["none", "nat"] | None = None,
+                             allow_out: Sequence[str] | None = None,
+                             deny_out: Sequence[str] | None = None) -> SandboxInfo:
+        """Change the sandbox's egress policy at once; None keeps that part, a list (even
+        empty) replaces it. Returns the sandbox with its new policy (`info.network`)."""
+        request = network_update_to_pb(sandbox_id, egress, allow_out, deny_out)
+        return info_from_pb(await self._unary(self._stub.UpdateNetwork, request, sandbox_id=sandbox_id))
 
     def ready_waiter(self, sandbox_id: str) -> ReadyWaiter:
         """A waiter to `subscribe()` before Create and `wait()` after (see ready.py)."""

@@ -13,7 +13,7 @@ forms. This module imports the client (aio_client.py), never the other way round
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Literal, Unpack
 
 from arcbox_vm.client.aio_client import AsyncClient
@@ -90,8 +90,10 @@ class AsyncSandbox:
                      memory_mib: int = 0, kernel: str = "", rootfs: str = "", initrd: str = "", boot_args: str = "",
                      network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                      env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
-                     wait: bool = True, timeout: float | None = 120.0, client: AsyncClient | None = None,
-                     remove_on_exit: bool = True, **connect: Unpack[ConnectArgs]) -> "AsyncSandbox":
+                     egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
+                     deny_out: Sequence[str] = (), wait: bool = True, timeout: float | None = 120.0,
+                     client: AsyncClient | None = None, remove_on_exit: bool = True,
+                     **connect: Unpack[ConnectArgs]) -> "AsyncSandbox":
         """Create a sandbox and (wait=True) wait until it is ready, at most `timeout` s.
 
         If it fails to become ready it is removed and BootFailed / ReadyTimeout raised, so
@@ -105,7 +107,8 @@ class AsyncSandbox:
             try:
                 created = await cli.create(id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel,
                                            rootfs=rootfs, initrd=initrd, boot_args=boot_args, network=network,
-                                           ttl_seconds=ttl_seconds, env=env, working_dir=working_dir, user=user)
+                                           ttl_seconds=ttl_seconds, env=env, working_dir=working_dir, user=user,
+                                           egress=egress, allow_out=allow_out, deny_out=deny_out)
             except BaseException:
                 if waiter is not None:
                     waiter.close()
@@ -146,6 +149,12 @@ class AsyncSandbox:
 
     async def stop(self, timeout: float | None = None) -> None:
         await self.client.stop(self.id, timeout)
+
+    async def update_network(self, *, egress: Literal["none", "nat"] | None = None,
+                             allow_out: Sequence[str] | None = None,
+                             deny_out: Sequence[str] | None = None) -> SandboxInfo:
+        """See AsyncClient.update_network."""
+        return await self.client.update_network(self.id, egress=egress, allow_out=allow_out, deny_out=deny_out)
 
     async def remove(self, force: bool = True) -> None:
         await self.client.remove(self.id, force=force)

@@ -8,7 +8,7 @@ older client still lists sandboxes of a newer daemon.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
@@ -27,7 +27,8 @@ from arcbox_vm.models import (
 
 __all__ = [
     "created_from_pb", "event_from_pb", "exec_info_from_pb", "exec_request_to_pb", "file_stat_from_pb", "info_from_pb",
-    "output_from_pb", "str_map", "summary_from_pb", "timeout_to_pb", "tty_size_to_pb",
+    "network_spec_to_pb", "network_update_to_pb", "output_from_pb", "str_map", "summary_from_pb", "timeout_to_pb",
+    "tty_size_to_pb",
 ]
 
 # The three requests that start a command share the ExecSpec fields; only Start has stdin.
@@ -54,7 +55,8 @@ def exec_info_from_pb(m: pb.ExecInfo, sandbox_id: str) -> ExecInfo:
 def info_from_pb(m: pb.SandboxInfo) -> SandboxInfo:
     net = None
     if m.HasField("network") and m.network.ip_address:
-        net = SandboxNetworkInfo(m.network.ip_address, m.network.gateway, m.network.tap_name)
+        n = m.network
+        net = SandboxNetworkInfo(n.ip_address, n.gateway, n.tap_name, n.egress, tuple(n.allow_out), tuple(n.deny_out))
     return SandboxInfo(
         id=m.id, state=_state(m.state), labels=dict(m.labels), vcpus=m.limits.vcpus, memory_mib=m.limits.memory_mib,
         network=net, created_at=float(m.created_at), ready_at=_opt_time(m.ready_at),
@@ -111,6 +113,34 @@ def exec_request_to_pb(message: type[ExecRequestT], sandbox_id: str, spec: ExecS
                       timeout_seconds=timeout_to_pb(spec.timeout_seconds))
     if "stdin" in message.DESCRIPTOR.fields_by_name:
         request.stdin = spec.stdin
+    return request
+
+
+def _cidrs(values: Sequence[str] | None, what: str) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)) or not all(isinstance(v, str) for v in values):
+        raise InvalidArgument(f"{what} must be a list of CIDR strings, got {values!r}")
+    return list(values)
+
+
+def network_spec_to_pb(mode: str | None, egress: str | None, allow_out: Sequence[str] | None,
+                       deny_out: Sequence[str] | None) -> pb.NetworkSpec | None:
+    """The Create request's network; None when everything is the daemon's default."""
+    allow, deny = _cidrs(allow_out, "allow_out"), _cidrs(deny_out, "deny_out")
+    if not (mode or egress or allow or deny):
+        return None
+    return pb.NetworkSpec(mode=mode or "", egress=egress or "", allow_out=allow, deny_out=deny)
+
+
+def network_update_to_pb(sandbox_id: str, egress: str | None, allow_out: Sequence[str] | None,
+                         deny_out: Sequence[str] | None) -> pb.UpdateNetworkRequest:
+    """None keeps that part of the policy; a list (even empty) replaces it."""
+    request = pb.UpdateNetworkRequest(id=sandbox_id, egress=egress or "")
+    if allow_out is not None:
+        request.allow_out.CopyFrom(pb.CidrList(cidrs=_cidrs(allow_out, "allow_out")))
+    if deny_out is not None:
+        request.deny_out.CopyFrom(pb.CidrList(cidrs=_cidrs(deny_out, "deny_out")))
     return request
 
 

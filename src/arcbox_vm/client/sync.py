@@ -13,7 +13,7 @@ options become one ExecSpec at the method the caller called (options.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal, Unpack
 
 from arcbox_vm.client.aio_client import AsyncClient
@@ -60,11 +60,19 @@ class Client:
     def create(self, *, id: str | None = None, labels: Mapping[str, str] | None = None, vcpus: int = 0,
                memory_mib: int = 0, kernel: str = "", rootfs: str = "", initrd: str = "", boot_args: str = "",
                network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
-               env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "") -> Created:
+               env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
+               egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
+               deny_out: Sequence[str] = ()) -> Created:
         return self._loop.run(self.aio.create(
             id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel, rootfs=rootfs, initrd=initrd,
             boot_args=boot_args, network=network, ttl_seconds=ttl_seconds, env=env, working_dir=working_dir,
-            user=user))
+            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out))
+
+    def update_network(self, sandbox_id: str, *, egress: Literal["none", "nat"] | None = None,
+                       allow_out: Sequence[str] | None = None, deny_out: Sequence[str] | None = None) -> SandboxInfo:
+        """See AsyncClient.update_network."""
+        return self._loop.run(self.aio.update_network(sandbox_id, egress=egress, allow_out=allow_out,
+                                                      deny_out=deny_out))
 
     def wait_ready(self, sandbox_id: str, timeout: float | None = 120.0) -> SandboxInfo:
         return self._loop.run(self.aio.wait_ready(sandbox_id, timeout))
@@ -256,15 +264,17 @@ class Sandbox:
     def create(cls, *, id: str | None = None, labels: Mapping[str, str] | None = None, vcpus: int = 0,
                memory_mib: int = 0, kernel: str = "", rootfs: str = "", initrd: str = "", boot_args: str = "",
                network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
-               env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "", wait: bool = True,
+               env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
+               egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
+               deny_out: Sequence[str] = (), wait: bool = True,
                timeout: float | None = 120.0, client: Client | None = None, remove_on_exit: bool = True,
                **connect: Unpack[ConnectArgs]) -> "Sandbox":
         """See AsyncSandbox.create."""
         handle = LoopThread.shared().run(AsyncSandbox.create(
             id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel, rootfs=rootfs, initrd=initrd,
             boot_args=boot_args, network=network, ttl_seconds=ttl_seconds, env=env, working_dir=working_dir,
-            user=user, wait=wait, timeout=timeout, client=client.aio if client else None,
-            remove_on_exit=remove_on_exit, **connect))
+            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out, wait=wait, timeout=timeout,
+            client=client.aio if client else None, remove_on_exit=remove_on_exit, **connect))
         return cls(handle)
 
     @classmethod
@@ -291,6 +301,11 @@ class Sandbox:
 
     def stop(self, timeout: float | None = None) -> None:
         self.client.stop(self.id, timeout)
+
+    def update_network(self, *, egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] | None = None,
+                       deny_out: Sequence[str] | None = None) -> SandboxInfo:
+        """See AsyncClient.update_network."""
+        return self.client.update_network(self.id, egress=egress, allow_out=allow_out, deny_out=deny_out)
 
     def remove(self, force: bool = True) -> None:
         self.client.remove(self.id, force)
