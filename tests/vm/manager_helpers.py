@@ -16,8 +16,10 @@ BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/sbin/vm-agent"
 
 
 def make_config(backend: str, image: GuestImage, data_dir: Path, *, cidr: str = "172.99.0.0/24",
-                netns: str = "", nat: bool = False, dns: list[str] | None = None) -> VmmConfig:
-    """The seed's try_config(), for either backend."""
+                netns: str = "", nat: bool = False, dns: list[str] | None = None,
+                network: dict | None = None) -> VmmConfig:
+    """The seed's try_config(), for either backend; `network` adds [network] settings
+    (host_allow, blocked_except, default_egress, ...)."""
     net = ipaddress_gateway(cidr)
     if backend == "firecracker":
         fc = FirecrackerConfig(binary=os.environ["FC_BINARY"], data_dir=str(data_dir), log_level="Error",
@@ -30,7 +32,7 @@ def make_config(backend: str, image: GuestImage, data_dir: Path, *, cidr: str = 
                                    rootfs=str(image.rootfs), boot_args=BOOT_ARGS)
     return VmmConfig(
         backend=backend, firecracker=fc, qemu=QemuConfig(),
-        network=NetworkConfig(cidr=cidr, gateway=net, dns=dns or [], netns=netns, nat=nat),
+        network=NetworkConfig(cidr=cidr, gateway=net, dns=dns or [], netns=netns, nat=nat, **(network or {})),
         grpc=GrpcConfig(unix_socket="/dev/null", tcp_addr=""), defaults=defaults,
     )
 

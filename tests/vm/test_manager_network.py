@@ -3,7 +3,9 @@
 Layout: the manager's namespace NS holds the TAPs (gateway 10.231.0.1, guests from
 10.231.0.0/24); a second namespace UP is a fake upstream joined to NS by a veth pair
 (10.232.0.1 in NS, 10.232.0.2 in UP). UP has no route to the guests, so the guest reaches
-10.232.0.2 only through our NAT. No packet leaves these namespaces.
+10.232.0.2 only through our NAT (and only because the test's config excepts it from the
+blocked private ranges). No packet leaves these namespaces. The isolation rules
+themselves are tested in test_network_policy.py.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ async def run(mgr, sid, argv):
 
 async def test_tap_ping_both_ways_nat_dns_and_cleanup(backend, guest_image, tmp_path, two_namespaces):
     ns, up = two_namespaces
+    # nat = true is the old switch (default_egress "nat"); the upstream is a private address,
+    # blocked unless excepted; the host answers pings only because host_allow says so
     cfg = make_config(backend, guest_image, tmp_path, cidr="10.231.0.0/24", netns=ns, nat=True,
-                      dns=["10.232.0.2"])
+                      dns=["10.232.0.2"], network={"blocked_except": ["10.232.0.0/30"],
+                                                   "host_allow": ["10.231.0.1/icmp"]})
     mgr = SandboxManager(cfg)
     try:
         sid, ip = await mgr.create_sandbox(SandboxSpec(id="net-1"))
@@ -60,9 +65,10 @@ async def test_tap_ping_both_ways_nat_dns_and_cleanup(backend, guest_image, tmp_
         # host side (the manager's namespace) -> guest
         res = sh("ip", "netns", "exec", ns, "ping", "-c", "2", "-W", "3", ip)
         assert res.returncode == 0, res.stdout + res.stderr
-        # guest -> gateway
+        # guest -> gateway (host_allow)
         out, err, code = await run(mgr, sid, ["ping", "-c", "2", "-W", "3", "10.231.0.1"])
         assert code == 0, (out, err)
+        assert mgr.inspect_sandbox(sid).network.egress == "nat"
         # guest -> the fake upstream, through our masquerade
         out, err, code = await run(mgr, sid, ["ping", "-c", "2", "-W", "3", "10.232.0.2"])
         assert code == 0, (out, err)
@@ -71,7 +77,7 @@ async def test_tap_ping_both_ways_nat_dns_and_cleanup(backend, guest_image, tmp_
         assert b"nameserver 10.232.0.2" in out
         out, _, _ = await run(mgr, sid, ["ip", "-4", "-o", "addr", "show", "eth0"])
         assert b"10.231.0.2/24" in out
-        # our NAT table exists in the namespace, not in the host's
+        # our table exists in the namespace, not in the host's
         assert "arcbox_vm_" in sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout
         assert "arcbox_vm_" + mgr.adapters.network.tag not in sh("nft", "list", "tables").stdout
         await mgr.remove_sandbox(sid, force=True)
