@@ -188,3 +188,88 @@ def test_cli_help_names_the_options():
     assert "--egress" in out and "--allow-out" in out and "--deny-out" in out
     out = CliRunner().invoke(app, ["update", "--help"], env={"COLUMNS": "200"}).output
     assert "--clear-allow-out" in out
+
+
+# -- TapNetwork's bookkeeping (nft and netlink replaced by recorders) ------------------------
+
+
+class Recorder:
+    def __init__(self, monkeypatch, fail_on: str = "") -> None:  # noqa: ANN001
+        from arcbox_vm.network import firewall, tap
+
+        self.scripts: list[str] = []
+        self.taps: set[str] = set()
+        self.forwarding = 0
+
+        async def nft(netns: str, script: str, check: bool = True) -> tuple[int, str]:
+            if fail_on and fail_on in script:
+                raise ArcboxError("nft failed: injected")
+            self.scripts.append(script)
+            return 0, ""
+
+        async def enable_forwarding(netns: str) -> None:
+            self.forwarding += 1
+
+        async def create_tap(netns: str, name: str, gateway: str, ip: str) -> None:
+            self.taps.add(name)
+
+        async def delete_tap(netns: str, name: str) -> None:
+            self.taps.discard(name)
+
+        async def list_taps(netns: str, prefix: str) -> list[str]:
+            return sorted(self.taps)
+
+        monkeypatch.setattr(firewall, "nft", nft)
+        monkeypatch.setattr(firewall, "enable_forwarding", enable_forwarding)
+        monkeypatch.setattr(tap, "create_tap", create_tap)
+        monkeypatch.setattr(tap, "delete_tap", delete_tap)
+        monkeypatch.setattr(tap, "list_taps", list_taps)
+
+
+def tap_network(tmp_path, **net: object):  # noqa: ANN201
+    from arcbox_vm.config.sections import NetworkConfig
+    from arcbox_vm.network.backend import TapNetwork
+
+    return TapNetwork(NetworkConfig(cidr="10.231.0.0/24", gateway="10.231.0.1", **net), tmp_path)
+
+
+async def test_tap_network_lease_rules_follow_the_lease(tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    net = tap_network(tmp_path)
+    await net.start()
+    assert rec.scripts[0].startswith(f"add table inet {net.table}\ndelete table inet {net.table}")
+    lease = await net.allocate("sb-1", EgressPolicy("none", ("1.1.1.1/32",)))
+    assert lease.tap_name in rec.taps and f"{lease.ip} . {lease.mac}" in rec.scripts[-1]
+    assert rec.forwarding == 1, "allow_out lets something leave: forwarding on (once)"
+    await net.set_policy(lease, EgressPolicy("nat"))
+    assert rec.forwarding == 1 and rec.scripts[-1].rstrip().endswith(f"jump sb_{lease.tap_name.replace('-', '_')} }}")
+    await net.release(lease)
+    assert "delete chain" in rec.scripts[-1] and lease.tap_name not in rec.taps
+    n = len(rec.scripts)
+    await net.set_policy(lease, EgressPolicy("nat"))  # an update that lost the race with a release
+    assert len(rec.scripts) == n, "a released lease's rules are never re-added"
+    await net.close()
+    assert rec.scripts[-1].startswith(f"add table inet {net.table}\ndelete table inet {net.table}")
+
+
+async def test_tap_network_failed_rules_undo_the_lease(tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch, fail_on="add rule")
+    net = tap_network(tmp_path)
+    await net.start()
+    with pytest.raises(ArcboxError, match="injected"):
+        await net.allocate("sb-1")
+    assert rec.taps == set() and net.pool.leases() == {}, "no TAP, no address held"
+    assert rec.forwarding == 0, "egress none with no allow_out never turns forwarding on"
+
+
+async def test_tap_network_start_adopts_in_one_transaction(tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    net = tap_network(tmp_path, default_egress="nat")
+    kept = NetworkLease("10.231.0.2", "10.231.0.1", "255.255.255.0", f"{net.tap_prefix}2", "06:00:0a:e7:00:02", ())
+    rec.taps = {kept.tap_name, f"{net.tap_prefix}9"}
+    await net.start(keep_taps={kept.tap_name}, adopted=[(kept, None)])
+    assert rec.taps == {kept.tap_name}, "the TAP nobody owns is gone"
+    (script,) = rec.scripts
+    assert f"table inet {net.table} {{" in script and f'"{kept.tap_name}" . 10.231.0.2' in script
+    assert "sb_" + kept.tap_name.replace("-", "_") + " accept" in script, "no recorded policy = the default (nat)"
+    assert rec.forwarding == 1

@@ -10,6 +10,7 @@ by `set_policy` and removed with it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -47,6 +48,15 @@ class TapNetwork:
         self._netns_marker = Path(data_dir) / "netns-created"
         self._started = False
         self._forwarding = False
+        # TAPs whose rules may exist; rule changes run one at a time, so a policy update
+        # racing a release can never re-add the rules of a lease that is gone
+        self._live: set[str] = set()
+        self._rules_lock: asyncio.Lock | None = None
+
+    def _lock(self) -> asyncio.Lock:
+        if self._rules_lock is None:
+            self._rules_lock = asyncio.Lock()
+        return self._rules_lock
 
     @property
     def table(self) -> str:
@@ -70,7 +80,9 @@ class TapNetwork:
                 continue
             log.warning("removing TAP %s left behind by an earlier manager", name)
             await tap.delete_tap(self.netns, name)
-        await firewall.nft(self.netns, self.firewall.install(adopted))
+        async with self._lock():
+            await firewall.nft(self.netns, self.firewall.install(adopted))
+            self._live = {lease.tap_name for lease, _ in adopted}
         if any(rules.allows_egress(self.firewall.policy(p)) for _, p in adopted):
             await self._enable_forwarding()
         self._started = True
@@ -93,6 +105,7 @@ class TapNetwork:
         lease = NetworkLease(ip, self.cfg.gateway, self.pool.netmask, name, guest_mac(ip), tuple(args))
         try:
             await tap.create_tap(self.netns, name, self.cfg.gateway, ip)
+            self._live.add(name)
             try:
                 await self.set_policy(lease, policy)
             except BaseException:
@@ -104,14 +117,21 @@ class TapNetwork:
         return lease
 
     async def set_policy(self, lease: NetworkLease, policy: EgressPolicy | None) -> None:
-        """The lease's source check and egress policy, replacing what it had: one transaction."""
+        """The lease's source check and egress policy, replacing what it had: one transaction.
+        A lease released meanwhile is left alone."""
         if rules.allows_egress(self.firewall.policy(policy)):
             await self._enable_forwarding()
-        await firewall.nft(self.netns, self.firewall.sandbox(lease, policy))
+        async with self._lock():
+            if lease.tap_name not in self._live:
+                log.info("not setting the policy of %s: its lease was released", lease.tap_name)
+                return
+            await firewall.nft(self.netns, self.firewall.sandbox(lease, policy))
 
     async def _remove(self, lease: NetworkLease) -> None:
         try:
-            await firewall.nft(self.netns, self.firewall.sandbox_removal(lease))
+            async with self._lock():
+                self._live.discard(lease.tap_name)
+                await firewall.nft(self.netns, self.firewall.sandbox_removal(lease))
         finally:
             await tap.delete_tap(self.netns, lease.tap_name)
 
@@ -133,7 +153,9 @@ class TapNetwork:
             return
         for name in await tap.list_taps(self.netns, self.tap_prefix):
             await tap.delete_tap(self.netns, name)
-        await firewall.nft(self.netns, rules.removal(self.tag), check=False)
+        async with self._lock():
+            self._live.clear()
+            await firewall.nft(self.netns, rules.removal(self.tag), check=False)
         if self._created_netns:
             netns.remove(self.netns)
             self._netns_marker.unlink(missing_ok=True)
