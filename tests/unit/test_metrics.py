@@ -483,3 +483,14 @@ def test_the_log_formatters_render_fields() -> None:
     assert (line["sandbox"], line["event"], line["boot_seconds"], line["error"]) == ("sb-1", "ready", 1.25, "a b\nc")
     text = LogfmtFormatter().format(record)
     assert text.endswith(' event=ready boot_seconds=1.25 error="a b\\nc"') and "sandbox=sb-1 " in text
+
+
+def test_the_systemd_unit_waits_for_serving_before_it_counts_as_started() -> None:
+    unit = Path(__file__).resolve().parents[2] / "packaging" / "arcbox-vm.service"
+    lines = dict(line.split("=", 1) for line in unit.read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    start, post = lines["ExecStart"].split(), lines["ExecStartPost"].split()
+    assert start[1] == "serve" and post[:3] == [start[0], "health", "--wait"]
+    config = start[start.index("--config") + 1]
+    assert post[post.index("--config") + 1] == config, "the check asks the daemon the unit starts"
+    assert float(lines["TimeoutStartSec"]) > float(post[post.index("--timeout") + 1])
