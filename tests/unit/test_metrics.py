@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from arcbox_vm import SandboxManager, VmmConfig
 from arcbox_vm.client import AsyncClient
 from arcbox_vm.config import AgentConfig, DaemonConfig, DefaultVmConfig, GrpcConfig, MetricsConfig
 from arcbox_vm.daemon.serve import serve
-from arcbox_vm.errors import ConfigError, ExecError, SandboxNotFound
+from arcbox_vm.errors import BootFailed, ConfigError, ExecError, SandboxNotFound
 from arcbox_vm.logctx import JsonFormatter, LogfmtFormatter, SandboxIdFilter
 from arcbox_vm.vmm.cgroup import SandboxCgroups, find_cgroup2_mount
 from arcbox_vm.vmm.usage import VmmUsageReader
@@ -262,6 +263,34 @@ async def test_exec_results_failed_timeout_rejected(daemon) -> None:
     assert {r: value(m, "arcbox_execs_total", result=r) for r in ("ok", "failed", "timeout", "error", "rejected")} \
         == {"ok": 0, "failed": 1, "timeout": 1, "error": 0, "rejected": 1}
     assert value(m, "arcbox_exec_seconds_count") == 2  # a rejected command never ran
+
+
+async def test_agent_errors_are_counted_by_kind(daemon) -> None:
+    """A "VMM" that exits before its agent says HELLO (no_hello), and an agent frozen with
+    SIGSTOP that stops answering the keepalive (unresponsive; 5 s here)."""
+    d = await daemon()
+    driver = d.manager.driver
+    async with d.client() as client:
+        driver.python = "/bin/false"  # exits at once: no agent, no HELLO
+        try:
+            await client.create(id="no-hello", network="none")
+            with pytest.raises(BootFailed):
+                await client.wait_ready("no-hello", timeout=15)
+        finally:
+            driver.python = sys.executable
+        await create_ready(d, client, "frozen")
+        events = await client.subscribe(id="frozen", action="failed")
+        os.kill(d.manager.inspect_sandbox("frozen").pid, signal.SIGSTOP)
+        failed = await asyncio.wait_for(anext(events), 20)
+        await events.aclose()
+        assert failed.attributes["reason"] == "agent_unresponsive"
+        m = await d.scrape()
+    assert {k: value(m, "arcbox_agent_errors_total", kind=k) for k in ("unresponsive", "disconnected", "no_hello",
+                                                                     "reconnect")} == {
+        "unresponsive": 1, "disconnected": 0, "no_hello": 1, "reconnect": 0}
+    assert value(m, "arcbox_sandboxes", state="failed") == 2
+    assert value(m, "arcbox_events_total", action="failed") == 2
+    assert value(m, "arcbox_sandbox_ready_seconds_count", source="cold") == 1  # only the one that got ready
 
 
 async def test_cpu_seconds_of_a_busy_sandbox_rise_through_the_process_tree_fallback(daemon) -> None:

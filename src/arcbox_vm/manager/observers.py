@@ -27,7 +27,7 @@ ExecResult = Literal["ok", "failed", "timeout", "error", "rejected"]
 EXEC_RESULTS: tuple[ExecResult, ...] = ("ok", "failed", "timeout", "error", "rejected")
 
 # unresponsive: no answer to the keepalive (the sandbox failed, reason agent_unresponsive);
-# disconnected: its channel closed while the VMM ran on, or broke as a command started;
+# disconnected: its channel closed while the VMM ran on (the sandbox failed, reason agent_unresponsive);
 # no_hello: a boot ended without the agent's HELLO (timeout, or the VMM exited first);
 # reconnect: a VM that survived a daemon restart did not dial back.
 AgentErrorKind = Literal["unresponsive", "disconnected", "no_hello", "reconnect"]

@@ -19,15 +19,7 @@ from typing import Any
 from arcbox_vm.agent import protocol
 from arcbox_vm.agent.host import AgentConnection, FileReader
 from arcbox_vm.config import VmmConfig
-from arcbox_vm.errors import (
-    AgentDisconnected,
-    ArcboxError,
-    BootFailed,
-    ExecError,
-    InvalidArgument,
-    InvalidState,
-    StateError,
-)
+from arcbox_vm.errors import ArcboxError, BootFailed, ExecError, InvalidArgument, InvalidState, StateError
 from arcbox_vm.manager import files as _files
 from arcbox_vm.manager import lifecycle
 from arcbox_vm.manager.background import ExecAttachment
@@ -280,9 +272,6 @@ class SandboxManager:
             session = await sb.vm.agent.exec(request)
         except ExecError:  # the agent could not start it (not found, bad user or directory)
             self._ctx.observers.exec_done(ExecNote(sb.id, "", "rejected", None))
-            raise
-        except AgentDisconnected:
-            self._ctx.observers.agent_error(sb.id, "disconnected")
             raise
         return self._ctx.execs.track(sb, session, list(request["argv"]), cls)
 
