@@ -2,7 +2,7 @@
 
 Everything else depends on the ports (`arcbox_vm.ports`); only this module imports the
 adapters — the VMM drivers, the TAP network, the SQLite store, the image builder, the
-cgroup tree, the disk cloner — and wires them together:
+cgroup tree, the disk cloner, the resource-usage reader — and wires them together:
 
 - `build_adapters(config)` for a `SandboxManager` (the library and the daemon);
 - `build_adapters(config, one_shot=True)` for `arcbox-vm run`: VMMs die with the CLI
@@ -23,6 +23,7 @@ from arcbox_vm.ports import Adapters, VmmDriver
 from arcbox_vm.storage.disks import clone_disk
 from arcbox_vm.storage.state import StateStore
 from arcbox_vm.vmm.cgroup import SandboxCgroups
+from arcbox_vm.vmm.usage import VmmUsageReader
 
 
 def select_driver(config: VmmConfig, *, die_with_parent: bool = False,
@@ -68,4 +69,5 @@ def build_adapters(config: VmmConfig, *, driver: VmmDriver | None = None, one_sh
         images=BuiltImageStore(data_dir),
         cgroups=cgroups,
         clone_disk=clone_disk,
+        usage=VmmUsageReader(cgroups),
     )

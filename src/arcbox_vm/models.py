@@ -275,3 +275,24 @@ class FileStat:
     gid: int
     mtime: float
     link_target: str = ""
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    """Resource use of one sandbox's VMM, read at `timestamp_ns` (Unix nanoseconds).
+
+    cpu_seconds and the io bytes count from the VMM's start (its cgroup's, else its process
+    tree's, see `source`); memory_bytes is what it holds now; `processes` how many run
+    there. source: "cgroup", "processes", or "" when no VMM runs (all zero). CPU % is the
+    difference of cpu_seconds between two reads over the time between them.
+    """
+
+    id: str
+    state: SandboxState
+    cpu_seconds: float
+    memory_bytes: int
+    io_read_bytes: int
+    io_write_bytes: int
+    processes: int
+    timestamp_ns: int
+    source: str = ""

@@ -36,10 +36,12 @@ def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects every call without the right `authorization: Bearer <token>` metadata."""
+    """Rejects every call without the right `authorization: Bearer <token>` metadata,
+    except to methods under `open_prefixes` (e.g. the health service's)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, open_prefixes: tuple[str, ...] = ()) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._open = open_prefixes
 
         async def deny(request_or_iterator, context: grpc.aio.ServicerContext):  # noqa: ANN001
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -50,6 +52,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if self._open and (handler_call_details.method or "").startswith(self._open):
+            return await continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else value

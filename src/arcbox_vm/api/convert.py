@@ -8,7 +8,18 @@ from pydantic import ValidationError
 
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.errors import InvalidArgument
-from arcbox_vm.models import ExecInfo, ExecSpec, FileStat, OutputChunk, SandboxEvent, SandboxInfo, SandboxNetworkSpec, SandboxSpec, SandboxSummary
+from arcbox_vm.models import (
+    ExecInfo,
+    ExecSpec,
+    FileStat,
+    OutputChunk,
+    SandboxEvent,
+    SandboxInfo,
+    SandboxNetworkSpec,
+    SandboxSpec,
+    SandboxStats,
+    SandboxSummary,
+)
 
 
 def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
@@ -118,3 +129,9 @@ def exec_info(e: ExecInfo) -> pb.ExecInfo:
     if e.exit_code is not None:
         msg.exit_code = e.exit_code
     return msg
+
+
+def stats(st: SandboxStats) -> pb.SandboxStats:
+    return pb.SandboxStats(id=st.id, state=st.state.value, cpu_seconds=st.cpu_seconds, memory_bytes=st.memory_bytes,
+                           io_read_bytes=st.io_read_bytes, io_write_bytes=st.io_write_bytes,
+                           processes=st.processes, timestamp=st.timestamp_ns, source=st.source)

@@ -283,6 +283,14 @@ class SandboxServicer:
         entries = await self.mgr.list_dir(_need_id(request), request.path)
         return pb.ListDirResponse(entries=[convert.file_stat(st) for st in entries])
 
+    # -- resource use ----------------------------------------------------------------
+
+    @unary
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        _check(request)
+        stats = await asyncio.to_thread(self.mgr.sandbox_stats, list(request.ids))  # file reads, off the loop
+        return pb.StatsResponse(sandboxes=[convert.stats(st) for st in stats])
+
     # -- console ---------------------------------------------------------------------
 
     @streaming

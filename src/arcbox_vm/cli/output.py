@@ -113,3 +113,29 @@ def event_json(ev: SandboxEvent) -> dict[str, Any]:
 
 
 __all__ += ["event_json"]
+
+
+def human_bytes(n: float) -> str:
+    """1536 → "1.5KiB" (binary units, as `docker stats` shows them)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"  # pragma: no cover
+
+
+def stats_table(rows: Iterable[dict[str, Any]]) -> Table:
+    """ID, STATE, CPU %, MEM, BLOCK I/O (read / written), PIDS (rows as `arcbox-vm stats --json` has them)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("ID", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    for name in ("CPU %", "MEM", "BLOCK I/O", "PIDS"):
+        table.add_column(name, no_wrap=True, justify="right")
+    for r in rows:
+        cpu = "--" if r["cpu_percent"] is None else f"{r['cpu_percent']:.2f}%"
+        io = f"{human_bytes(r['io_read_bytes'])} / {human_bytes(r['io_write_bytes'])}"
+        table.add_row(r["id"], r["state"], cpu, human_bytes(r["memory_bytes"]), io, str(r["processes"]))
+    return table
+
+
+__all__ += ["human_bytes", "stats_table"]

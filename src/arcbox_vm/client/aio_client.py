@@ -39,6 +39,7 @@ from arcbox_vm.client.convert import (
     network_spec_to_pb,
     network_update_to_pb,
     output_from_pb,
+    stats_from_pb,
     str_map,
     summary_from_pb,
     timeout_to_pb,
@@ -49,7 +50,7 @@ from arcbox_vm.client.ready import ReadyWaiter
 from arcbox_vm.client.sources import WriteSource, check_source, iter_chunks, source_size
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError
-from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxStats, SandboxSummary
 
 __all__ = ["AsyncClient"]
 
@@ -70,11 +71,16 @@ class AsyncClient:
 
     # -- plumbing -------------------------------------------------------------------
 
-    @property
-    def _stub(self) -> pb_grpc.SandboxServiceStub:
-        if self._stub_ is None:
+    def _open_channel(self) -> grpc.aio.Channel:
+        if self._channel is None or self._stub_ is None:
             self._channel = self.target.aio_channel()
             self._stub_ = pb_grpc.SandboxServiceStub(self._channel)
+        return self._channel
+
+    @property
+    def _stub(self) -> pb_grpc.SandboxServiceStub:
+        self._open_channel()
+        assert self._stub_ is not None
         return self._stub_
 
     async def close(self) -> None:
@@ -191,6 +197,24 @@ class AsyncClient:
         if since is not None:
             request.since = since
         return self._stub.Events(request, metadata=self.target.metadata)
+
+    async def stats(self, ids: list[str] | None = None) -> list[SandboxStats]:
+        """Resource use of the sandboxes `ids` (SandboxNotFound for an unknown one), or of
+        every sandbox whose VM runs: CPU seconds, memory, I/O bytes, processes, read now.
+        CPU % = the difference of cpu_seconds between two calls / the time between them."""
+        ids = list(ids or ())
+        response = await self._unary(self._stub.Stats, pb.StatsRequest(ids=ids),
+                                     sandbox_id=ids[0] if len(ids) == 1 else "")
+        return [stats_from_pb(m) for m in response.sandboxes]
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """The daemon's gRPC health status ("SERVING", "NOT_SERVING", ...) for `service`
+        ("" = the daemon as a whole); DaemonUnavailable when it cannot be reached."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc  # only the health command needs it
+
+        stub = health_pb2_grpc.HealthStub(self._open_channel())
+        response = await self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def logs(self, sandbox_id: str, follow: bool = False) -> AsyncIterator[bytes]:
         """The VM's serial console so far; with follow, then new output until the sandbox is gone."""

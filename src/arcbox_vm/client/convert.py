@@ -22,13 +22,14 @@ from arcbox_vm.models import (
     SandboxInfo,
     SandboxNetworkInfo,
     SandboxState,
+    SandboxStats,
     SandboxSummary,
 )
 
 __all__ = [
     "created_from_pb", "event_from_pb", "exec_info_from_pb", "exec_request_to_pb", "file_stat_from_pb", "info_from_pb",
-    "network_spec_to_pb", "network_update_to_pb", "output_from_pb", "str_map", "summary_from_pb", "timeout_to_pb",
-    "tty_size_to_pb",
+    "network_spec_to_pb", "network_update_to_pb", "output_from_pb", "stats_from_pb", "str_map", "summary_from_pb",
+    "timeout_to_pb", "tty_size_to_pb",
 ]
 
 # The three requests that start a command share the ExecSpec fields; only Start has stdin.
@@ -69,6 +70,12 @@ def info_from_pb(m: pb.SandboxInfo) -> SandboxInfo:
 def summary_from_pb(m: pb.SandboxSummary) -> SandboxSummary:
     return SandboxSummary(id=m.id, state=_state(m.state), labels=dict(m.labels), ip_address=m.ip_address,
                           created_at=float(m.created_at))
+
+
+def stats_from_pb(m: pb.SandboxStats) -> SandboxStats:
+    return SandboxStats(id=m.id, state=_state(m.state), cpu_seconds=m.cpu_seconds, memory_bytes=m.memory_bytes,
+                        io_read_bytes=m.io_read_bytes, io_write_bytes=m.io_write_bytes, processes=m.processes,
+                        timestamp_ns=m.timestamp, source=m.source)
 
 
 def event_from_pb(m: pb.SandboxEvent) -> SandboxEvent:

@@ -26,7 +26,7 @@ from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
-from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxStats, SandboxSummary
 
 __all__ = ["Client", "ExecSession", "Files", "Sandbox"]
 
@@ -96,6 +96,12 @@ class Client:
 
     def logs(self, sandbox_id: str, follow: bool = False) -> Iterator[bytes]:
         return self._loop.stream(lambda: self.aio.logs(sandbox_id, follow))
+
+    def stats(self, ids: list[str] | None = None) -> list[SandboxStats]:
+        return self._loop.run(self.aio.stats(ids))
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        return self._loop.run(self.aio.health(service, timeout))
 
     # -- commands -------------------------------------------------------------------
 

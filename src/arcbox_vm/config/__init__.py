@@ -28,6 +28,7 @@ from arcbox_vm.config.sections import (
     GrpcConfig,
     ImagesConfig,
     LimitsConfig,
+    MetricsConfig,
     NetworkConfig,
     _Section,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "ImagesConfig",
     "JailerConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "NetworkConfig",
     "QemuConfig",
     "VmmConfig",
@@ -69,6 +71,7 @@ class VmmConfig(_Section):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @property
     def named_images_dir(self) -> Path:

@@ -192,11 +192,16 @@ class GrpcConfig(_Section):
     @field_validator("tcp_addr")
     @classmethod
     def _tcp(cls, v: str) -> str:
-        if v:
-            host, sep, port = v.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-                raise ValueError(f"must be host:port (e.g. 127.0.0.1:7070), got {v!r}")
-        return v
+        return check_host_port(v)
+
+
+def check_host_port(v: str) -> str:
+    """"host:port" (an IPv6 host in brackets: "[::1]:9464"); "" passes (= off)."""
+    if v:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host.strip("[]"):
+            raise ValueError(f"must be host:port (e.g. 127.0.0.1:7070), got {v!r}")
+    return v
 
 
 class DaemonConfig(_Section):
@@ -291,3 +296,19 @@ class LimitsConfig(_Section):
     vmm_overhead_mib: int = Field(160, ge=0)
     pids_max: int = Field(512, ge=16)
     console_log_max_bytes: int = Field(8 << 20, ge=64 << 10)
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint of the daemon (`arcbox_vm.metrics`).
+
+    addr: "host:port" to serve /metrics on over plain HTTP, e.g. "127.0.0.1:9464"; "" = off
+      (the default: the endpoint has no authentication and names every sandbox, so it is
+      opened only when asked for, on an address the operator chose).
+    """
+
+    addr: str = ""
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        return check_host_port(v)

@@ -4,6 +4,10 @@ SIGTERM/SIGINT: stop accepting calls, give running streams a short grace period,
 the rest, then leave the sandboxes running for the next start to adopt, or remove them
 (daemon.on_shutdown), and release the data dir. VMM processes run in their own session,
 so even a daemon killed with SIGKILL leaves them running for the next start.
+
+Both sockets also serve the gRPC health service (health.py): SERVING once the manager
+has started, NOT_SERVING from the moment shutdown begins. With `[metrics] addr` set,
+Prometheus metrics are served there over HTTP (arcbox_vm.metrics).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -23,6 +28,7 @@ from arcbox_vm.api.auth import BearerTokenInterceptor, read_token, server_creden
 from arcbox_vm.api.registration import generic_handler
 from arcbox_vm.api.server import SandboxServicer
 from arcbox_vm.config import VmmConfig
+from arcbox_vm.daemon.health import OPEN_METHOD_PREFIX, DaemonHealth
 from arcbox_vm.errors import ConfigError
 from arcbox_vm.manager.sandbox_manager import SandboxManager
 
@@ -71,21 +77,30 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
     """Serve until SIGTERM/SIGINT — or until `stop` is set, if given (then no signal
     handlers are installed). `manager` replaces the one built from `cfg` (tests)."""
     manager = manager or SandboxManager(cfg)
-    await manager._ensure_started()
+    metrics = _start_metrics(cfg, manager)  # before the start: what it does is counted too
+    try:
+        await manager._ensure_started()
+    except BaseException:
+        await _stop_metrics(metrics)
+        raise
     servicer = SandboxServicer(manager, max_file_bytes=cfg.daemon.max_file_mib << 20)
+    health = DaemonHealth()
+    await health.starting()
     servers: list[grpc.aio.Server] = []
     unix_path = Path(cfg.grpc.unix_socket)
     try:
         _prepare_unix_socket(unix_path)
         unix_server = grpc.aio.server(options=_options(cfg))
         unix_server.add_generic_rpc_handlers((generic_handler(servicer),))
+        health.add_to(unix_server)
         unix_server.add_insecure_port(f"unix:{unix_path}")
         await unix_server.start()
         servers.append(unix_server)
         _secure_socket(unix_path, cfg.grpc.socket_group)
         log.info("serving sandbox.v1 on unix:%s", unix_path)
         if cfg.grpc.tcp_addr:
-            servers.append(await _start_tcp(cfg, servicer, insecure_tcp))
+            servers.append(await _start_tcp(cfg, servicer, health, insecure_tcp))
+        await health.serving()
         if stop is None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -96,6 +111,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         await stop.wait()
         log.info("shutting down: no new calls; %.0f s grace for running streams", STREAM_GRACE_S)
     finally:
+        await health.shutting_down()
         leave = cfg.daemon.on_shutdown == "leave"
         if leave:  # streams cut short by the shutdown leave their commands running, re-attachable
             manager.keep_commands_running()
@@ -105,18 +121,36 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         await manager.close(remove_sandboxes=not leave)
         with contextlib.suppress(FileNotFoundError):
             unix_path.unlink()
+        await _stop_metrics(metrics)
         log.info("stopped")
 
 
-async def _start_tcp(cfg: VmmConfig, servicer: SandboxServicer, insecure: bool) -> grpc.aio.Server:
+def _start_metrics(cfg: VmmConfig, manager: SandboxManager) -> Any:
+    if not cfg.metrics.addr:
+        return None
+    from arcbox_vm.metrics import serve_metrics  # prometheus_client only when metrics are on
+
+    return serve_metrics(cfg.metrics.addr, manager)
+
+
+async def _stop_metrics(started: Any) -> None:
+    if started is not None:
+        metrics, endpoint = started
+        await asyncio.to_thread(endpoint.close)
+        metrics.detach()
+
+
+async def _start_tcp(cfg: VmmConfig, servicer: SandboxServicer, health: DaemonHealth,
+                     insecure: bool) -> grpc.aio.Server:
     g = cfg.grpc
     token = read_token(g.token, g.token_file)
     if not insecure and not (g.tls_cert and g.tls_key and token):
         raise ConfigError("grpc.tcp_addr needs TLS (grpc.tls_cert, grpc.tls_key) and a bearer token "
                           "(grpc.token or grpc.token_file); or start with --insecure-tcp on a trusted network")
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    interceptors = [BearerTokenInterceptor(token, (OPEN_METHOD_PREFIX,))] if token else []
     server = grpc.aio.server(options=_options(cfg), interceptors=interceptors)
     server.add_generic_rpc_handlers((generic_handler(servicer),))
+    health.add_to(server)
     if insecure:
         port = server.add_insecure_port(g.tcp_addr)
     else:

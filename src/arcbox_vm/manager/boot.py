@@ -130,6 +130,7 @@ class BootPlan:
         self.disk = req.workdir / "rootfs.ext4"
         self.state: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.step = ""  # the step running now, or the one that failed
         self._t0 = 0.0
         self.steps = StepRunner([
             Step("workdir", self._make_workdir, self._remove_workdir),
@@ -152,7 +153,7 @@ class BootPlan:
     async def run(self) -> BootedVm:
         """Run the steps; returns when the agent's HELLO has arrived (undoes all on failure)."""
         self._t0 = time.perf_counter()
-        await self.steps.run()
+        await self.steps.run(on_step=lambda name: setattr(self, "step", name))
         return BootedVm(self.req.sandbox_id, self.req.workdir, self.state["process"], self.state["agent"],
                         self.listener, self.timings)
 

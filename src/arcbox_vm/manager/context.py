@@ -1,5 +1,5 @@
 """What the manager's use cases share: configuration, adapters, the live sandbox records,
-the state store and the event log.
+the state store, the event log and the observers.
 
 `SandboxManager` is a thin facade over use-case modules (`lifecycle.py`, `recovery.py`,
 `commands.py`, `files.py`); each takes this context instead of reaching into the
@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from arcbox_vm.config import VmmConfig
+from arcbox_vm.logctx import fields
 from arcbox_vm.errors import ArcboxError, SandboxNotFound
 from arcbox_vm.manager.boot import BootPlan
 from arcbox_vm.manager.events import EventLog
 from arcbox_vm.manager.execs import ExecBook
+from arcbox_vm.manager.observers import Observers, StepNote
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.ports import Adapters, Network, StateStore, VmmDriver
 
 log = logging.getLogger(__name__)
+steplog = logging.getLogger("arcbox_vm.lifecycle")  # one line per lifecycle event
 
 # Called with the boot plan of every sandbox before it runs (insert/replace/remove steps).
 BootPlanHook = Callable[[BootPlan, SandboxRecord], None]
@@ -37,7 +40,9 @@ class ManagerContext:
         self.closed = False
         self.keep_commands = False  # commands of dropped streams stay running (see keep_commands_running)
         self.boot_plan_hooks: list[BootPlanHook] = []
-        self.execs = ExecBook(adapters.store, self.emit, lambda: self.closed, lambda: self.keep_commands)
+        self.observers = Observers()
+        self.execs = ExecBook(adapters.store, self.emit, lambda: self.closed, lambda: self.keep_commands,
+                              observers=self.observers)
 
     @property
     def store(self) -> StateStore:
@@ -75,14 +80,21 @@ class ManagerContext:
             sb.pid = sb.pid_start = None
         self.store.put_sandbox(sb.to_row(), sb.lease.ip if sb.lease else None)
 
-    def emit(self, sb: SandboxRecord, action: str, **attrs: Any) -> None:
-        """Persist the record's new state, then append and announce the event."""
+    def emit(self, sb: SandboxRecord, action: str, *, durations: Mapping[str, float] | None = None,
+             **attrs: Any) -> None:
+        """Persist the record's new state, then append and announce the event; log it as
+        one structured line and tell the observers, with the step's `durations` (seconds)."""
         events = self.open_events()
         if action == "removed":
             self.store.delete_sandbox(sb.id)
         else:
             self.save(sb)
         events.append(sb.id, action, **attrs)
+        note = StepNote(sb.id, action, {k: str(v) for k, v in attrs.items()}, dict(durations or {}), sb.source)
+        line = {"event": action, "state": sb.state.value, **note.attributes,
+                **{f"{k}_seconds": round(v, 3) for k, v in note.durations.items()}}
+        steplog.info("%s", action, extra=fields(sb.id, **line))
+        self.observers.step(note)
 
     async def release_network(self, sb: SandboxRecord) -> None:
         lease, sb.lease = sb.lease, None

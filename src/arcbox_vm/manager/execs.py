@@ -25,6 +25,7 @@ from arcbox_vm.errors import ArcboxError, ExecError, ExecNotAttachable, ExecNotF
 from arcbox_vm.manager import held_tail
 from arcbox_vm.manager.background import MAX_RUNNING, ExecAttachment, HeldExec, evict_finished
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
+from arcbox_vm.manager.observers import ExecNote, Observers, exec_result
 from arcbox_vm.models import ExecInfo, OutputChunk
 from arcbox_vm.models import SandboxState as S
 
@@ -53,11 +54,12 @@ class ExecBook:
     background commands it holds (see background.py), attach and signals."""
 
     def __init__(self, store: "StateStore", emit: Callable[..., None], closed: Callable[[], bool],
-                 keep: Callable[[], bool]) -> None:
+                 keep: Callable[[], bool], *, observers: Observers | None = None) -> None:
         self._store = store
         self._emit = emit
         self._closed = closed  # the manager is closed: no more state changes or events
         self._keep = keep  # see SandboxManager.keep_commands_running
+        self._observers = observers or Observers()  # told when a command ends
 
     def track(self, sb: "SandboxRecord", session: ExecChannel, argv: list[str], cls: type[ExecStream],
               new: bool = True) -> ExecStream:
@@ -68,6 +70,7 @@ class ExecBook:
         exit leaves the command running and its record "running", for the next manager to
         find detached."""
         store, channel = self._store, session.channel
+        started = time.monotonic()  # of this stream: a re-attached command is timed from the attach
         with contextlib.suppress(ArcboxError):
             if new:
                 store.put_exec(sb.id, channel, argv)
@@ -85,6 +88,8 @@ class ExecBook:
                 return
             with contextlib.suppress(ArcboxError):
                 store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
+            self._observers.exec_done(ExecNote(sb.id, str(channel), exec_result(exit_code, stream.timed_out),
+                                               time.monotonic() - started))
             if sb.removed or self._closed():
                 return
             if exit_code is not None:

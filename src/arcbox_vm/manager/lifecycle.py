@@ -7,6 +7,9 @@
   releases the VM, TAP and IP and keeps the record (STOPPED).
 - Remove and boot failure release everything: process, TAP, IP lease, sockets, disk copy,
   directory. A removal is recorded first, so a restart finishes a half-done one.
+- Every event is logged as one structured line with the durations of its step (see
+  `ManagerContext.emit` and `observers.py`): create, ready (from the create request),
+  boot, launch, hello, stop, remove.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ LIVE = (S.READY, S.RUNNING)
 
 async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
     """Register a sandbox and start its boot task; returns (id, ip) before boot."""
+    requested = time.monotonic()
     sid = spec.id or str(uuid.uuid4())
     if sid in ctx.sandboxes:
         raise SandboxAlreadyExists(sid)
@@ -56,12 +60,12 @@ async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
         if sb.network_mode == "tap":
             sb.egress = network_policy.resolve(spec.network, ctx.config.network.default_egress)
             sb.lease = await ctx.network.allocate(sid, sb.egress)
-        ctx.emit(sb, "created")  # recorded before anything else happens
+        ctx.emit(sb, "created", durations={"create": time.monotonic() - requested})  # recorded before anything else
     except BaseException:
         del ctx.sandboxes[sid]
         await ctx.release_network(sb)
         raise
-    sb.tasks["boot"] = asyncio.create_task(boot(ctx, sb), name=f"boot-{sid}")
+    sb.tasks["boot"] = asyncio.create_task(boot(ctx, sb, requested), name=f"boot-{sid}")
     return sid, sb.lease.ip if sb.lease else ""
 
 
@@ -81,12 +85,18 @@ def boot_plan(ctx: ManagerContext, sb: SandboxRecord, kernel, initrd, rootfs) ->
     return plan
 
 
-async def boot(ctx: ManagerContext, sb: SandboxRecord) -> None:
+async def boot(ctx: ManagerContext, sb: SandboxRecord, requested: float | None = None) -> None:
+    """Boot `sb` (created at `requested`, time.monotonic(), for the ready duration)."""
+    requested = time.monotonic() if requested is None else requested
+    plan: BootPlan | None = None
+    t0 = time.monotonic()
     try:
         driver = ctx.driver
         sb.vmm = driver.name
         kernel, initrd, rootfs = await resolve_images(ctx.adapters.images, driver, sb.kernel, sb.initrd, sb.rootfs)
-        vm = await boot_plan(ctx, sb, kernel, initrd, rootfs).run()
+        plan = boot_plan(ctx, sb, kernel, initrd, rootfs)
+        t0 = time.monotonic()
+        vm = await plan.run()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -94,13 +104,17 @@ async def boot(ctx: ManagerContext, sb: SandboxRecord) -> None:
         sb.state = S.FAILED
         sb.error = str(exc)
         log.warning("sandbox %s failed to boot: %s", sb.id, exc)
-        ctx.emit(sb, "failed", error=str(exc), reason="boot_error")
+        if plan is not None and plan.step == "wait-hello":
+            ctx.observers.agent_error(sb.id, "no_hello")
+        ctx.emit(sb, "failed", durations={"boot": time.monotonic() - t0}, error=str(exc), reason="boot_error")
         return
     sb.vm = vm
     sb.state = S.READY
     sb.ready_at = time.time()
+    durations = {"ready": time.monotonic() - requested, "boot": time.monotonic() - t0,
+                 **{"launch" if k == "launched" else k: v for k, v in vm.timings.items()}}
     try:
-        ctx.emit(sb, "ready")
+        ctx.emit(sb, "ready", durations=durations)
     except ArcboxError as exc:  # could not record it: do not run an unrecorded VM
         sb.vm = None
         await vm.destroy()
@@ -143,6 +157,7 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
         reason, sb.error = "vmm_exited", f"the VMM exited unexpectedly (status {exited.result()})"
     else:
         reason, sb.error = "agent_unresponsive", f"the guest agent stopped answering: {vm.agent.closed.result()}"
+        ctx.observers.agent_error(sb.id, "unresponsive" if frozen else "disconnected")
     sb.state = S.FAILED
     sb.vm = None
     cancel_tasks(sb, "console", "ttl")
@@ -170,6 +185,7 @@ async def stop(ctx: ManagerContext, sb: SandboxRecord, timeout: float) -> None:
     async with sb.lock:
         if sb.state not in LIVE:
             raise InvalidState(sb.id, sb.state.value, "only a ready or running sandbox can be stopped")
+        t0 = time.monotonic()
         sb.state = S.STOPPING
         ctx.emit(sb, "stopping", reason="user")
         cancel_tasks(sb, "watch", "ttl", "console")
@@ -181,12 +197,14 @@ async def stop(ctx: ManagerContext, sb: SandboxRecord, timeout: float) -> None:
         ctx.execs.forget_all(sb)
         await ctx.release_network(sb)
         sb.state = S.STOPPED
-        ctx.emit(sb, "stopped", reason="user", graceful=str(graceful).lower())
+        ctx.emit(sb, "stopped", durations={"stop": time.monotonic() - t0}, reason="user",
+                 graceful=str(graceful).lower())
 
 
 async def remove(ctx: ManagerContext, sb: SandboxRecord, reason: str) -> None:
     if sb.removed:
         return
+    t0 = time.monotonic()
     sb.removed = True
     sb.removing = True
     with contextlib.suppress(ArcboxError):
@@ -206,7 +224,7 @@ async def remove(ctx: ManagerContext, sb: SandboxRecord, reason: str) -> None:
         await ctx.release_network(sb)
         shutil.rmtree(sb.workdir, ignore_errors=True)
         ctx.sandboxes.pop(sb.id, None)
-        ctx.emit(sb, "removed", reason=reason)
+        ctx.emit(sb, "removed", durations={"remove": time.monotonic() - t0}, reason=reason)
 
 
 async def detach_all(ctx: ManagerContext) -> None:

@@ -52,6 +52,7 @@ class SandboxRecord:
     removing: bool = False  # persisted: a restart finishes a half-done removal
     pid: int | None = None
     pid_start: int | None = None
+    source: str = "cold"  # how its VM was made (observers, metrics): cold boot; later restore, pool
 
     _SPEC_FIELDS = ("labels", "vcpus", "memory_mib", "kernel", "rootfs", "initrd", "boot_args", "env",
                     "working_dir", "user", "ttl_seconds", "network_mode")

@@ -74,6 +74,7 @@ async def _reconnect(ctx: ManagerContext, sb: SandboxRecord, proc: VmmProcess) -
         agent = await listener.accept(ADOPT_TIMEOUT_S, vmm_exit=proc.exited, describe_exit=proc.describe_exit)
     except Exception as exc:  # noqa: BLE001 - any failure means: not adoptable
         log.warning("sandbox %s could not be re-adopted: %s", sb.id, exc)
+        ctx.observers.agent_error(sb.id, "reconnect")
         await listener.close()
         return False
     sb.vm = BootedVm(sb.id, sb.workdir, proc, agent, listener)

@@ -19,7 +19,7 @@ from typing import Any
 from arcbox_vm.agent import protocol
 from arcbox_vm.agent.host import AgentConnection, FileReader
 from arcbox_vm.config import VmmConfig
-from arcbox_vm.errors import ArcboxError, BootFailed, InvalidArgument, InvalidState, StateError
+from arcbox_vm.errors import ArcboxError, BootFailed, ExecError, InvalidArgument, InvalidState, StateError
 from arcbox_vm.manager import files as _files
 from arcbox_vm.manager import lifecycle, network_policy
 from arcbox_vm.manager.background import ExecAttachment
@@ -29,8 +29,10 @@ from arcbox_vm.manager.datadir_lock import DataDirLock
 from arcbox_vm.manager.events import EventSubscription
 from arcbox_vm.manager.images import named_image
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
+from arcbox_vm.manager.observers import ExecNote, Observers
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.manager.recovery import recover
+from arcbox_vm.manager.stats import read_stats
 from arcbox_vm.models import (
     ExecInfo,
     ExecSpec,
@@ -38,6 +40,7 @@ from arcbox_vm.models import (
     SandboxInfo,
     SandboxSpec,
     SandboxState,
+    SandboxStats,
     SandboxSummary,
 )
 from arcbox_vm.ports import Adapters, VmmDriver
@@ -87,6 +90,12 @@ class SandboxManager:
         """Functions called with each sandbox's `BootPlan` (and record) before it runs:
         they may insert, replace or remove named steps."""
         return self._ctx.boot_plan_hooks
+
+    @property
+    def observers(self) -> Observers:
+        """Callbacks told about lifecycle events (with durations), finished commands and
+        guest agent failures (see manager/observers.py; `arcbox_vm.metrics` uses them)."""
+        return self._ctx.observers
 
     async def _ensure_started(self) -> None:
         if self._ctx.closed:
@@ -171,13 +180,20 @@ class SandboxManager:
         """Sandboxes in `state` (None/"" = any) carrying every label in `labels`."""
         want = SandboxState(str(state).lower()) if state else None
         out = []
-        for sb in self._ctx.sandboxes.values():
+        for sb in list(self._ctx.sandboxes.values()):  # a snapshot: also callable from another thread
             if sb.removed or (want is not None and sb.state != want):
                 continue
             if labels and any(sb.labels.get(k) != v for k, v in labels.items()):
                 continue
             out.append(sb.summary())
         return sorted(out, key=lambda s: s.created_at)
+
+    def sandbox_stats(self, ids: list[str] | None = None) -> list[SandboxStats]:
+        """CPU seconds, memory, I/O bytes and processes of each sandbox's VMM, read now from
+        its cgroup (else its process tree): of `ids` (zeros where no VMM runs; an unknown id
+        raises SandboxNotFound), or of every sandbox whose VMM runs. Blocking file reads,
+        safe from any thread: from async code with many sandboxes, `asyncio.to_thread` it."""
+        return read_stats(self._ctx, ids)
 
     def subscribe_events(self, since: int | None = None, *, sandbox_id: str = "",
                          action: str = "") -> EventSubscription:
@@ -263,7 +279,11 @@ class SandboxManager:
         request = self._request(sb, spec)
         if sb.state not in _LIVE or sb.vm is None:
             raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
-        session = await sb.vm.agent.exec(request)
+        try:
+            session = await sb.vm.agent.exec(request)
+        except ExecError:  # the agent could not start it (not found, bad user or directory)
+            self._ctx.observers.exec_done(ExecNote(sb.id, "", "rejected", None))
+            raise
         return self._ctx.execs.track(sb, session, list(request["argv"]), cls)
 
     async def run_in_sandbox(self, sandbox_id: str, cmd: list[str] | ExecSpec, env: dict[str, str] | None = None,

@@ -10,6 +10,7 @@ from arcbox_vm.ports.cgroups import SandboxCgroupSet
 from arcbox_vm.ports.images import BootImage, ImageStore
 from arcbox_vm.ports.network import EgressPolicy, Network, NetworkLease
 from arcbox_vm.ports.storage import DiskCloner, StateStore, StoredEvent
+from arcbox_vm.ports.usage import ResourceUsage, UsageReader
 from arcbox_vm.ports.vmm import AdoptSpec, AgentEndpoint, MachineSpec, VmmDriver, VmmProcess
 
 __all__ = [
@@ -23,9 +24,11 @@ __all__ = [
     "MachineSpec",
     "Network",
     "NetworkLease",
+    "ResourceUsage",
     "SandboxCgroupSet",
     "StateStore",
     "StoredEvent",
+    "UsageReader",
     "VmmDriver",
     "VmmProcess",
 ]

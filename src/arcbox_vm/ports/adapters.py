@@ -9,6 +9,7 @@ from arcbox_vm.ports.cgroups import SandboxCgroupSet
 from arcbox_vm.ports.images import ImageStore
 from arcbox_vm.ports.network import Network
 from arcbox_vm.ports.storage import DiskCloner, StateStore
+from arcbox_vm.ports.usage import UsageReader
 from arcbox_vm.ports.vmm import VmmDriver
 
 
@@ -25,6 +26,7 @@ class Adapters:
     images: ImageStore
     cgroups: SandboxCgroupSet
     clone_disk: DiskCloner
+    usage: UsageReader | None = None  # None: no resource usage is read (stats are empty)
     _driver: VmmDriver | None = field(default=None, repr=False)
 
     @property

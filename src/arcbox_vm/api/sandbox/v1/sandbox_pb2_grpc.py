@@ -126,6 +126,11 @@ class SandboxServiceStub:
                 request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.LogsRequest.SerializeToString,
                 response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/sandbox.v1.SandboxService/Stats',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StatsRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -263,6 +268,15 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Resource use of sandboxes' VMMs, read when asked (`arcbox-vm stats`): CPU time,
+        memory, I/O and processes of each VMM's cgroup, else of its process tree. CPU % is the
+        difference of cpu_seconds between two calls over the time between their timestamps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +369,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.LogsRequest.FromString,
                     response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.LogChunk.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StatsRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -845,6 +864,33 @@ class SandboxService:
             '/sandbox.v1.SandboxService/Logs',
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.LogsRequest.SerializeToString,
             arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxService/Stats',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StatsRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
