@@ -215,6 +215,7 @@ class SandboxInfo:
     error: str | None = None
     vmm: str = ""
     pid: int | None = None
+    ttl_seconds: int = 0  # removed this long after ready_at (0 = never)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from arcbox_vm.config.e2b import E2bConfig
 from arcbox_vm.config.firecracker import FirecrackerConfig, JailerConfig
 from arcbox_vm.config.qemu import QemuConfig
 from arcbox_vm.config.sections import (
@@ -45,6 +46,7 @@ __all__ = [
     "AgentConfig",
     "DaemonConfig",
     "DefaultVmConfig",
+    "E2bConfig",
     "FirecrackerConfig",
     "GrpcConfig",
     "ImagesConfig",
@@ -72,6 +74,7 @@ class VmmConfig(_Section):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    e2b: E2bConfig = Field(default_factory=E2bConfig)
 
     @property
     def named_images_dir(self) -> Path:

@@ -87,6 +87,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
     health = DaemonHealth()
     await health.starting()
     servers: list[grpc.aio.Server] = []
+    e2b = None  # the E2B-compatible API's servers ([e2b] enabled)
     unix_path = Path(cfg.grpc.unix_socket)
     try:
         _prepare_unix_socket(unix_path)
@@ -100,6 +101,10 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         log.info("serving sandbox.v1 on unix:%s", unix_path)
         if cfg.grpc.tcp_addr:
             servers.append(await _start_tcp(cfg, servicer, health, insecure_tcp))
+        if cfg.e2b.enabled:
+            from arcbox_vm.e2b.server import start_e2b  # its dependencies load only when enabled
+
+            e2b = await start_e2b(cfg, manager)
         await health.serving()
         if stop is None:
             stop = asyncio.Event()
@@ -115,7 +120,8 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         leave = cfg.daemon.on_shutdown == "leave"
         if leave:  # streams cut short by the shutdown leave their commands running, re-attachable
             manager.keep_commands_running()
-        await asyncio.gather(*(s.stop(STREAM_GRACE_S) for s in servers), return_exceptions=True)
+        await asyncio.gather(*(s.stop(STREAM_GRACE_S) for s in servers),
+                             *([e2b.stop()] if e2b is not None else []), return_exceptions=True)
         log.info("%s sandboxes (daemon.on_shutdown=%s)", "leaving running" if leave else "removing",
                  cfg.daemon.on_shutdown)
         await manager.close(remove_sandboxes=not leave)

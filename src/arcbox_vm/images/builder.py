@@ -41,7 +41,7 @@ def _data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
 
 def rootfs_settings(free_space: int = rootfs.DEFAULT_FREE_SPACE) -> dict[str, Any]:
     return {"free_space": int(free_space), "hostname": rootfs.HOSTNAME, "label": rootfs.LABEL,
-            "user": f"{rootfs.USER}:{rootfs.UID}:{rootfs.GID}:{rootfs.HOME}"}
+            "users": [f"{u}:{uid}:{gid}:{home}" for u, uid, gid, home in rootfs.USERS]}
 
 
 def image_inputs(pkg: apt.AptPackage, free_space: int = rootfs.DEFAULT_FREE_SPACE) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The guest root filesystem: a Debian base tarball (mmdebstrap) and the final ext4 with the agent.
 
-The base (Debian minbase + python3 and a few tools) is slow to make (~45 s, network) and is
+The base (Debian minbase + python3, bash and a few tools) is slow to make (~45 s, network) and is
 cached as a tarball keyed by its recipe; the final image (base + agent + user + a few /etc
 files, packed with `mke2fs -d`, no mount or loop device) is quick and is redone whenever the
 agent changes.
@@ -44,6 +44,9 @@ BASE_RECIPE_VERSION = 1
 HOSTNAME = "arcbox"
 LABEL = "arcbox-root"
 USER, UID, GID, HOME = "sandbox", 1000, 1000, "/home/sandbox"
+# The account E2B's base image has (its SDK runs commands and files as "user" by default)
+E2B_USER, E2B_UID, E2B_GID, E2B_HOME = "user", 1001, 1001, "/home/user"
+USERS: tuple[tuple[str, int, int, str], ...] = ((USER, UID, GID, HOME), (E2B_USER, E2B_UID, E2B_GID, E2B_HOME))
 DEFAULT_FREE_SPACE = 1 << 30  # bytes of free space in the final ext4
 
 Progress = Callable[[str], None]
@@ -132,33 +135,37 @@ def _append_line(tree: Path, guest: str, line: str) -> None:
         os.chmod(target, 0o640 if "shadow" in target.name else 0o644)
 
 
-def add_user(tree: Path) -> None:
-    """The unprivileged `sandbox` user (uid/gid 1000, home /home/sandbox, locked password)."""
+def add_user(tree: Path, user: str = USER, uid: int = UID, gid: int = GID, home: str = HOME) -> None:
+    """An unprivileged user (by default `sandbox`, uid/gid 1000, home /home/sandbox), locked
+    password, login shell /bin/bash, its home from /etc/skel."""
     passwd = _guest_target(tree, "/etc/passwd")
     for line in (passwd.read_text() if passwd.exists() else "").splitlines():
         fields = line.split(":")
-        if len(fields) > 2 and fields[2] == str(UID) and fields[0] != USER:
-            raise ImageError(f"uid {UID} is already taken by {fields[0]!r} in the base image")
-    _append_line(tree, "/etc/passwd", f"{USER}:x:{UID}:{GID}:arcbox sandbox:{HOME}:/bin/bash")
-    _append_line(tree, "/etc/group", f"{USER}:x:{GID}:")
-    _append_line(tree, "/etc/shadow", f"{USER}:!::0:99999:7:::")
-    _append_line(tree, "/etc/gshadow", f"{USER}:!::")
-    home = _guest_target(tree, HOME)
-    home.mkdir(mode=0o755, exist_ok=True)
-    os.chown(home, UID, GID)
-    os.chmod(home, 0o755)
+        if len(fields) > 2 and fields[2] == str(uid) and fields[0] != user:
+            raise ImageError(f"uid {uid} is already taken by {fields[0]!r} in the base image")
+    _append_line(tree, "/etc/passwd", f"{user}:x:{uid}:{gid}:arcbox {user}:{home}:/bin/bash")
+    _append_line(tree, "/etc/group", f"{user}:x:{gid}:")
+    _append_line(tree, "/etc/shadow", f"{user}:!::0:99999:7:::")
+    _append_line(tree, "/etc/gshadow", f"{user}:!::")
+    home_dir = _guest_target(tree, home)
+    home_dir.mkdir(mode=0o755, exist_ok=True)
+    os.chown(home_dir, uid, gid)
+    os.chmod(home_dir, 0o755)
     skel = tree / "etc" / "skel"
     if skel.is_dir() and not skel.is_symlink():
         for src in skel.iterdir():
             if src.is_file() and not src.is_symlink():
-                write_file(tree, f"{HOME}/{src.name}", src.read_bytes(), 0o644, UID, GID)
+                write_file(tree, f"{home}/{src.name}", src.read_bytes(), 0o644, uid, gid)
 
 
 def populate(tree: Path, hostname: str = HOSTNAME) -> None:
-    """Agent files, the sandbox user, hostname, hosts and an empty resolv.conf."""
+    """Agent files, the users (`sandbox`, and E2B's `user`), hostname, hosts and an empty resolv.conf."""
     for guest, (data, mode) in agent_files().items():
         write_file(tree, guest, data, mode)
-    add_user(tree)
+    for user, uid, gid, home in USERS:
+        add_user(tree, user, uid, gid, home)
+    if guestpath.resolve_file("/bin/bash", guestpath.tree_lookup(tree)) is None:
+        raise ImageError("the base root filesystem has no /bin/bash (E2B's SDK runs commands with it)")
     write_file(tree, "/etc/hostname", f"{hostname}\n".encode())
     write_file(tree, "/etc/hosts", (f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
                                     "::1\tlocalhost ip6-localhost ip6-loopback\n").encode())

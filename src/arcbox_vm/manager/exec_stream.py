@@ -59,6 +59,12 @@ class ExecStream:
         status = self._session.exit_status
         return bool(status is not None and status.timed_out)
 
+    @property
+    def exit_signal(self) -> int | None:
+        """The signal that ended the command, once it ended (None: it exited by itself)."""
+        status = self._session.exit_status
+        return status.signal if status is not None else None
+
     def _finish(self, exit_code: int | None) -> None:
         if not self._finished:
             self._finished = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -171,6 +172,23 @@ async def ttl(ctx: ManagerContext, sb: SandboxRecord) -> None:
     if not sb.removed:
         sb.tasks.pop("ttl", None)  # do not cancel ourselves
         await remove(ctx, sb, reason="ttl")
+
+
+def set_ttl(ctx: ManagerContext, sb: SandboxRecord, seconds: float) -> None:
+    """Remove the sandbox `seconds` from now (0 = never): its TTL, counted from ready, is
+    moved; before ready, `seconds` becomes the TTL. Persisted (a restart keeps it)."""
+    if sb.removed:
+        raise InvalidState(sb.id, sb.state.value, "it is being removed")
+    cancel_tasks(sb, "ttl")
+    if seconds <= 0:
+        sb.ttl_seconds = 0
+    elif sb.ready_at is None:
+        sb.ttl_seconds = math.ceil(seconds)
+    else:
+        sb.ttl_seconds = max(1, math.ceil(time.time() - sb.ready_at + seconds))
+    ctx.save(sb)
+    if sb.ttl_seconds and sb.state in LIVE:
+        sb.tasks["ttl"] = asyncio.create_task(ttl(ctx, sb), name=f"ttl-{sb.id}")
 
 
 def cancel_tasks(sb: SandboxRecord, *names: str) -> None:

@@ -100,7 +100,7 @@ class SandboxRecord:
             id=self.id, state=self.state, labels=dict(self.labels), vcpus=self.vcpus,
             memory_mib=self.memory_mib, network=net, created_at=self.created_at, ready_at=self.ready_at,
             last_exited_at=self.last_exited_at, last_exit_code=self.last_exit_code, error=self.error,
-            vmm=self.vmm, pid=pid,
+            vmm=self.vmm, pid=pid, ttl_seconds=self.ttl_seconds,
         )
 
     def summary(self) -> SandboxSummary:

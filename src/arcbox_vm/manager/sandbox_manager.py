@@ -222,6 +222,13 @@ class SandboxManager:
         return spec.model_copy(update={what: named_image(d, getattr(spec, what), what)
                                        for what in ("kernel", "initrd", "rootfs")})
 
+    def set_ttl(self, sandbox_id: str, seconds: float) -> None:
+        """Remove the sandbox `seconds` from now (0 = never), replacing its TTL. Before it
+        is ready, `seconds` counts from ready (as a TTL given at create does)."""
+        if not 0 <= seconds <= 10 * 365 * 86400:
+            raise InvalidArgument(f"seconds must be between 0 and ten years, got {seconds}")
+        lifecycle.set_ttl(self._ctx, self._get(sandbox_id), seconds)
+
     async def stop_sandbox(self, sandbox_id: str, timeout_seconds: float = 30) -> None:
         """Shut the guest down gracefully (up to `timeout_seconds`, 0 = 30), then kill it.
 

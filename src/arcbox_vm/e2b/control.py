@@ -1,0 +1,283 @@
+"""The control plane (E2B_API_URL): REST + JSON, `X-API-KEY`, errors `{"code", "message"}`.
+
+POST /v2/sandboxes, POST /v2/sandboxes/{id}/connect (and the v1 path), GET /v2/sandboxes
+(metadata/state filters, `x-next-token` paging), GET/DELETE /sandboxes/{id},
+POST /sandboxes/{id}/timeout, POST /sandboxes/{id}/pause (409: not supported — there are
+no snapshots yet; the SDK's `pause()` then returns False), GET /sandboxes/{id}/metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import urllib.parse
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from arcbox_vm.e2b import sandboxes, views
+from arcbox_vm.e2b.context import E2bContext
+from arcbox_vm.errors import (
+    ArcboxError,
+    BootFailed,
+    ConfigError,
+    InvalidArgument,
+    InvalidState,
+    ResourceExhausted,
+    SandboxAlreadyExists,
+    SandboxNotFound,
+)
+from arcbox_vm.models import SandboxNetworkSpec, SandboxSpec
+
+log = logging.getLogger("arcbox_vm.e2b.control")
+
+DEFAULT_TIMEOUT_S = 300  # E2B's default sandbox timeout
+MAX_PAGE = 1000
+BOOT_WAIT_S = 180.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
+
+
+def _status_of(exc: ArcboxError) -> int:
+    if isinstance(exc, SandboxNotFound):
+        return 404
+    if isinstance(exc, SandboxAlreadyExists):
+        return 409
+    if isinstance(exc, (InvalidArgument, ConfigError)):
+        return 400
+    if isinstance(exc, InvalidState):
+        return 409
+    if isinstance(exc, ResourceExhausted):
+        return 429
+    return 500
+
+
+async def _json(request: Request, limit: int) -> dict[str, Any]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes")
+    if not body:
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return data
+
+
+def _str_map(value: Any, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ApiError(400, f"{what} must be an object of string values")
+    return dict(value)
+
+
+def _timeout(value: Any, ctx: E2bContext, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ApiError(400, "timeout must be a non-negative integer (seconds)")
+    if value > ctx.config.max_timeout_s:
+        raise ApiError(400, f"timeout must be at most {ctx.config.max_timeout_s} seconds (e2b.max_timeout_s)")
+    return value
+
+
+class ControlPlane:
+    def __init__(self, ctx: E2bContext) -> None:
+        self.ctx = ctx
+        self.mgr = ctx.manager
+        self._limit = ctx.config.max_request_mib << 20
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if not self.ctx.api_keys.check(request.headers.get("x-api-key")):
+            raise ApiError(401, "missing or wrong API key (X-API-KEY)")
+
+    def _spec(self, body: dict[str, Any]) -> SandboxSpec:
+        template = body.get("templateID") or sandboxes.BASE_TEMPLATE
+        if not isinstance(template, str):
+            raise ApiError(400, "templateID must be a string")
+        allow = body.get("allow_internet_access")
+        if allow is not None and not isinstance(allow, bool):
+            raise ApiError(400, "allow_internet_access must be a boolean")
+        network = body.get("network")
+        if network is not None and not isinstance(network, dict):
+            raise ApiError(400, "network must be an object")
+        labels = sandboxes.creation_labels(template, _str_map(body.get("metadata"), "metadata"), allow, network)
+        spec = SandboxSpec(id=sandboxes.new_id(), labels=labels, env=_str_map(body.get("envVars"), "envVars"),
+                           ttl_seconds=_timeout(body.get("timeout"), self.ctx, DEFAULT_TIMEOUT_S) or 0,
+                           user=self.ctx.config.default_user,
+                           network=SandboxNetworkSpec(mode=self.ctx.network_mode))  # type: ignore[arg-type]
+        if template != sandboxes.BASE_TEMPLATE:  # another template: a root filesystem in [images] dir
+            try:
+                spec = self.mgr.resolve_image_names(spec.model_copy(update={"rootfs": template}))
+            except InvalidArgument:
+                raise ApiError(404, f"template {template!r} not found (templates other than 'base' are root "
+                                    "filesystem images in the daemon's images directory)") from None
+        return spec
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        spec = self._spec(await _json(request, self._limit))
+        assert spec.id is not None
+        sid, _ = await self.mgr.create_sandbox(spec)
+        try:
+            await self.mgr.wait_ready(sid, timeout=BOOT_WAIT_S)
+        except (BootFailed, asyncio.TimeoutError) as exc:
+            with contextlib.suppress(ArcboxError):
+                await self.mgr.remove_sandbox(sid, force=True)
+            raise ApiError(500, f"the sandbox failed to start: {exc or 'timed out'}") from None
+        except BaseException:
+            with contextlib.suppress(ArcboxError):
+                await self.mgr.remove_sandbox(sid, force=True)
+            raise
+        info = self.mgr.inspect_sandbox(sid)
+        log.info("e2b: created sandbox %s (template %s)", sid, sandboxes.template_of(info.labels))
+        return JSONResponse(views.sandbox(info, self.ctx.access_token(sid)), status_code=201)
+
+    async def connect(self, request: Request) -> Response:
+        sid = request.path_params["sandbox_id"]
+        body = await _json(request, self._limit)
+        info = sandboxes.get_live(self.mgr, sid)
+        timeout = _timeout(body.get("timeout"), self.ctx, None)
+        if timeout:  # a running sandbox's timeout is only ever extended by connect
+            end = views.end_at(info)
+            remaining = end - time.time() if end else None
+            if remaining is not None and timeout > remaining:
+                self.mgr.set_ttl(sid, timeout)
+        await self.mgr.wait_ready(sid, timeout=BOOT_WAIT_S)
+        info = self.mgr.inspect_sandbox(sid)
+        return JSONResponse(views.sandbox(info, self.ctx.access_token(sid)), status_code=200)
+
+    async def get(self, request: Request) -> Response:
+        sid = request.path_params["sandbox_id"]
+        info = sandboxes.get_live(self.mgr, sid)
+        return JSONResponse(views.detail(info, self.ctx.workdir(sid)))
+
+    async def kill(self, request: Request) -> Response:
+        sid = request.path_params["sandbox_id"]
+        sandboxes.get_any(self.mgr, sid)
+        await self.mgr.remove_sandbox(sid, force=True)
+        log.info("e2b: killed sandbox %s", sid)
+        return Response(status_code=204)
+
+    async def set_timeout(self, request: Request) -> Response:
+        sid = request.path_params["sandbox_id"]
+        body = await _json(request, self._limit)
+        sandboxes.get_live(self.mgr, sid)
+        timeout = _timeout(body.get("timeout"), self.ctx, None)
+        if timeout is None:
+            raise ApiError(400, "timeout (seconds) is required")
+        self.mgr.set_ttl(sid, max(1, timeout))  # E2B: the sandbox ends `timeout` seconds from now
+        return Response(status_code=204)
+
+    async def pause(self, request: Request) -> Response:
+        sandboxes.get_live(self.mgr, request.path_params["sandbox_id"])
+        raise ApiError(409, "pausing is not supported by this server (no snapshots yet); the sandbox keeps running")
+
+    async def metrics(self, request: Request) -> Response:
+        sid = request.path_params["sandbox_id"]
+        info = sandboxes.get_live(self.mgr, sid)
+        return JSONResponse([views.metric(info, self.ctx.workdir(sid))])
+
+    async def list(self, request: Request) -> Response:
+        q = request.query_params
+        meta = _metadata_filter(q.get("metadata", ""))
+        states = {s for s in q.get("state", "").split(",") if s}
+        if states - {"running", "paused"}:
+            raise ApiError(400, "state must be running and/or paused")
+        limit = _int_param(q.get("limit"), "limit", MAX_PAGE) or MAX_PAGE
+        template = q.get("template", "")
+        found = []
+        if not states or "running" in states:  # nothing here is ever paused
+            for s in self.mgr.list_sandboxes(labels=meta or None):
+                if not sandboxes.is_e2b(s.labels) or s.state not in sandboxes.LIVE:
+                    continue
+                if template and sandboxes.template_of(s.labels) != template:
+                    continue
+                found.append(s)
+        desc = q.get("order", "asc") == "desc"
+        found.sort(key=lambda s: (s.created_at, s.id), reverse=desc)
+        start = _int_param(q.get("nextToken"), "nextToken", 1 << 31) or 0
+        page = found[start:start + limit]
+        out = []
+        for s in page:
+            with contextlib.suppress(SandboxNotFound):
+                out.append(views.detail(self.mgr.inspect_sandbox(s.id), self.ctx.workdir(s.id)))
+        headers = {"x-next-token": str(start + limit)} if start + limit < len(found) else {}
+        return JSONResponse(out, headers=headers)
+
+
+def _int_param(value: str | None, name: str, hi: int) -> int | None:
+    if value in (None, ""):
+        return None
+    assert value is not None
+    if not value.isdigit() or int(value) > hi:
+        raise ApiError(400, f"{name} must be an integer in 0..{hi}")
+    return int(value)
+
+
+def _metadata_filter(text: str) -> dict[str, str]:
+    """`metadata=` as the SDK sends it: a URL-encoded query of URL-quoted keys and values."""
+    if len(text) > 8192:
+        raise ApiError(400, "the metadata filter is too long")
+    return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in urllib.parse.parse_qsl(text)}
+
+
+def build_app(ctx: E2bContext) -> Starlette:
+    cp = ControlPlane(ctx)
+
+    def wrap(handler):  # noqa: ANN001, ANN202
+        async def endpoint(request: Request) -> Response:
+            try:
+                cp._auth(request)
+                return await handler(request)
+            except ApiError as exc:
+                return error(exc.status, exc.message)
+            except ArcboxError as exc:
+                return error(_status_of(exc), str(exc))
+        return endpoint
+
+    routes = [
+        Route("/v2/sandboxes", wrap(cp.create), methods=["POST"]),
+        Route("/sandboxes", wrap(cp.create), methods=["POST"]),
+        Route("/v2/sandboxes", wrap(cp.list), methods=["GET"]),
+        Route("/sandboxes", wrap(cp.list), methods=["GET"]),
+        Route("/v2/sandboxes/{sandbox_id}/connect", wrap(cp.connect), methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/connect", wrap(cp.connect), methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}", wrap(cp.get), methods=["GET"]),
+        Route("/sandboxes/{sandbox_id}", wrap(cp.kill), methods=["DELETE"]),
+        Route("/sandboxes/{sandbox_id}/timeout", wrap(cp.set_timeout), methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/pause", wrap(cp.pause), methods=["POST"]),
+        Route("/sandboxes/{sandbox_id}/metrics", wrap(cp.metrics), methods=["GET"]),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, f"no such endpoint: {request.method} {request.url.path}")
+
+    async def bad_method(request: Request, exc: Exception) -> Response:
+        return error(405, f"method {request.method} is not allowed on {request.url.path}")
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
