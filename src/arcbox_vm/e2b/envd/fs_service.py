@@ -53,7 +53,7 @@ class FilesystemService:
     async def _who(self, ctx: Any, path: str) -> tuple[Caller, str]:
         """The caller and `path` made absolute (relative = under the user's home)."""
         try:
-            who = caller(ctx.request_headers(), self.default_user)
+            who = caller(ctx.request_headers, self.default_user)
             if path.startswith("/"):
                 return who, guest_path(path, "/")
             return who, guest_path(path, (await self.users.account(who.sandbox_id, who.user)).home)
@@ -144,7 +144,7 @@ class FilesystemService:
         return filesystem_pb.CreateWatcherResponse(watcher_id=w.id)
 
     def _watcher(self, ctx: Any, watcher_id: str) -> Any:
-        w = self.watchers.get(ctx.request_headers().get("e2b-sandbox-id", ""), watcher_id)
+        w = self.watchers.get(ctx.request_headers.get("e2b-sandbox-id", ""), watcher_id)
         if w is None:
             raise ConnectError(Code.NOT_FOUND, f"watcher {watcher_id} not found")
         return w

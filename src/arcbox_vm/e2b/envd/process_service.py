@@ -25,7 +25,7 @@ MAX_INPUT = 1 << 20  # bytes of one SendInput / StreamInput message
 def keepalive_s(ctx: Any) -> float:
     """The client's Keepalive-Ping-Interval (seconds), bounded to 1..300."""
     try:
-        value = float(ctx.request_headers().get(KEEPALIVE_HEADER, DEFAULT_KEEPALIVE_S))
+        value = float(ctx.request_headers.get(KEEPALIVE_HEADER, DEFAULT_KEEPALIVE_S))
     except ValueError:
         value = DEFAULT_KEEPALIVE_S
     return min(300.0, max(1.0, value))
@@ -39,7 +39,7 @@ class ProcessService:
 
     def _caller(self, ctx: Any) -> Caller:
         try:
-            return caller(ctx.request_headers(), self.default_user)
+            return caller(ctx.request_headers, self.default_user)
         except ArcboxError as exc:
             raise connect_error(exc) from None
 
