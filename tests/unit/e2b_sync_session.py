@@ -19,7 +19,10 @@ from e2b.sandbox.commands.command_handle import PtySize
 def sync_session(work: Path) -> dict:
     """The sync SDK end to end; returns what the test checks."""
     out: dict = {}
-    sbx = Sandbox.create(timeout=120, metadata={"suite": "e2b-local", "flavour": "sync"}, envs={"FROM_CREATE": "c"})
+    home = work.parent / "home"  # the "guest" is this host: its login shells must not read our profile
+    home.mkdir(exist_ok=True)
+    sbx = Sandbox.create(timeout=120, metadata={"suite": "e2b-local", "flavour": "sync"},
+                         envs={"FROM_CREATE": "c", "HOME": str(home)})
     try:
         r = sbx.commands.run("echo hi; echo oops >&2")
         out["run"] = (r.stdout, r.stderr, r.exit_code)

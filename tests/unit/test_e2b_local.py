@@ -148,9 +148,10 @@ async def test_sync_sdk(daemon: E2bDaemon, tmp_path: Path) -> None:
 
 
 async def test_async_sdk(daemon: E2bDaemon, tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()  # the "guest" is this host: its login shells must not read our profile
     tmp_path = tmp_path / "work"
     tmp_path.mkdir()
-    sbx = await AsyncSandbox.create(timeout=120, metadata={"flavour": "async"})
+    sbx = await AsyncSandbox.create(timeout=120, metadata={"flavour": "async"}, envs={"HOME": str(tmp_path.parent / "home")})
     try:
         r = await sbx.commands.run("echo async; echo err >&2")
         assert (r.stdout, r.stderr, r.exit_code) == ("async\n", "err\n", 0)
