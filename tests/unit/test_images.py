@@ -571,6 +571,7 @@ def base_tree(tree: Path) -> None:
     (tree / "etc/skel").mkdir()
     (tree / "etc/skel/.bashrc").write_text("# bashrc\n")
     (tree / "etc/resolv.conf").symlink_to("/run/systemd/resolve/stub-resolv.conf")
+    (tree / "usr/bin/bash").write_bytes(b"not really bash")  # /bin/bash through the merged-/usr symlink
 
 
 @needs_root
@@ -588,10 +589,12 @@ def test_populate_tree(tmp_path):
         assert real.read_bytes() == data and stat.S_IMODE(real.stat().st_mode) == mode
     assert (tree / "etc/passwd").read_text().count("sandbox:x:1000:1000:") == 1
     assert "sandbox:x:1000:" in (tree / "etc/group").read_text()
-    assert (tree / "etc/shadow").read_text().splitlines()[-1].startswith("sandbox:!:")
+    assert [ln.split(":")[:2] for ln in (tree / "etc/shadow").read_text().splitlines()[-2:]] == [["sandbox", "!"], ["user", "!"]]
     home = tree / "home/sandbox"
     assert (home.stat().st_uid, home.stat().st_gid) == (1000, 1000)
     assert (home / ".bashrc").read_text() == "# bashrc\n" and (home / ".bashrc").stat().st_uid == 1000
+    assert (tree / "etc/passwd").read_text().count("user:x:1001:1001:arcbox user:/home/user:/bin/bash") == 1
+    assert (tree / "home/user").stat().st_uid == 1001, "E2B's base image has a `user` account"
     assert (tree / "etc/hostname").read_text() == "arcbox\n"
     resolv = tree / "etc/resolv.conf"
     assert not resolv.is_symlink() and resolv.read_bytes() == b""
