@@ -1,0 +1,128 @@
+"""The REAL `e2b` SDK against a real `arcbox-vm serve` (subprocess, [e2b] enabled on
+loopback) booting real QEMU VMs: the core of tests/unit/test_e2b_local.py, in a guest
+that has E2B's `user` account and /bin/bash. Nothing leaves this machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+e2b = pytest.importorskip("e2b")
+
+from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery  # noqa: E402
+from e2b.exceptions import AuthenticationException  # noqa: E402
+from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
+
+from .daemon_helpers import Daemon, write_config  # noqa: E402
+from .manager_helpers import netns_list  # noqa: E402
+
+pytestmark = pytest.mark.vm
+KEY = "e2b_vm_test_key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def e2b_env(tmp_path_factory, guest_image):
+    tmp = tmp_path_factory.mktemp("e2b-daemon")
+    netns = f"arcbox-t-{os.urandom(3).hex()}"
+    cfg = write_config(tmp / "c.toml", guest_image, tmp / "data", tmp / "d.sock", netns=netns,
+                       cidr="10.246.0.0/24", on_shutdown="remove")
+    api, sbx = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    with open(cfg, "a") as f:
+        f.write(f'\n[e2b]\nenabled = true\napi_addr = "{api}"\nsandbox_addr = "{sbx}"\napi_keys = ["{KEY}"]\n'
+                'watch_interval_s = 0.2\n')
+    d = Daemon(cfg, tmp / "d.sock", tmp / "daemon.log").start()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("E2B_API_KEY", KEY)
+    mp.setenv("E2B_API_URL", f"http://{api}")
+    mp.setenv("E2B_SANDBOX_URL", f"http://{sbx}")
+    for var in ("E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN"):
+        mp.delenv(var, raising=False)
+    try:
+        yield d
+    finally:
+        mp.undo()
+        assert d.stop() == 0, d.log.read_text()[-3000:]
+        assert netns not in netns_list()
+
+
+def test_sync_sdk_in_a_vm(e2b_env) -> None:
+    sbx = Sandbox.create(timeout=300, metadata={"suite": "e2b-vm"}, envs={"FROM_CREATE": "c"})
+    try:
+        r = sbx.commands.run("echo hi; echo oops >&2")
+        assert (r.stdout, r.stderr, r.exit_code) == ("hi\n", "oops\n", 0)
+        with pytest.raises(CommandExitException) as err:
+            sbx.commands.run("exit 3")
+        assert err.value.exit_code == 3
+        assert sbx.commands.run("whoami; pwd; echo $FROM_CREATE").stdout == "user\n/home/user\nc\n"
+        assert sbx.commands.run("whoami", user="root").stdout == "root\n"
+        assert sbx.commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
+        seen: list[str] = []
+        sbx.commands.run("for i in 1 2 3; do echo l$i; sleep 0.1; done", on_stdout=seen.append)
+        assert "".join(seen) == "l1\nl2\nl3\n"
+        bg = sbx.commands.run("sleep 600", background=True)
+        assert bg.kill() is True
+        cat = sbx.commands.run("cat", background=True, stdin=True)
+        sbx.commands.send_stdin(cat.pid, "piped\n")
+        sbx.commands.close_stdin(cat.pid)
+        assert cat.wait().stdout == "piped\n"
+
+        blob = os.urandom(10 << 20)
+        info = sbx.files.write("data/big.bin", blob)  # relative: under /home/user
+        assert info.path == "/home/user/data/big.bin"
+        assert bytes(sbx.files.read("/home/user/data/big.bin", format="bytes")) == blob
+        assert sbx.commands.run("stat -c %U /home/user/data/big.bin").stdout == "user\n"
+        sbx.files.write("/tmp/t.txt", "text")
+        assert sbx.files.read("/tmp/t.txt") == "text"
+        assert sbx.files.make_dir("/tmp/d/e") is True and sbx.files.make_dir("/tmp/d") is False
+        assert {e.name for e in sbx.files.list("/tmp")} >= {"t.txt", "d"}
+        sbx.files.rename("/tmp/t.txt", "/tmp/u.txt")
+        assert sbx.files.exists("/tmp/u.txt") and not sbx.files.exists("/tmp/t.txt")
+        assert sbx.files.get_info("/tmp/u.txt").size == 4
+        sbx.files.remove("/tmp/d")
+        assert not sbx.files.exists("/tmp/d")
+
+        handle = sbx.files.watch_dir("/tmp")
+        sbx.files.write("/tmp/watched.txt", "x")
+        events: list = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(e.name == "watched.txt" for e in events):
+            time.sleep(0.3)
+            events += handle.get_new_events()
+        handle.stop()
+        assert any(e.name == "watched.txt" for e in events)
+
+        out: list[bytes] = []
+        pty = sbx.pty.create(PtySize(rows=24, cols=80))
+        sbx.pty.resize(pty.pid, PtySize(rows=33, cols=111))
+        sbx.pty.send_stdin(pty.pid, b"stty size; exit\n")
+        pty.wait(on_pty=out.append)
+        assert b"33 111" in b"".join(out)
+
+        listed = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2b-vm"})).next_items()
+        assert [s.sandbox_id for s in listed] == [sbx.sandbox_id]
+        assert sbx.get_info().metadata == {"suite": "e2b-vm"}
+    finally:
+        assert sbx.kill() is True
+    assert Sandbox.kill(sbx.sandbox_id) is False
+
+
+async def test_async_sdk_and_timeout_in_a_vm(e2b_env) -> None:
+    sbx = await AsyncSandbox.create(timeout=300)
+    r = await sbx.commands.run("bash --version | head -1")
+    assert r.stdout.startswith("GNU bash")
+    await sbx.set_timeout(2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and await sbx.is_running():
+        await __import__("asyncio").sleep(0.5)
+    assert not await sbx.is_running()
+    with pytest.raises(AuthenticationException):
+        await AsyncSandbox.create(api_key="wrong")
