@@ -562,3 +562,21 @@ async def test_without_a_pid_namespace_kill_still_takes_every_process(rig: Rig) 
     tree = rig.tree(mgr, sid)
     await mgr.remove_sandbox(sid, force=True)
     assert not await wait_dead(tree)
+
+
+async def test_a_dropped_stream_kills_its_command_at_once(rig: Rig) -> None:
+    """A stream its caller drops (no aclose) is collected by reference counting — nothing
+    may hold it in a cycle — so its command is killed and the state corrected at once."""
+    mgr = rig.manager()
+    await mgr.start()
+    sid = await ready_sandbox(mgr, "dropped")
+    stream = await mgr.run_in_sandbox(sid, ["sleep", "1000"])
+    assert mgr.inspect_sandbox(sid).state == S.RUNNING
+    del stream
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        if mgr.inspect_sandbox(sid).state == S.READY:
+            break
+    assert mgr.inspect_sandbox(sid).state == S.READY, "still RUNNING: the dropped stream was not collected"
+    statuses = [e.status for e in mgr.list_execs(sid)]
+    assert statuses == ["ended"], statuses

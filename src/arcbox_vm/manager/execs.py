@@ -88,7 +88,10 @@ class ExecBook:
                 return
             with contextlib.suppress(ArcboxError):
                 store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")
-            self._observers.exec_done(ExecNote(sb.id, str(channel), exec_result(exit_code, stream.timed_out),
+            # not `stream.timed_out`: this closure must not reference the stream (a cycle would
+            # keep a dropped stream alive, and its command running, until the next gc pass)
+            timed_out = bool(session.exit_status is not None and session.exit_status.timed_out)
+            self._observers.exec_done(ExecNote(sb.id, str(channel), exec_result(exit_code, timed_out),
                                                time.monotonic() - started))
             if sb.removed or self._closed():
                 return
