@@ -4,8 +4,9 @@ Driven by the agent's loop like an exec session, never blocking:
 
 - connect: non-blocking, at most ``CONNECT_TIMEOUT`` seconds; PORT_CONNECTED once the
   socket is connected, else an error (``refused`` when nothing listens on the port).
-- guest->host: the socket is read only while the host has granted credit and the channel
-  is not congested, so at most PORT_WINDOW bytes are in flight and nothing piles up here.
+- guest->host: the socket is read only while the host has granted credit and the channel's
+  output queue is below HIGH_WATER (checked before every read, so many connections ready at
+  once cannot pile up more than one chunk past it): at most PORT_WINDOW bytes in flight.
 - host->guest: PORT_DATA is buffered only within the PORT_WINDOW of credit granted to the
   host (more is a protocol error), written as the socket takes it, and granted back with
   WINDOW as it is written. So the agent never holds more than PORT_WINDOW per connection.
@@ -164,8 +165,8 @@ class PortConn:
     def _read(self) -> None:
         assert self.sock is not None
         n = min(READ_CHUNK, self.credit)
-        if n <= 0:
-            return
+        if n <= 0 or not self.sink.can_queue():
+            return  # no credit, or the channel's output queue is full: the next sync stops reading
         try:
             data = self.sock.recv(n)
         except (BlockingIOError, InterruptedError):

@@ -21,6 +21,7 @@ import time
 from arcbox_vm.agent import protocol
 from arcbox_vm.agent.protocol import ErrorCode, MsgType, ProtocolError
 
+from .connection import HIGH_WATER
 from .frames import json_or_empty
 from .log import log
 
@@ -84,6 +85,10 @@ class PortForwards:
         else:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "%s is not valid on a port channel" % t.name, ch)
         return True
+
+    def can_queue(self) -> bool:
+        """The channel takes more output now (for the connections, before each read)."""
+        return self.conn is not None and self.conn.out_bytes < HIGH_WATER
 
     def _sync_ports(self, can_send: bool) -> None:
         for pc in list(self.ports.values()):
