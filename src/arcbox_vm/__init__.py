@@ -29,6 +29,7 @@ _EXPORTS = {
     "QemuConfig": "arcbox_vm.config",
     "SandboxSpec": "arcbox_vm.models",
     "SandboxNetworkSpec": "arcbox_vm.models",
+    "PortMapping": "arcbox_vm.models",
     "SandboxInfo": "arcbox_vm.models",
     "SandboxNetworkInfo": "arcbox_vm.models",
     "SandboxSummary": "arcbox_vm.models",

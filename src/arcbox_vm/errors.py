@@ -124,6 +124,10 @@ class ResourceExhausted(ArcboxError):
     """No more of a limited resource (IP addresses, sandboxes, ...)."""
 
 
+class HostPortUnavailable(ResourceExhausted):
+    """A host port a sandbox's port mapping asks for cannot be listened on (in use)."""
+
+
 class GuestFileError(ArcboxError):
     """A file operation inside the guest failed (message names the path and why)."""
 

@@ -115,6 +115,72 @@ def egress_cidrs(values: object, what: str = "allow_out") -> list[str]:
     return [str(n) for n in sorted(out)]
 
 
+@dataclass(frozen=True)
+class PortMapping:
+    """A TCP port of the guest made reachable on the host (Docker's `-p`).
+
+    A connection to host_addr:host_port reaches 127.0.0.1:guest_port inside the VM,
+    through the guest agent (no DNAT: it works with network "none" too). host_port 0 picks a
+    free port (`SandboxInfo.ports` shows the one chosen). host_addr is the host's loopback
+    by default; "0.0.0.0" (or "::") exposes the guest port to every network the host is on.
+    """
+
+    guest_port: int
+    host_port: int = 0
+    host_addr: str = "127.0.0.1"
+    protocol: str = "tcp"
+
+    def __post_init__(self) -> None:
+        for name, lo in (("guest_port", 1), ("host_port", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 65535:
+                raise ValueError(f"{name} must be a port number in {lo}..65535, got {value!r}")
+        try:
+            addr = str(ipaddress.ip_address(str(self.host_addr or "127.0.0.1").strip("[]")))
+        except ValueError:
+            raise ValueError(f"host_addr must be an IP address (e.g. 127.0.0.1 or 0.0.0.0), "
+                             f"got {self.host_addr!r}") from None
+        object.__setattr__(self, "host_addr", addr)
+        if (self.protocol or "tcp").lower() != "tcp":
+            raise ValueError(f"only tcp ports are forwarded, got {self.protocol!r}")
+        object.__setattr__(self, "protocol", "tcp")
+
+    @classmethod
+    def parse(cls, text: str) -> "PortMapping":
+        """Docker's `-p` syntax: `[ADDR:][HOSTPORT:]GUESTPORT[/tcp]` (an IPv6 ADDR in
+        brackets; an empty or missing HOSTPORT picks a free one)."""
+        spec, _, proto = str(text).strip().partition("/")
+        addr = ""
+        if spec.startswith("["):
+            addr, sep, spec = spec[1:].partition("]")
+            if not sep or not spec.startswith(":"):
+                raise ValueError(f"port mapping {text!r}: expected [ADDR]:HOSTPORT:GUESTPORT")
+            spec = spec[1:]
+            parts = spec.split(":")
+            if len(parts) != 2:
+                raise ValueError(f"port mapping {text!r}: expected [ADDR]:HOSTPORT:GUESTPORT")
+        else:
+            parts = spec.split(":")
+            if len(parts) == 3:
+                addr = parts.pop(0)
+            elif len(parts) > 3:
+                raise ValueError(f"port mapping {text!r}: write an IPv6 address in brackets, e.g. [::1]:8080:80")
+        host, guest = parts if len(parts) == 2 else ("", parts[0])
+        if not guest.isdigit() or (host and not host.isdigit()):
+            raise ValueError(f"port mapping {text!r}: expected [ADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80")
+        return cls(guest_port=int(guest), host_port=int(host or 0), host_addr=addr or "127.0.0.1",
+                   protocol=proto or "tcp")
+
+    @property
+    def host_endpoint(self) -> str:
+        """ADDR:PORT (an IPv6 address in brackets)."""
+        return f"[{self.host_addr}]:{self.host_port}" if ":" in self.host_addr else f"{self.host_addr}:{self.host_port}"
+
+    def __str__(self) -> str:
+        """As `docker port` prints it: `80/tcp -> 127.0.0.1:8080`."""
+        return f"{self.guest_port}/{self.protocol} -> {self.host_endpoint}"
+
+
 class SandboxNetworkSpec(BaseModel):
     """A sandbox's network.
 
@@ -151,6 +217,7 @@ class SandboxSpec(BaseModel):
 
     env, working_dir and user are defaults for every command run in the sandbox.
     ttl_seconds > 0 removes the sandbox that long after it became ready.
+    ports: guest TCP ports forwarded from the host (see PortMapping), network mode or not.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -168,6 +235,25 @@ class SandboxSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: str = ""
     user: str = ""
+    ports: list[PortMapping] = Field(default_factory=list)
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _port_strings(cls, v: object) -> object:
+        """"8080:80" (Docker's -p syntax, see PortMapping.parse) is accepted for a mapping."""
+        if isinstance(v, (list, tuple)):
+            return [PortMapping.parse(m) if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[PortMapping]) -> list[PortMapping]:
+        seen = set()
+        for m in v:
+            if m.host_port and (m.host_addr, m.host_port) in seen:
+                raise ValueError(f"host port {m.host_endpoint} is mapped twice")
+            seen.add((m.host_addr, m.host_port))
+        return v
 
     @field_validator("id")
     @classmethod
@@ -216,6 +302,7 @@ class SandboxInfo:
     vmm: str = ""
     pid: int | None = None
     ttl_seconds: int = 0  # removed this long after ready_at (0 = never)
+    ports: tuple[PortMapping, ...] = ()  # with the host ports actually chosen
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ Frame layout (big-endian, 12-byte header)::
     magic   2 bytes   b"AV"        lets a reader resynchronise after garbage
     type    u8        MsgType
     flags   u8        reserved, must be 0 (ignored by readers)
-    channel u32       0 = connection control; N > 0 = one exec session or file operation (host picks N)
+    channel u32       0 = connection control; N > 0 = one exec session, file operation or forwarded
+                      TCP connection (the host picks N)
     length  u32       payload length, at most ``max_payload`` (default 1 MiB)
     payload           ``length`` bytes: raw bytes for data frames, UTF-8 JSON objects otherwise
 
-Flow control: data frames (STDOUT/STDERR guest->host, STDIN host->guest, FILE_DATA either
-way) spend credit.
-Each direction of each channel starts with ``INITIAL_WINDOW`` bytes of credit; the
+Flow control: data frames (STDOUT/STDERR guest->host, STDIN host->guest, FILE_DATA and
+PORT_DATA either way) spend credit. Each direction of each channel starts with
+``INITIAL_WINDOW`` bytes of credit (port channels: ``PORT_WINDOW``); the
 receiver returns credit with WINDOW frames (payload: u32 increment) as it consumes data.
 A sender with no credit stops reading its source (the child's pipes, the user's stdin),
 so memory stays bounded on both sides whatever the reader's speed.
@@ -72,6 +73,16 @@ The host cancels a transfer with ERROR {code: "cancelled"} on its channel; frame
 arrive on a channel after it ended are ignored.
 File errors use the codes not_found, permission, is_a_directory, not_a_directory, exists,
 no_space, too_large, not_regular, io (and bad_request for malformed requests).
+
+Port forwarding (channel N > 0, feature "ports" in HELLO; types 0x40-0x4F): PORT_CONNECT
+{"port"} asks the agent to connect to 127.0.0.1:port in the guest; it answers PORT_CONNECTED
+{} or ERROR (``refused``, ``too_many``, ``io``...). Then PORT_DATA goes both ways, each
+direction with PORT_WINDOW bytes of credit returned by WINDOW as the receiver writes to its
+socket (neither side holds more than PORT_WINDOW per connection). PORT_EOF: the sender's
+socket read EOF (half-close; the receiver shuts down writing once it wrote what it holds).
+A side forgets the channel once it sent PORT_EOF and wrote the peer's EOF. PORT_CLOSE (or
+ERROR): the sender dropped the connection (reset, failure, gave up); the receiver closes its
+socket at once, discarding what it holds, and sends nothing more on the channel.
 
 Decoding never raises on bad input: ``FrameDecoder.feed`` yields ``Frame`` objects and
 ``DecodeError`` objects; the caller answers errors with an ERROR frame and keeps going.
@@ -153,8 +164,15 @@ class MsgType(enum.IntEnum):
     FILE_LIST_RESULT = 0x3A  # guest->host JSON {"path", "entries": [stat...], "truncated"}
     # 0x3B-0x3F stay reserved for file transfer.
 
+    # --- port forwarding (channel N > 0; 0x40-0x4F; see the module docstring) ---
+    PORT_CONNECT = 0x40  # host->guest JSON {"port"}: connect to 127.0.0.1:port in the guest
+    PORT_CONNECTED = 0x41  # guest->host JSON {}: connected; PORT_DATA may flow both ways
+    PORT_DATA = 0x42  # raw bytes either way; spends the receiver's credit (PORT_WINDOW)
+    PORT_EOF = 0x43  # empty, either way: the sender's socket reached EOF (half-close)
+    PORT_CLOSE = 0x44  # empty, either way: the sender dropped the connection; the channel ends
 
-DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR, MsgType.FILE_DATA})
+
+DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR, MsgType.FILE_DATA, MsgType.PORT_DATA})
 JSON_TYPES = frozenset(
     {
         MsgType.HELLO,
@@ -176,6 +194,8 @@ JSON_TYPES = frozenset(
         MsgType.FILE_STAT_RESULT,
         MsgType.FILE_LIST,
         MsgType.FILE_LIST_RESULT,
+        MsgType.PORT_CONNECT,
+        MsgType.PORT_CONNECTED,
     }
 )
 FILE_REQUEST_TYPES = frozenset({MsgType.FILE_WRITE, MsgType.FILE_READ, MsgType.FILE_STAT, MsgType.FILE_LIST})
@@ -185,6 +205,11 @@ FEATURE_FILES = "files"
 
 FEATURE_ATTACH = "attach"
 """HELLO ``features`` entry of agents that keep exec sessions across a lost channel for ATTACH."""
+
+FEATURE_PORTS = "ports"
+"""HELLO ``features`` entry of agents that forward TCP connections (PORT_* messages)."""
+
+PORT_WINDOW = 256 * 1024  # credit per direction of a port channel: what either side holds per connection
 
 LIST_LIMIT = 10000
 """Most entries one FILE_LIST_RESULT carries (the frame size caps it further)."""
@@ -217,6 +242,7 @@ class ErrorCode:
     NOT_REGULAR = "not_regular"  # a FIFO, socket or device where a regular file is needed
     IO = "io"  # any other OS error (message says which)
     CANCELLED = "cancelled"  # host->guest: abandon this transfer
+    REFUSED = "refused"  # port forwarding: nothing listens on that guest port
 
 
 class Frame:
@@ -522,3 +548,11 @@ def validate_file_request(type: int, obj: Dict[str, Any]) -> Dict[str, Any]:
     elif type != MsgType.FILE_READ:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "not a file request type: %r" % (type,))
     return out
+
+
+def validate_port_request(obj: Dict[str, Any]) -> int:
+    """A PORT_CONNECT body's port (1..65535); raises ProtocolError(BAD_REQUEST)."""
+    port = obj.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 0xFFFF:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "port must be an integer in 1..65535")
+    return port

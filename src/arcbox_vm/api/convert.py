@@ -13,6 +13,7 @@ from arcbox_vm.models import (
     ExecSpec,
     FileStat,
     OutputChunk,
+    PortMapping,
     SandboxEvent,
     SandboxInfo,
     SandboxNetworkSpec,
@@ -35,7 +36,7 @@ def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
         id=req.id or None, labels=dict(req.labels), kernel=req.kernel, rootfs=req.rootfs, initrd=req.initrd,
         boot_args=req.boot_args, vcpus=req.limits.vcpus, memory_mib=req.limits.memory_mib,
         network=network_spec(req.network), ttl_seconds=req.ttl_seconds, env=dict(req.env),
-        working_dir=req.working_dir, user=req.user,
+        working_dir=req.working_dir, user=req.user, ports=[port_mapping(m) for m in req.ports],
     )
 
 
@@ -69,6 +70,18 @@ def network_update(req: pb.UpdateNetworkRequest) -> dict[str, Any]:
     }
 
 
+def port_mapping(m: pb.PortMapping) -> PortMapping:
+    try:
+        return PortMapping(guest_port=m.guest_port, host_port=m.host_port, host_addr=m.host_addr or "127.0.0.1",
+                           protocol=m.protocol or "tcp")
+    except ValueError as exc:
+        raise InvalidArgument(f"ports: {exc}") from None
+
+
+def port_mapping_pb(m: PortMapping) -> pb.PortMapping:
+    return pb.PortMapping(host_addr=m.host_addr, host_port=m.host_port, guest_port=m.guest_port, protocol=m.protocol)
+
+
 def tty_size(size: pb.TerminalSize | None, has: bool) -> tuple[int, int] | None:
     if not has:
         return None
@@ -100,6 +113,7 @@ def info(i: SandboxInfo) -> pb.SandboxInfo:
         limits=pb.ResourceLimits(vcpus=i.vcpus, memory_mib=i.memory_mib),
         created_at=int(i.created_at), ready_at=int(i.ready_at or 0), last_exited_at=int(i.last_exited_at or 0),
         last_exit_code=i.last_exit_code or 0, error=i.error or "", vmm=i.vmm,
+        ports=[port_mapping_pb(m) for m in i.ports],
     )
     if i.network is not None:
         n = i.network

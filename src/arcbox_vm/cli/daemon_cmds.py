@@ -10,6 +10,7 @@
     rm       remove sandboxes
     events   lifecycle events (see `events --help` for when it stops)
     logs     the VM's serial console
+    port     forwarded ports (create -p)
 
 `register(app)` adds them to the main typer app. Every command takes the connection
 options (common.py). Exit codes: 0 ok, 1 error (one `arcbox-vm: ...` line on stderr),
@@ -28,7 +29,7 @@ import typer
 from rich.console import Console
 
 from arcbox_vm.cli.common import EXIT_ERROR, ConnectOptions, daemon_command, fail, one_line
-from arcbox_vm.cli.parsing import parse_env, parse_labels
+from arcbox_vm.cli.parsing import parse_env, parse_labels, parse_ports
 from arcbox_vm.errors import ArcboxError
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ def create(
     env: list[str] = typer.Option([], "--env", "-e", help="Default env of its commands: KEY=VALUE or KEY."),
     workdir: str = typer.Option("", "--workdir", "-w", help="Default working directory of its commands."),
     user: str = typer.Option("", "--user", "-u", help="Default user of its commands (name, uid or uid:gid)."),
+    publish: list[str] = typer.Option(
+        [], "--publish", "-p", metavar="[ADDR:]HOSTPORT:GUESTPORT",
+        help="Forward a host port to the guest's 127.0.0.1:GUESTPORT (repeatable; Docker's -p). ADDR defaults "
+             "to 127.0.0.1 (0.0.0.0 exposes the guest port to every network); HOSTPORT 0 or empty picks a free "
+             "one (see `arcbox-vm port ID`). Works with --network none."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it is ready (else return at once)."),
     timeout: float = typer.Option(120.0, "--timeout", min=0, help="With --wait: give up after S seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print {id, state, ip_address} as JSON."),
@@ -83,6 +89,7 @@ def create(
         fail(f"--network {network!r}: expected tap or none")
     if egress is not None and egress not in ("none", "nat"):
         fail(f"--egress {egress!r}: expected none or nat")
+    ports = parse_ports(publish)
 
     async def main() -> dict[str, str]:
         async with conn.client() as client:
@@ -95,7 +102,7 @@ def create(
                     rootfs=rootfs, initrd=initrd, boot_args=boot_args,
                     network=network,  # type: ignore[arg-type]
                     egress=egress, allow_out=allow_out, deny_out=deny_out,  # type: ignore[arg-type]
-                    ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user)
+                    ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user, ports=ports)
             except BaseException:
                 if waiter is not None:
                     waiter.close()
@@ -142,7 +149,7 @@ def inspect(
     sandbox_id: str = typer.Argument(..., metavar="ID"),
     *, conn: ConnectOptions,
 ) -> None:
-    """Show one sandbox as JSON (state, limits, network, timestamps, error)."""
+    """Show one sandbox as JSON (state, limits, network, forwarded ports, timestamps, error)."""
     from arcbox_vm.cli.output import print_json
 
     print_json(conn.call(lambda client: client.inspect(sandbox_id)))
@@ -180,6 +187,30 @@ def update(
         print_json(info.network)
     else:
         print(sandbox_id, flush=True)
+
+
+@daemon_command
+def port(
+    sandbox_id: str = typer.Argument(..., metavar="ID"),
+    guest_port: Optional[str] = typer.Argument(None, metavar="[GUESTPORT[/tcp]]", help="Only this guest port."),
+    *, conn: ConnectOptions,
+) -> None:
+    """List a sandbox's forwarded ports as `GUESTPORT/tcp -> ADDR:HOSTPORT` (like `docker port`);
+    with GUESTPORT only its ADDR:HOSTPORT (exit 1 if it is not forwarded)."""
+    wanted = None
+    if guest_port is not None:
+        num, _, proto = guest_port.partition("/")
+        if not num.isdigit() or proto not in ("", "tcp"):
+            fail(f"port {guest_port!r}: expected a guest port number, e.g. 80 or 80/tcp")
+        wanted = int(num)
+    info = conn.call(lambda client: client.inspect(sandbox_id))
+    if wanted is None:
+        sys.stdout.write("".join(f"{m}\n" for m in info.ports))
+        return
+    hits = [m.host_endpoint for m in info.ports if m.guest_port == wanted]
+    if not hits:
+        fail(f"no forwarded port {wanted}/tcp in sandbox {sandbox_id} (create it with -p HOSTPORT:{wanted})")
+    sys.stdout.write("".join(f"{h}\n" for h in hits))
 
 
 @daemon_command
@@ -383,6 +414,7 @@ def register(app: typer.Typer) -> None:
     app.command("ls")(ls)
     app.command("inspect")(inspect)
     app.command("update")(update)
+    app.command("port")(port)
     app.command("exec", context_settings=no_interspersed)(exec_)
     app.command("execs")(execs)
     app.command("attach")(attach)

@@ -1,4 +1,4 @@
-"""Parsing of command-line values: KEY=VALUE lists and `ID:/path` copy operands.
+"""Parsing of command-line values: KEY=VALUE lists, `-p` port mappings and `ID:/path` copy operands.
 
 Pure functions raising InvalidArgument (so they are unit-testable and the CLI reports
 them like any other error).
@@ -12,8 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from arcbox_vm.errors import InvalidArgument
+from arcbox_vm.models import PortMapping
 
-__all__ = ["RemotePath", "parse_cp_operands", "parse_env", "parse_labels", "parse_remote", "parse_signal"]
+__all__ = ["RemotePath", "parse_cp_operands", "parse_env", "parse_labels", "parse_ports", "parse_remote",
+           "parse_signal"]
 
 # A sandbox id (see models.SANDBOX_ID_RE), a colon, then a guest path. The path must be
 # absolute: "a:b" stays a local file name, and "ID:relative" is refused as a likely typo.
@@ -40,6 +42,17 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
         if not key or not sep:
             raise InvalidArgument(f"--label {item!r}: expected KEY=VALUE")
         out[key] = value
+    return out
+
+
+def parse_ports(items: Iterable[str]) -> list[PortMapping]:
+    """-p [ADDR:][HOSTPORT:]GUESTPORT[/tcp] (repeatable; Docker's syntax, see PortMapping.parse)."""
+    out = []
+    for item in items:
+        try:
+            out.append(PortMapping.parse(item))
+        except ValueError as exc:
+            raise InvalidArgument(f"-p {item!r}: {exc}") from None
     return out
 
 

@@ -35,7 +35,7 @@ from arcbox_vm.client.errors import (
     Unimplemented,
 )
 from arcbox_vm.client.sync import Client, ExecSession, Files, Sandbox
-from arcbox_vm.client.types import Created, FileStat, Output, RunResult
+from arcbox_vm.client.types import Created, FileStat, Output, PortMapping, RunResult
 from arcbox_vm.errors import (  # re-exported for convenience
     GuestFileNotFound,
     GuestPermissionDenied,
@@ -44,6 +44,6 @@ from arcbox_vm.errors import (  # re-exported for convenience
 __all__ = [
     "AsyncClient", "AsyncExecSession", "AsyncFiles", "AsyncSandbox", "AuthError", "Client", "CommandError",
     "Created", "DaemonUnavailable", "DeadlineExceeded", "ExecSession", "FileStat", "Files", "GuestFileNotFound",
-    "GuestPermissionDenied", "Output", "PermissionDenied", "ReadyTimeout", "RunResult", "Sandbox", "Target",
-    "Unimplemented", "resolve_target",
+    "GuestPermissionDenied", "Output", "PermissionDenied", "PortMapping", "ReadyTimeout", "RunResult", "Sandbox",
+    "Target", "Unimplemented", "resolve_target",
 ]

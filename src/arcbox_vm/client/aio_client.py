@@ -39,6 +39,7 @@ from arcbox_vm.client.convert import (
     network_spec_to_pb,
     network_update_to_pb,
     output_from_pb,
+    ports_to_pb,
     stats_from_pb,
     str_map,
     summary_from_pb,
@@ -50,7 +51,8 @@ from arcbox_vm.client.ready import ReadyWaiter
 from arcbox_vm.client.sources import WriteSource, check_source, iter_chunks, source_size
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError
-from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxStats, SandboxSummary
+from arcbox_vm.models import (ExecInfo, ExecSpec, PortMapping, SandboxEvent, SandboxInfo, SandboxState, SandboxStats,
+                              SandboxSummary)
 
 __all__ = ["AsyncClient"]
 
@@ -123,17 +125,19 @@ class AsyncClient:
                      boot_args: str = "", network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                      env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
                      egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
-                     deny_out: Sequence[str] = ()) -> Created:
+                     deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None) -> Created:
         """Register a sandbox and start booting it; returns at once (state "starting").
         Zero / empty values take the daemon's defaults. Use `wait_ready` to wait for boot.
         egress "none" reaches only `allow_out` (IPv4 CIDRs), "nat" anything through NAT
-        (None = the daemon's default); `deny_out` wins over both."""
+        (None = the daemon's default); `deny_out` wins over both.
+        `ports`: guest TCP ports to forward from the host, as PortMapping or Docker's `-p`
+        strings ("8080:80", "127.0.0.1::80"); `inspect(...).ports` shows the host ports chosen."""
         request = pb.CreateSandboxRequest(
             id=id or "", labels=str_map(labels), kernel=os.fspath(kernel), rootfs=os.fspath(rootfs),
             initrd=os.fspath(initrd), boot_args=boot_args,
             limits=pb.ResourceLimits(vcpus=vcpus, memory_mib=memory_mib), env=str_map(env),
             working_dir=working_dir, user=user, ttl_seconds=ttl_seconds,
-            network=network_spec_to_pb(network, egress, allow_out, deny_out),
+            network=network_spec_to_pb(network, egress, allow_out, deny_out), ports=ports_to_pb(ports),
         )
         return created_from_pb(await self._unary(self._stub.Create, request, sandbox_id=id or ""))
 

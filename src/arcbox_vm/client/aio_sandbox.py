@@ -22,7 +22,7 @@ from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import ArcboxError, GuestFileNotFound
-from arcbox_vm.models import ExecInfo, SandboxEvent, SandboxInfo
+from arcbox_vm.models import ExecInfo, PortMapping, SandboxEvent, SandboxInfo
 
 __all__ = ["AsyncFiles", "AsyncSandbox"]
 
@@ -91,7 +91,8 @@ class AsyncSandbox:
                      network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                      env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
                      egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
-                     deny_out: Sequence[str] = (), wait: bool = True, timeout: float | None = 120.0,
+                     deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None,
+                     wait: bool = True, timeout: float | None = 120.0,
                      client: AsyncClient | None = None, remove_on_exit: bool = True,
                      **connect: Unpack[ConnectArgs]) -> "AsyncSandbox":
         """Create a sandbox and (wait=True) wait until it is ready, at most `timeout` s.
@@ -108,7 +109,7 @@ class AsyncSandbox:
                 created = await cli.create(id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel,
                                            rootfs=rootfs, initrd=initrd, boot_args=boot_args, network=network,
                                            ttl_seconds=ttl_seconds, env=env, working_dir=working_dir, user=user,
-                                           egress=egress, allow_out=allow_out, deny_out=deny_out)
+                                           egress=egress, allow_out=allow_out, deny_out=deny_out, ports=ports)
             except BaseException:
                 if waiter is not None:
                     waiter.close()

@@ -18,6 +18,7 @@ from arcbox_vm.models import (
     ExecInfo,
     ExecSpec,
     FileStat,
+    PortMapping,
     SandboxEvent,
     SandboxInfo,
     SandboxNetworkInfo,
@@ -28,8 +29,8 @@ from arcbox_vm.models import (
 
 __all__ = [
     "created_from_pb", "event_from_pb", "exec_info_from_pb", "exec_request_to_pb", "file_stat_from_pb", "info_from_pb",
-    "network_spec_to_pb", "network_update_to_pb", "output_from_pb", "stats_from_pb", "str_map", "summary_from_pb",
-    "timeout_to_pb", "tty_size_to_pb",
+    "network_spec_to_pb", "network_update_to_pb", "output_from_pb", "ports_to_pb", "stats_from_pb", "str_map",
+    "summary_from_pb", "timeout_to_pb", "tty_size_to_pb",
 ]
 
 # The three requests that start a command share the ExecSpec fields; only Start has stdin.
@@ -63,8 +64,29 @@ def info_from_pb(m: pb.SandboxInfo) -> SandboxInfo:
         network=net, created_at=float(m.created_at), ready_at=_opt_time(m.ready_at),
         last_exited_at=_opt_time(m.last_exited_at),
         last_exit_code=m.last_exit_code if m.last_exited_at else None,
-        error=m.error or None, vmm=m.vmm,
+        error=m.error or None, vmm=m.vmm, ports=tuple(_port_from_pb(p) for p in m.ports),
     )
+
+
+def _port_from_pb(m: pb.PortMapping) -> PortMapping:
+    return PortMapping(guest_port=m.guest_port, host_port=m.host_port, host_addr=m.host_addr or "127.0.0.1",
+                       protocol=m.protocol or "tcp")
+
+
+def ports_to_pb(ports: Sequence[PortMapping | str] | None) -> list[pb.PortMapping]:
+    """Port mappings (or Docker's `-p` strings such as "8080:80") → protobuf; InvalidArgument
+    names a bad one."""
+    out = []
+    for item in ports or ():
+        try:
+            m = PortMapping.parse(item) if isinstance(item, str) else item
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not isinstance(m, PortMapping):
+            raise InvalidArgument(f"ports: expected PortMapping or a string like '8080:80', got {item!r}")
+        out.append(pb.PortMapping(host_addr=m.host_addr, host_port=m.host_port, guest_port=m.guest_port,
+                                  protocol=m.protocol))
+    return out
 
 
 def summary_from_pb(m: pb.SandboxSummary) -> SandboxSummary:

@@ -26,7 +26,8 @@ from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
-from arcbox_vm.models import ExecInfo, ExecSpec, SandboxEvent, SandboxInfo, SandboxState, SandboxStats, SandboxSummary
+from arcbox_vm.models import (ExecInfo, ExecSpec, PortMapping, SandboxEvent, SandboxInfo, SandboxState, SandboxStats,
+                              SandboxSummary)
 
 __all__ = ["Client", "ExecSession", "Files", "Sandbox"]
 
@@ -62,11 +63,11 @@ class Client:
                network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
                egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
-               deny_out: Sequence[str] = ()) -> Created:
+               deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None) -> Created:
         return self._loop.run(self.aio.create(
             id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel, rootfs=rootfs, initrd=initrd,
             boot_args=boot_args, network=network, ttl_seconds=ttl_seconds, env=env, working_dir=working_dir,
-            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out))
+            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out, ports=ports))
 
     def update_network(self, sandbox_id: str, *, egress: Literal["none", "nat"] | None = None,
                        allow_out: Sequence[str] | None = None, deny_out: Sequence[str] | None = None) -> SandboxInfo:
@@ -272,15 +273,15 @@ class Sandbox:
                network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
                egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
-               deny_out: Sequence[str] = (), wait: bool = True,
+               deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None, wait: bool = True,
                timeout: float | None = 120.0, client: Client | None = None, remove_on_exit: bool = True,
                **connect: Unpack[ConnectArgs]) -> "Sandbox":
         """See AsyncSandbox.create."""
         handle = LoopThread.shared().run(AsyncSandbox.create(
             id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel, rootfs=rootfs, initrd=initrd,
             boot_args=boot_args, network=network, ttl_seconds=ttl_seconds, env=env, working_dir=working_dir,
-            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out, wait=wait, timeout=timeout,
-            client=client.aio if client else None, remove_on_exit=remove_on_exit, **connect))
+            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out, ports=ports, wait=wait,
+            timeout=timeout, client=client.aio if client else None, remove_on_exit=remove_on_exit, **connect))
         return cls(handle)
 
     @classmethod

@@ -1,7 +1,7 @@
 """Plain data the client hands back (no protobuf objects leak out of the client).
 
-Sandbox info, summaries, events and file stats reuse `arcbox_vm.models` (FileStat is
-re-exported here), so code written against the in-process `SandboxManager` reads the same
+Sandbox info, summaries, events, file stats and port mappings reuse `arcbox_vm.models`
+(FileStat and PortMapping are re-exported here), so code written against the in-process `SandboxManager` reads the same
 fields; the types defined here exist only remotely.
 """
 
@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from arcbox_vm.models import FileStat
+from arcbox_vm.models import FileStat, PortMapping
 
-__all__ = ["Created", "FileStat", "Output", "OutputCallback", "RunResult"]
+__all__ = ["Created", "FileStat", "Output", "OutputCallback", "PortMapping", "RunResult"]
 
 Stream = Literal["stdout", "stderr", "exit", "error"]
 

@@ -282,6 +282,9 @@ class LimitsConfig(_Section):
       (QEMU's own memory, the TCG translation cache).
     pids_max: processes/threads one VMM may have (its cgroup's pids limit).
     console_log_max_bytes: the newest this many bytes of a sandbox's serial console are kept.
+    max_port_mappings: forwarded ports (`-p`) one sandbox may ask for.
+    max_port_connections: forwarded connections open at once per sandbox, all its ports
+      together; more wait in the listen backlog until one ends.
     """
 
     max_sandboxes: int = Field(64, ge=1, le=100_000)
@@ -296,6 +299,8 @@ class LimitsConfig(_Section):
     vmm_overhead_mib: int = Field(160, ge=0)
     pids_max: int = Field(512, ge=16)
     console_log_max_bytes: int = Field(8 << 20, ge=64 << 10)
+    max_port_mappings: int = Field(32, ge=0, le=1024)
+    max_port_connections: int = Field(256, ge=1, le=1024)
 
 
 class MetricsConfig(_Section):

@@ -16,6 +16,7 @@ from typing import Any
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.logctx import fields
 from arcbox_vm.errors import ArcboxError, SandboxNotFound
+from arcbox_vm.manager import ports
 from arcbox_vm.manager.boot import BootPlan
 from arcbox_vm.manager.events import EventLog
 from arcbox_vm.manager.execs import ExecBook
@@ -97,6 +98,8 @@ class ManagerContext:
         self.observers.step(note)
 
     async def release_network(self, sb: SandboxRecord) -> None:
+        """Its forwarded ports (listeners, connections), TAP and IP."""
+        await ports.release(sb)
         lease, sb.lease = sb.lease, None
         if lease is not None:
             try:

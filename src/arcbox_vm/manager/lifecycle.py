@@ -26,7 +26,7 @@ from arcbox_vm.errors import AgentUnresponsive, ArcboxError, InvalidState, Sandb
 from arcbox_vm.manager.boot import BootPlan, BootRequest
 from arcbox_vm.manager.console import keep_capped
 from arcbox_vm.manager.context import ManagerContext
-from arcbox_vm.manager import limits, network_policy
+from arcbox_vm.manager import limits, network_policy, ports
 from arcbox_vm.manager.images import resolve_images
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxSpec, SandboxState
@@ -50,12 +50,13 @@ async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
         rootfs=spec.rootfs or d.rootfs, initrd=spec.initrd or d.initrd,
         boot_args=spec.boot_args or d.boot_args, env=dict(spec.env), working_dir=spec.working_dir,
         user=spec.user, ttl_seconds=spec.ttl_seconds, network_mode=spec.network.mode,
-        workdir=ctx.data_dir / "sandboxes" / sid,
+        workdir=ctx.data_dir / "sandboxes" / sid, ports=list(spec.ports),
     )
     if sb.workdir.exists():
         raise SandboxAlreadyExists(sid)
     limits.check_sizes(ctx.config.limits, sb)
     limits.check_room(ctx.config.limits, sb, ctx.sandboxes.values())
+    ports.reserve(sb, ctx.config.limits)  # a host port in use fails here, before anything is made
     ctx.sandboxes[sid] = sb  # reserve the id (and its share of the limits) before the first await
     try:
         if sb.network_mode == "tap":
@@ -81,6 +82,7 @@ def boot_plan(ctx: ManagerContext, sb: SandboxRecord, kernel, initrd, rootfs) ->
         netns=ctx.network.netns if lease else "", hello_timeout=ctx.config.agent.hello_timeout_s,
     )
     plan = BootPlan(ctx.driver, req, clone_disk=ctx.adapters.clone_disk)
+    ports.add_boot_check(plan, sb)
     for hook in ctx.boot_plan_hooks:
         hook(plan, sb)
     return plan
@@ -127,13 +129,14 @@ async def boot(ctx: ManagerContext, sb: SandboxRecord, requested: float | None =
 
 
 def start_watchers(ctx: ManagerContext, sb: SandboxRecord) -> None:
-    """VMM-exit watcher, and the TTL timer (counted from ready) when one is set."""
+    """VMM-exit watcher, the TTL timer (counted from ready) when one is set, forwarded ports."""
     sb.tasks["watch"] = asyncio.create_task(watch_vmm(ctx, sb), name=f"watch-{sb.id}")
     if sb.vm is not None:
         sb.tasks["console"] = asyncio.create_task(
             keep_capped(sb.vm.process.console_log, ctx.config.limits.console_log_max_bytes), name=f"console-{sb.id}")
     if sb.ttl_seconds > 0:
         sb.tasks["ttl"] = asyncio.create_task(ttl(ctx, sb), name=f"ttl-{sb.id}")
+    ports.start(sb, ctx.config.limits)
 
 
 async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
@@ -255,6 +258,7 @@ async def detach_all(ctx: ManagerContext) -> None:
         cancel_tasks(sb, "watch", "ttl", "console", "boot")
         # first: commands keep running in the guest (keep_commands_running), their unread output saved
         ctx.execs.forget_all(sb, save=True)
+        await ports.release(sb)  # the next manager listens again
         vm, sb.vm = sb.vm, None
         if vm is not None:
             await vm.detach()

@@ -2,7 +2,7 @@
 
 Counted before anything is made (no record, no lease, no process): how many sandboxes hold
 resources, their guest memory together, and the size of what a client may store in a
-record (labels, env, boot arguments)."""
+record (labels, env, boot arguments, port mappings)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def check_sizes(limits: LimitsConfig, sb: SandboxRecord) -> None:
         raise InvalidArgument(f"the env is larger than {limits.max_env_bytes} bytes")
     if len(sb.boot_args.encode()) > limits.max_boot_args_bytes:
         raise InvalidArgument(f"boot_args are longer than {limits.max_boot_args_bytes} bytes")
+    if len(sb.ports) > limits.max_port_mappings:
+        raise InvalidArgument(f"{len(sb.ports)} port mappings are more than the {limits.max_port_mappings} allowed")
 
 
 def check_room(limits: LimitsConfig, sb: SandboxRecord, others: Iterable[SandboxRecord]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import weakref
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from arcbox_vm.manager.boot import BootedVm
-from arcbox_vm.models import SandboxInfo, SandboxNetworkInfo, SandboxState, SandboxSummary
+from arcbox_vm.models import PortMapping, SandboxInfo, SandboxNetworkInfo, SandboxState, SandboxSummary
 from arcbox_vm.ports.network import EgressPolicy, NetworkLease
 
 
@@ -53,6 +54,8 @@ class SandboxRecord:
     pid: int | None = None
     pid_start: int | None = None
     source: str = "cold"  # how its VM was made (observers, metrics): cold boot; later restore, pool
+    ports: list[PortMapping] = field(default_factory=list)  # persisted with the host ports chosen
+    forwards: Any = None  # its listeners and forwarded connections (manager/ports.py)
 
     _SPEC_FIELDS = ("labels", "vcpus", "memory_mib", "kernel", "rootfs", "initrd", "boot_args", "env",
                     "working_dir", "user", "ttl_seconds", "network_mode")
@@ -65,7 +68,8 @@ class SandboxRecord:
         return {
             "id": self.id, "state": self.state.value,
             "spec": json.dumps({**{k: getattr(self, k) for k in self._SPEC_FIELDS},
-                                "egress": self.egress.to_json() if self.egress is not None else None}),
+                                "egress": self.egress.to_json() if self.egress is not None else None,
+                                "ports": [dataclasses.asdict(m) for m in self.ports]}),
             "workdir": str(self.workdir), "vmm": self.vmm, "pid": self.pid, "pid_start": self.pid_start,
             "lease": lease, "created_at": self.created_at, "ready_at": self.ready_at,
             "last_exited_at": self.last_exited_at, "last_exit_code": self.last_exit_code, "error": self.error,
@@ -79,6 +83,7 @@ class SandboxRecord:
         rec.state = SandboxState(row["state"])
         if spec.get("egress"):
             rec.egress = EgressPolicy.from_json(spec["egress"])
+        rec.ports = [PortMapping(**m) for m in spec.get("ports", [])]
         rec.vmm = row["vmm"] or ""
         rec.pid, rec.pid_start = row["pid"], row["pid_start"]
         if row["lease"]:
@@ -100,7 +105,7 @@ class SandboxRecord:
             id=self.id, state=self.state, labels=dict(self.labels), vcpus=self.vcpus,
             memory_mib=self.memory_mib, network=net, created_at=self.created_at, ready_at=self.ready_at,
             last_exited_at=self.last_exited_at, last_exit_code=self.last_exit_code, error=self.error,
-            vmm=self.vmm, pid=pid, ttl_seconds=self.ttl_seconds,
+            vmm=self.vmm, pid=pid, ttl_seconds=self.ttl_seconds, ports=tuple(self.ports),
         )
 
     def summary(self) -> SandboxSummary:

@@ -16,11 +16,13 @@ Copied into guest images by ``arcbox_vm.agent.bundle``; the launcher calls
 - ``execs``     EXEC, ATTACH and the frames on an exec channel (stdin, credit, resize, signal)
 - ``sessiontable`` attached/detached/abandoned sessions, EXIT, reaping, the detached spool budget
 - ``transfers`` file requests in the loop: FILE_* routing, pumping reads, aborting on loss
+- ``ports``     PORT_CONNECT and the forwarded TCP connections of the current connection
 - ``shutdown``  SHUTDOWN / SIGTERM: end sessions, then reboot/poweroff (PID 1) or leave the loop
 - ``session``   one exec session: pipes/pty, credit-based output, stdin, exit tracking
 - ``filewrite`` FILE_WRITE: atomic upload through a temporary file, credit per write
 - ``fileread``  FILE_READ: streamed download, pumped by the loop within the host's credit
 - ``filestat``  FILE_STAT and FILE_LIST answers, bounded to one frame
+- ``portconn``  one forwarded connection: a socket to 127.0.0.1:PORT, credit both ways, EOF
 - ``fileinfo``  stat bodies, non-UTF-8 names and errno -> error code, shared by file requests
 - ``fscreds``   acting as a request's uid/gid around filesystem calls (setfsuid/setfsgid)
 - ``spawn``     user/env/cwd resolution and fork+exec with error reporting

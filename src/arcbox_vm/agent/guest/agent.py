@@ -29,6 +29,7 @@ module holds the loop itself and combines them:
 - ``execs``        EXEC, ATTACH and the frames on an exec channel (stdin, credit, resize, signal)
 - ``sessiontable`` the exec sessions (attached, detached, abandoned), their end, the detached spool
 - ``transfers``    file requests in the loop: FILE_* routing, pumping reads, aborting on loss
+- ``ports``        PORT_CONNECT and forwarded TCP connections (``portconn``), reset on loss
 - ``shutdown``     SHUTDOWN / SIGTERM: ending sessions and rebooting or powering off
 
 Each part sets up its own state in an ``_init_*`` method called from ``Agent.__init__``.
@@ -47,6 +48,7 @@ from .connection import HIGH_WATER, HostConnection
 from .execs import ExecHandling
 from .frames import FrameHandling
 from .log import log, log_exc
+from .ports import PortForwards
 from .sessiontable import SessionTable
 from .shutdown import Shutdown, ShutdownHandling
 from .transfers import FileTransfers
@@ -69,7 +71,7 @@ def _noop_handler(signum: int, frame: Any) -> None:
     """Signals are handled from the wakeup pipe in the loop, not here."""
 
 
-class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTransfers, ShutdownHandling):
+class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTransfers, PortForwards, ShutdownHandling):
     """The guest agent: serves the host over one channel, redialing it, until shut down."""
 
     def __init__(self, transport: Transport, pid1: bool) -> None:
@@ -79,6 +81,7 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
         self._init_connection(transport)
         self._init_sessions()
         self._init_files()
+        self._init_ports()
         self._init_frames()
         self._setup_signals()
 
@@ -135,6 +138,8 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
             except Exception:
                 log_exc("session on channel %d: selector update failed; ending it" % s.channel)
                 self._end_session(s, ErrorCode.INTERNAL, "agent error while serving the session")
+        if self.ports:
+            self._sync_ports(can_send)
         self._sync_conn()
         timeout = self._next_timeout(time.monotonic())
         for key, mask in self.sel.select(timeout):
@@ -142,6 +147,9 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
         now = time.monotonic()
         self._run_timers(now)
         self._finish_sessions()
+        if self.ports:
+            self._port_timers(now)
+            self._settle_ports()
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         data = key.data
@@ -166,6 +174,7 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
                 when.append(s.deadline)
             if s.grace_at is not None:
                 when.append(s.grace_at)
+        when.extend(self._port_deadlines())
         if not when:
             return None
         return min(MAX_WAIT, max(0.0, min(when) - now))

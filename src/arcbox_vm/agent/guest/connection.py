@@ -5,7 +5,7 @@ backoff while there is none; every connection starts with HELLO, which lists the
 sessions that kept running detached. Reads take up to ``CONN_READ_BUDGET`` per wakeup and
 hand the bytes to the frame handling; writes are queued on the ``Conn`` and flushed as
 the channel takes them. Losing the channel never ends an exec session: they are moved to
-the detached table (``sessiontable``) and file transfers are aborted.
+the detached table (``sessiontable``); file transfers are aborted, forwarded connections reset.
 
 The output queue is the loop's congestion signal: above ``HIGH_WATER`` sessions and file
 reads stop producing, above ``INPUT_PAUSE`` the channel is not even read (the host is not
@@ -38,7 +38,7 @@ SMALL_READ = 4096  # a virtio-serial port's buffer size
 RETRY_MIN = 0.1
 RETRY_MAX = 1.0
 FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow_control", "shutdown", "ping",
-            protocol.FEATURE_FILES, protocol.FEATURE_ATTACH]
+            protocol.FEATURE_FILES, protocol.FEATURE_ATTACH, protocol.FEATURE_PORTS]
 
 _R = selectors.EVENT_READ
 _W = selectors.EVENT_WRITE
@@ -170,6 +170,7 @@ class HostConnection:
         conn.close()
         self.conn = None
         self._abort_files("channel lost")
+        self._abort_ports("channel lost")
         live = self.got_frames
         for s in self.sessions.values():
             s.detach()

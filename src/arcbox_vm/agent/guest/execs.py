@@ -49,7 +49,7 @@ class ExecHandling:
 
     def _on_attach(self, f: Frame) -> None:
         ch = f.channel
-        if ch in self.sessions or ch in self.files:
+        if ch in self.sessions or ch in self.files or ch in self.ports:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d is attached already" % ch, ch)
         s = self.detached.pop(ch, None)
         if s is None:
@@ -60,7 +60,7 @@ class ExecHandling:
 
     def _on_exec(self, f: Frame) -> None:
         ch = f.channel
-        if ch in self.sessions or ch in self.files or ch in self.detached:
+        if ch in self.sessions or ch in self.files or ch in self.detached or ch in self.ports:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d already has a running session" % ch, ch)
         live = len(self.sessions) + len(self.detached) + len(self.abandoned)
         if live >= MAX_SESSIONS and not self._forget_finished(live - MAX_SESSIONS + 1):

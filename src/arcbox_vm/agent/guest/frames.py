@@ -4,8 +4,8 @@ Every frame the decoder yields comes through ``_handle_input``, which is where t
 robustness rule lives: a decode error, an unknown type, bad JSON or even a bug in a
 handler is answered with an ERROR on that frame's channel and the stream goes on. Frames
 are then routed by channel: channel 0 (control) is handled here (HELLO_ACK, ERROR,
-SHUTDOWN; PING on any channel), other channels go to the exec (``execs``) or file
-(``transfers``) handling.
+SHUTDOWN; PING on any channel), other channels go to the exec (``execs``), file
+(``transfers``) or port forwarding (``ports``) handling.
 
 Channels that just finished are remembered (``RECENT_CHANNELS``), so the host's frames
 that crossed our EXIT / FILE_DONE / ERROR on the wire are dropped quietly instead of
@@ -107,7 +107,7 @@ class FrameHandling:
             import pwd  # noqa: F401
             import termios  # noqa: F401
 
-            from . import fileread, filestat, filewrite, session, spawn  # noqa: F401
+            from . import fileread, filestat, filewrite, portconn, session, spawn  # noqa: F401
         except Exception:
             log_exc("warm-up imports failed")
 
@@ -122,6 +122,11 @@ class FrameHandling:
         if t in protocol.FILE_REQUEST_TYPES:
             self._on_file_request(t, f)
             return
+        if t == MsgType.PORT_CONNECT:
+            self._on_port_connect(f)
+            return
+        if self._on_port_frame(t, f):
+            return
         fs = self.files.get(ch)
         if fs is not None:
             self._on_file_frame(fs, t, f)
@@ -135,6 +140,9 @@ class FrameHandling:
         if fs is not None:
             log("channel %d: %s of %s ended by error %s: %s" % (channel, fs.kind, fs.path, code, message))
             self._end_file(fs)
+        pc = self.ports.get(channel) if channel and code != ErrorCode.CHANNEL_IN_USE else None
+        if pc is not None:
+            self._end_port(pc, hard=True)
         s = self.sessions.get(channel) if channel else None
         if s is not None and code != ErrorCode.CHANNEL_IN_USE:
             log("channel %d: ended by error %s: %s" % (channel, code, message))

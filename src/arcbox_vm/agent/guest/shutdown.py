@@ -32,6 +32,7 @@ class ShutdownHandling:
         self.stopping = True
         log("shutting down (%s)" % reason)
         self._abort_files("shutdown")
+        self._abort_ports("shutdown")
         self._flush_briefly(1.0)
         if self.pid1:
             from . import power

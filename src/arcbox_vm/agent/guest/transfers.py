@@ -37,7 +37,7 @@ class FileTransfers:
 
     def _on_file_request(self, t: MsgType, f: Frame) -> None:
         ch = f.channel
-        if ch in self.sessions or ch in self.files or ch in self.detached:
+        if ch in self.sessions or ch in self.files or ch in self.detached or ch in self.ports:
             raise ProtocolError(ErrorCode.CHANNEL_IN_USE, "channel %d is already in use" % ch, ch)
         from . import fileinfo, fileread, filestat, filewrite
 

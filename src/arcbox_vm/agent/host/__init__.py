@@ -6,6 +6,7 @@ Modules, each importing only those listed before it:
   (`ChannelHandler`, `ChannelHost`, the `ChannelTable` registry)
 - `exec_channel`: `ExecChannel` (the host end of one command, on its own channel; the client's ExecSession is another thing) and `ExitStatus`
 - `file_ops`: file transfers (`FileReader`, `DirListing`, `file_error`, ...)
+- `port_channel`: forwarded TCP connections (`PortChannel`, `splice` with a client stream)
 - `connection`: `AgentConnection` (read loop, dispatch, control frames, keepalive,
   channel numbers, the exec and file operations)
 - `listener`: `handshake` and `AgentListener`
@@ -16,6 +17,7 @@ from arcbox_vm.agent.host.connection import AgentConnection, _detached_sessions
 from arcbox_vm.agent.host.exec_channel import ExecChannel, ExitStatus
 from arcbox_vm.agent.host.file_ops import READ_COALESCE, DirListing, FileReader, file_error
 from arcbox_vm.agent.host.listener import AgentListener, handshake
+from arcbox_vm.agent.host.port_channel import PortChannel, PortClosed, splice
 
 __all__ = [
     "READ_COALESCE",
@@ -28,7 +30,10 @@ __all__ = [
     "ExecChannel",
     "ExitStatus",
     "FileReader",
+    "PortChannel",
+    "PortClosed",
     "_detached_sessions",
     "file_error",
     "handshake",
+    "splice",
 ]

@@ -30,7 +30,8 @@ from arcbox_vm.agent.host.file_ops import (
     _FileRequest,
     _FileWrite,
 )
-from arcbox_vm.errors import AgentDisconnected, AgentUnresponsive, ExecError, GuestFileError
+from arcbox_vm.agent.host.port_channel import PortChannel
+from arcbox_vm.errors import AgentDisconnected, AgentError, AgentUnresponsive, ExecError, GuestFileError
 from arcbox_vm.models import FileStat
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,28 @@ class AgentConnection:
             return await op.run(type, body)
         finally:
             self._table.remove(op)
+
+    # -- port forwarding -----------------------------------------------------------
+
+    @property
+    def supports_ports(self) -> bool:
+        return p.FEATURE_PORTS in (self.hello.get("features") or [])
+
+    async def connect_port(self, port: int) -> PortChannel:
+        """A TCP connection to 127.0.0.1:`port` inside the guest, through the agent (see
+        port_channel.py); returns once the guest connected. AgentError(code="refused") when
+        nothing listens there."""
+        if not self.supports_ports:
+            raise AgentError("the guest agent is too old to forward ports; rebuild the image "
+                             "(`arcbox-vm image build`) or re-inject the agent", code="unsupported")
+        channel = PortChannel(self, self._new_channel(), port)
+        self._table.add(channel)
+        try:
+            await channel.open()
+        except BaseException:
+            channel.close()  # the guest forgets it too, should it connect after all
+            raise
+        return channel
 
     # -- control ---------------------------------------------------------------------
 

@@ -58,8 +58,20 @@ class UpdateNetworkRequest(_message.Message):
     deny_out: CidrList
     def __init__(self, id: _Optional[str] = ..., egress: _Optional[str] = ..., allow_out: _Optional[_Union[CidrList, _Mapping]] = ..., deny_out: _Optional[_Union[CidrList, _Mapping]] = ...) -> None: ...
 
+class PortMapping(_message.Message):
+    __slots__ = ("host_addr", "host_port", "guest_port", "protocol")
+    HOST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    HOST_PORT_FIELD_NUMBER: _ClassVar[int]
+    GUEST_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    host_addr: str
+    host_port: int
+    guest_port: int
+    protocol: str
+    def __init__(self, host_addr: _Optional[str] = ..., host_port: _Optional[int] = ..., guest_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("id", "labels", "kernel", "rootfs", "boot_args", "limits", "image", "cmd", "env", "working_dir", "user", "mounts", "network", "ttl_seconds", "ssh_public_key", "initrd")
+    __slots__ = ("id", "labels", "kernel", "rootfs", "boot_args", "limits", "image", "cmd", "env", "working_dir", "user", "mounts", "network", "ttl_seconds", "ssh_public_key", "initrd", "ports")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +102,7 @@ class CreateSandboxRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SSH_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     INITRD_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     labels: _containers.ScalarMap[str, str]
     kernel: str
@@ -106,7 +119,8 @@ class CreateSandboxRequest(_message.Message):
     ttl_seconds: int
     ssh_public_key: str
     initrd: str
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel: _Optional[str] = ..., rootfs: _Optional[str] = ..., boot_args: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., image: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., ssh_public_key: _Optional[str] = ..., initrd: _Optional[str] = ...) -> None: ...
+    ports: _containers.RepeatedCompositeFieldContainer[PortMapping]
+    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel: _Optional[str] = ..., rootfs: _Optional[str] = ..., boot_args: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., image: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., ssh_public_key: _Optional[str] = ..., initrd: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ...) -> None: ...
 
 class CreateSandboxResponse(_message.Message):
     __slots__ = ("id", "ip_address", "state")
@@ -342,7 +356,7 @@ class SandboxNetwork(_message.Message):
     def __init__(self, ip_address: _Optional[str] = ..., gateway: _Optional[str] = ..., tap_name: _Optional[str] = ..., egress: _Optional[str] = ..., allow_out: _Optional[_Iterable[str]] = ..., deny_out: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SandboxInfo(_message.Message):
-    __slots__ = ("id", "state", "labels", "limits", "network", "created_at", "ready_at", "last_exited_at", "last_exit_code", "error", "vmm")
+    __slots__ = ("id", "state", "labels", "limits", "network", "created_at", "ready_at", "last_exited_at", "last_exit_code", "error", "vmm", "ports")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +375,7 @@ class SandboxInfo(_message.Message):
     LAST_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     VMM_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: str
     labels: _containers.ScalarMap[str, str]
@@ -372,7 +387,8 @@ class SandboxInfo(_message.Message):
     last_exit_code: int
     error: str
     vmm: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., network: _Optional[_Union[SandboxNetwork, _Mapping]] = ..., created_at: _Optional[int] = ..., ready_at: _Optional[int] = ..., last_exited_at: _Optional[int] = ..., last_exit_code: _Optional[int] = ..., error: _Optional[str] = ..., vmm: _Optional[str] = ...) -> None: ...
+    ports: _containers.RepeatedCompositeFieldContainer[PortMapping]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., network: _Optional[_Union[SandboxNetwork, _Mapping]] = ..., created_at: _Optional[int] = ..., ready_at: _Optional[int] = ..., last_exited_at: _Optional[int] = ..., last_exit_code: _Optional[int] = ..., error: _Optional[str] = ..., vmm: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ...) -> None: ...
 
 class ListSandboxesRequest(_message.Message):
     __slots__ = ("state", "labels")
