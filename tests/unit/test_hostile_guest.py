@@ -456,9 +456,11 @@ async def test_the_manager_is_told_why_the_guest_was_cut_off() -> None:
     from arcbox_vm.models import SandboxState
 
     events: list[dict[str, Any]] = []
+    agent_errors: list[str] = []
 
     class Ctx:
         config = type("C", (), {"agent": type("A", (), {"keepalive_interval_s": 60.0, "keepalive_timeout_s": 60.0})})
+        observers = type("O", (), {"agent_error": staticmethod(lambda sid, kind: agent_errors.append(kind))})
 
         def emit(self, sb: Any, kind: str, **attrs: Any) -> None:
             events.append({"kind": kind, **attrs})
@@ -475,8 +477,11 @@ async def test_the_manager_is_told_why_the_guest_was_cut_off() -> None:
             watch = asyncio.ensure_future(lifecycle.watch_vmm(Ctx(), sb))  # type: ignore[arg-type]
             with contextlib.suppress(ConnectionError):
                 await guest.send(p.encode_frame(p.MsgType.PONG, 0, b"?") * 5000)
+            t0 = time.monotonic()
             await asyncio.wait_for(watch, 10)
-        assert sb.state == SandboxState.FAILED and "kill" in proc.calls
+            took = time.monotonic() - t0
+        assert took < 2, took  # a guest that was cut off is not waited for (it does not power off)
+        assert sb.state == SandboxState.FAILED and "kill" in proc.calls and agent_errors == ["disconnected"]
         assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "agent_protocol_violation"
         assert "flooded the control channel" in events[-1]["error"]
 
