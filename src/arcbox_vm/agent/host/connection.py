@@ -6,13 +6,12 @@ reader task demultiplexes frames by channel number to the handlers in its `Chann
 (exec sessions, file transfers); channel 0 (control: PING/PONG, SHUTDOWN, ERROR, a
 re-announced HELLO) it answers itself. It is the `ChannelHost` its handlers send through.
 
-The guest is not trusted (see `limits`): every send has a deadline and one that misses it
-fails the connection; `close()` aborts the stream without waiting for a flush; at most
-one PONG and one HELLO_ACK are pending at a time (a PING or HELLO that arrives while its
-answer is still unsent is dropped); channel-0 frames and malformed frames are
-rate-limited (over the limit the guest is cut off with `AgentProtocolViolation`); a
-handler that finds a frame malformed ends its channel (`ProtocolViolation`, the guest is
-told with an ERROR) and the connection goes on; log lines are rate-limited.
+The guest is not trusted (see `limits`): a send that misses its deadline fails the
+connection; `close()` aborts, never waits for a flush; at most one PONG and one HELLO_ACK
+are pending (PINGs / HELLOs meanwhile are dropped); channel-0 frames and malformed frames
+are rate-limited (over the limit: cut off with `AgentProtocolViolation`); a malformed
+frame ends its channel (`ProtocolViolation`, the guest gets an ERROR); log lines are
+rate-limited.
 """
 
 from __future__ import annotations
@@ -39,23 +38,11 @@ from arcbox_vm.agent.host.file_ops import (
     _FileRequest,
     _FileWrite,
 )
-from arcbox_vm.agent.host.limits import AgentProtocolViolation, ProtocolViolation
+from arcbox_vm.agent.host.limits import AgentProtocolViolation, ProtocolViolation, _detached_sessions
 from arcbox_vm.errors import AgentDisconnected, AgentError, AgentUnresponsive, ExecError, GuestFileError
 from arcbox_vm.models import FileStat
 
 log = logging.getLogger(__name__)
-
-
-def _detached_sessions(hello: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """HELLO's "detached" list as {channel: entry}; malformed or out-of-range entries are
-    ignored (`handshake` refuses a HELLO with any, see `limits.check_hello`)."""
-    out: dict[int, dict[str, Any]] = {}
-    items = hello.get("detached")
-    for item in items[: limits.MAX_DETACHED] if isinstance(items, list) else []:
-        ch = item.get("channel") if isinstance(item, dict) else None
-        if isinstance(ch, int) and not isinstance(ch, bool) and 0 < ch <= limits.MAX_GUEST_CHANNEL:
-            out[ch] = item
-    return out
 
 
 def _hello_ack() -> bytes:

@@ -281,3 +281,15 @@ def check_hello(hello: Any) -> dict[str, Any]:
                         "tty": guest_bool(item, "tty"), "exited": guest_bool(item, "exited")})
     out["detached"] = entries
     return out
+
+
+def _detached_sessions(hello: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """HELLO's "detached" list as {channel: entry}; malformed or out-of-range entries are
+    ignored (`handshake` refuses a HELLO with any, see `check_hello`)."""
+    out: dict[int, dict[str, Any]] = {}
+    items = hello.get("detached")
+    for item in items[:MAX_DETACHED] if isinstance(items, list) else []:
+        ch = item.get("channel") if isinstance(item, dict) else None
+        if isinstance(ch, int) and not isinstance(ch, bool) and 0 < ch <= MAX_GUEST_CHANNEL:
+            out[ch] = item
+    return out
