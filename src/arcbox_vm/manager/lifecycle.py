@@ -2,7 +2,7 @@
 
 - Ready means the agent's HELLO arrived; TTL counts from ready.
 - A watcher turns an unexpected VMM exit (`vmm_exited`) or an agent that stopped answering
-  its keepalive (`agent_unresponsive`) into FAILED.
+  its keepalive (`agent_unresponsive`; `agent_protocol_violation` when it was cut off) into FAILED.
 - Stop really waits: agent shutdown, then the VMM's own stop request, then kill; it
   releases the VM, TAP and IP and keeps the record (STOPPED).
 - Remove and boot failure release everything: process, TAP, IP lease, sockets, disk copy,
@@ -141,7 +141,8 @@ def start_watchers(ctx: ManagerContext, sb: SandboxRecord) -> None:
 
 async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
     """An unexpected VMM exit (reason vmm_exited) or an agent that stopped answering
-    its keepalive (reason agent_unresponsive; the VMM is then killed) fails the sandbox."""
+    its keepalive or its channel (reason agent_unresponsive), or one the host cut off for
+    breaking the protocol (reason agent_protocol_violation) fails the sandbox; the VMM is then killed."""
     vm = sb.vm
     assert vm is not None
     a = ctx.config.agent
@@ -150,7 +151,8 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
     try:
         await asyncio.wait({exited, vm.agent.closed}, return_when=asyncio.FIRST_COMPLETED)
         frozen = vm.agent.closed.done() and isinstance(vm.agent.closed.result(), AgentUnresponsive)
-        if not exited.done() and not frozen:  # a guest that powers off closes the channel just before
+        cut_off = vm.agent.closed.done() and getattr(vm.agent.closed.result(), "code", "") == "protocol_violation"
+        if not exited.done() and not frozen and not cut_off:  # a guest that powers off closes the channel just before
             await asyncio.wait({exited}, timeout=5.0)
     finally:
         if not exited.done():
@@ -159,6 +161,9 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
         return  # stop/remove in progress: they own the outcome
     if exited.done() and not exited.cancelled():
         reason, sb.error = "vmm_exited", f"the VMM exited unexpectedly (status {exited.result()})"
+    elif cut_off:  # flooded, garbled: the host cut it off
+        reason, sb.error = "agent_protocol_violation", str(vm.agent.closed.result())  # says what it did
+        ctx.observers.agent_error(sb.id, "disconnected")
     else:
         reason, sb.error = "agent_unresponsive", f"the guest agent stopped answering: {vm.agent.closed.result()}"
         ctx.observers.agent_error(sb.id, "unresponsive" if frozen else "disconnected")

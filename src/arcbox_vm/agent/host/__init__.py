@@ -2,6 +2,8 @@
 
 Modules, each importing only those listed before it:
 
+- `limits`: what one guest may make the host do (deadlines, rates, log lines) and the
+  checks of every value the guest sends (the guest is hostile: see docs/security-host-channel.md)
 - `channels`: the interface between the connection and its channel handlers
   (`ChannelHandler`, `ChannelHost`, the `ChannelTable` registry)
 - `exec_channel`: `ExecChannel` (the host end of one command, on its own channel; the client's ExecSession is another thing) and `ExitStatus`
@@ -16,6 +18,7 @@ from arcbox_vm.agent.host.channels import ChannelHandler, ChannelHost, ChannelTa
 from arcbox_vm.agent.host.connection import AgentConnection, _detached_sessions
 from arcbox_vm.agent.host.exec_channel import ExecChannel, ExitStatus
 from arcbox_vm.agent.host.file_ops import READ_COALESCE, DirListing, FileReader, file_error
+from arcbox_vm.agent.host.limits import AgentProtocolViolation, ProtocolViolation
 from arcbox_vm.agent.host.listener import AgentListener, handshake
 from arcbox_vm.agent.host.port_channel import PortChannel, PortClosed, splice
 
@@ -23,6 +26,7 @@ __all__ = [
     "READ_COALESCE",
     "AgentConnection",
     "AgentListener",
+    "AgentProtocolViolation",
     "ChannelHandler",
     "ChannelHost",
     "ChannelTable",
@@ -32,6 +36,7 @@ __all__ = [
     "FileReader",
     "PortChannel",
     "PortClosed",
+    "ProtocolViolation",
     "_detached_sessions",
     "file_error",
     "handshake",

@@ -23,7 +23,10 @@ class ChannelHandler(Protocol):
     channel: int
 
     def _on_frame(self, frame: p.Frame) -> None:
-        """A frame from the guest on this channel (a ProtocolError is logged, not fatal)."""
+        """A frame from the guest on this channel. Raising ProtocolError (a malformed frame,
+        a value out of range) or ProtocolViolation ends this channel: the connection
+        unregisters the handler, calls `_on_disconnect` with a ProtocolViolation and tells
+        the guest with an ERROR; other channels and the connection go on."""
 
     def _on_disconnect(self, exc: BaseException) -> None:
         """The stream ended (or was given up); `exc` says why."""
@@ -33,7 +36,8 @@ class ChannelHost(Protocol):
     """The thing handlers send frames through and give their channel back to (the connection)."""
 
     async def send_frame(self, data: bytes) -> None:
-        """Send encoded frames, waiting for the stream to drain; AgentDisconnected when it is gone."""
+        """Send encoded frames, waiting for the stream to drain; AgentDisconnected when it is
+        gone (or when the guest does not take them within the connection's send deadline)."""
 
     def send_frame_nowait(self, data: bytes) -> None:
         """Queue a small frame without waiting (cleanup); nothing happens once the stream is gone."""

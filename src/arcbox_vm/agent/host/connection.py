@@ -5,6 +5,13 @@ One `AgentConnection` wraps the byte stream the VMM hands us when the guest agen
 reader task demultiplexes frames by channel number to the handlers in its `ChannelTable`
 (exec sessions, file transfers); channel 0 (control: PING/PONG, SHUTDOWN, ERROR, a
 re-announced HELLO) it answers itself. It is the `ChannelHost` its handlers send through.
+
+The guest is not trusted (see `limits`): a send that misses its deadline fails the
+connection; `close()` aborts, never waits for a flush; at most one PONG and one HELLO_ACK
+are pending (PINGs / HELLOs meanwhile are dropped); channel-0 frames and malformed frames
+are rate-limited (over the limit: cut off with `AgentProtocolViolation`); a malformed
+frame ends its channel (`ProtocolViolation`, the guest gets an ERROR); log lines are
+rate-limited.
 """
 
 from __future__ import annotations
@@ -15,48 +22,37 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from arcbox_vm.agent import protocol as p
+from arcbox_vm.agent.host import limits
 from arcbox_vm.agent.host.channels import READ_SIZE, ChannelHandler, ChannelTable
 from arcbox_vm.agent.host.exec_channel import ExecChannel
-from arcbox_vm.agent.host.file_ops import (
-    DirListing,
-    FileReader,
-    _check_request,
-    _dir_listing,
-    _file_stat,
-    _FileRequest,
-    _FileWrite,
-)
+from arcbox_vm.agent.host.file_api import FileTransfers
+from arcbox_vm.agent.host.limits import AgentProtocolViolation, ProtocolViolation, _detached_sessions
 from arcbox_vm.agent.host.port_channel import PortChannel
-from arcbox_vm.errors import AgentDisconnected, AgentError, AgentUnresponsive, ExecError, GuestFileError
-from arcbox_vm.models import FileStat
+from arcbox_vm.errors import AgentDisconnected, AgentError, AgentUnresponsive, ExecError
 
 log = logging.getLogger(__name__)
-
-
-def _detached_sessions(hello: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """HELLO's "detached" list as {channel: entry}; malformed entries are ignored."""
-    out: dict[int, dict[str, Any]] = {}
-    items = hello.get("detached")
-    for item in items if isinstance(items, list) else []:
-        ch = item.get("channel") if isinstance(item, dict) else None
-        if isinstance(ch, int) and not isinstance(ch, bool) and 0 < ch <= 0xFFFFFFFF:
-            out[ch] = item
-    return out
 
 
 def _hello_ack() -> bytes:
     return p.encode_json(p.MsgType.HELLO_ACK, 0, {"proto": p.PROTOCOL_VERSION})
 
 
-class AgentConnection:
-    """A live, handshaken channel to one guest agent."""
+class AgentConnection(FileTransfers):
+    """A live, handshaken channel to one guest agent.
+
+    `send_timeout`, the rate limits and the log limits default to `limits`' values.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: dict[str, Any],
-                 decoder: p.FrameDecoder, pending: Iterable[p.Frame | p.DecodeError] = ()) -> None:
+                 decoder: p.FrameDecoder, pending: Iterable[p.Frame | p.DecodeError] = (), *,
+                 send_timeout: float = limits.SEND_TIMEOUT,
+                 control_rate: float = limits.CONTROL_RATE, control_burst: float = limits.CONTROL_BURST,
+                 violation_rate: float = limits.VIOLATION_RATE,
+                 violation_burst: float = limits.VIOLATION_BURST) -> None:
         """`decoder` holds what was read after HELLO but not decoded yet; `pending` is what was
         decoded after it (both from the handshake's last read): dispatched before reading on."""
         self._reader = reader
@@ -68,8 +64,16 @@ class AgentConnection:
         self.detached: dict[int, dict[str, Any]] = _detached_sessions(hello)
         self._channels = itertools.count(max(self.detached, default=0) + 1)  # never a detached one's number
         self._write_lock = asyncio.Lock()
+        self.send_timeout = send_timeout
         self._pings: dict[bytes, asyncio.Future[float]] = {}
         self._shutdown_ack: asyncio.Future[None] | None = None
+        self._replies: dict[str, asyncio.Task[None]] = {}  # PONG / HELLO_ACK being sent: at most one of each
+        self.dropped_replies = 0  # PINGs / HELLOs not answered because the previous answer was still unsent
+        self._control = limits.TokenBucket(control_rate, control_burst)
+        self._violations = limits.TokenBucket(violation_rate, violation_burst)
+        self._log = limits.LogLimiter(log)
+        self._torn_down = False
+        self._keepalive: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_loop(), name="agent-reader")
 
@@ -79,25 +83,51 @@ class AgentConnection:
 
     # -- ChannelHost: what the channel handlers use -----------------------------------
 
+    def _gone(self) -> AgentDisconnected:
+        reason = self.closed.result() if self.closed.done() else None
+        return reason if isinstance(reason, AgentDisconnected) else AgentDisconnected()
+
     async def send_frame(self, data: bytes) -> None:
+        """Send encoded frames, waiting for the stream to drain.
+
+        The drain has a deadline, `send_timeout` seconds: a guest that has not taken the
+        bytes by then has stopped reading, and the connection is failed (AgentDisconnected
+        here and on every stream). Waiting for an earlier sender is not counted: that one's
+        own deadline bounds it (callers that need a shorter bound wrap the call in theirs).
+        """
         if self.closed.done():
-            raise AgentDisconnected()
+            raise self._gone()
         async with self._write_lock:
+            if self.closed.done():
+                raise self._gone()
             try:
                 self._writer.write(data)
-                await self._writer.drain()
+                async with asyncio.timeout(self.send_timeout):
+                    await self._writer.drain()
+            except TimeoutError:
+                exc = AgentUnresponsive(f"the guest agent stopped reading its channel: {len(data)} bytes could "
+                                        f"not be sent within {self.send_timeout:g} s")
+                self._fail(exc)
+                raise exc from None
             except (ConnectionError, OSError) as exc:
+                if self.closed.done():
+                    raise self._gone() from None
                 raise AgentDisconnected(f"writing to the guest agent failed: {exc}") from exc
+            if self.closed.done():  # aborted meanwhile (drain then returns quietly): maybe never sent
+                raise self._gone()
 
     def send_frame_nowait(self, data: bytes) -> None:
         """Queue a small frame without waiting (cleanup of a failed or cancelled operation).
 
         Safe next to `send_frame`: `write()` appends whole frames to the transport's buffer,
-        the lock only serialises waiting for it to drain.
+        the lock only serialises waiting for it to drain. Best effort: dropped when the
+        connection is gone or the guest is not reading (more than MAX_BUFFERED_NOWAIT queued).
         """
         if self.closed.done():
             return
         with contextlib.suppress(Exception):
+            if self._writer.transport.get_write_buffer_size() > limits.MAX_BUFFERED_NOWAIT:
+                return
             self._writer.write(data)
 
     def release_channel(self, handler: ChannelHandler) -> None:
@@ -110,11 +140,12 @@ class AgentConnection:
         try:
             pending, self._pending = self._pending, []
             self._dispatch_all(pending)
-            while True:
+            while not self.closed.done():
                 data = await self._reader.read(READ_SIZE)
                 if not data:
                     break
                 self._dispatch_all(self._decoder.feed(data))
+                await asyncio.sleep(0)  # one guest's flood never keeps the loop from the others
         except (ConnectionError, OSError) as exc:
             reason = AgentDisconnected(f"the guest agent's channel failed: {exc}")
         except asyncio.CancelledError:
@@ -128,54 +159,133 @@ class AgentConnection:
 
     def _dispatch_all(self, items: Iterable[p.Frame | p.DecodeError]) -> None:
         for item in items:
+            if self.closed.done():
+                return  # the guest was cut off by an earlier frame of this batch
             if isinstance(item, p.DecodeError):
-                log.warning("bad data from the guest agent: %s", item.message)
+                self._violation(f"bad data from the guest agent: {item.message}")
                 continue
-            self._dispatch(item)
+            try:
+                self._dispatch(item)
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not end the reader (a bug here)
+                self._log(logging.ERROR, "error handling %r from the guest agent", item, exc_info=True)
+                self._violation(f"the host could not handle {item!r}: {exc!r}")
+
+    def _violation(self, why: str) -> None:
+        """The guest sent something malformed: log it (rate-limited); too many cut it off."""
+        self._log(logging.WARNING, "%s", why)
+        if not self._violations.take():
+            self._fail(AgentProtocolViolation(
+                f"the guest agent sent more than {self._violations.burst:g} malformed frames "
+                f"(over {self._violations.rate:g} a second) and was cut off; the last: {limits.clean_text(why, 300)}"))
+
+    def _channel_violation(self, handler: ChannelHandler, frame: p.Frame, why: str,
+                           exc: ProtocolViolation | None = None) -> None:
+        """`frame` broke the protocol on `handler`'s channel: that channel ends with
+        ProtocolViolation, the guest is told with an ERROR on it (it drops the session)."""
+        if exc is None:
+            exc = ProtocolViolation(f"the guest agent broke the protocol on channel {frame.channel}: {why}")
+        self._table.remove(handler)
+        with contextlib.suppress(Exception):
+            handler._on_disconnect(exc)
+        self.send_frame_nowait(p.encode_error(frame.channel, limits.VIOLATION,
+                                              limits.clean_text(why, 200)))
+        self._violation(f"{frame!r}: {why}")
+
+    def _fail(self, reason: BaseException) -> None:
+        """Give up on the connection now: streams end with `reason`, the stream is aborted."""
+        if not self._torn_down:
+            log.warning("giving up on the guest agent: %s", reason)
+        self._teardown(reason)
+        if asyncio.current_task() is not self._reader_task:
+            self._reader_task.cancel()
 
     def _teardown(self, reason: BaseException) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
         if not self.closed.done():
             self.closed.set_result(reason)
         for handler in self._table.handlers():
-            handler._on_disconnect(reason)
+            self._table.remove(handler)
+            with contextlib.suppress(Exception):
+                handler._on_disconnect(reason)
         for fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(reason)
+                fut.exception()
         if self._shutdown_ack and not self._shutdown_ack.done():
             self._shutdown_ack.set_result(None)  # a closed channel is what shutdown looks like
+        for task in self._replies.values():
+            task.cancel()
+        self._replies.clear()
+        self._log.flush()
         with contextlib.suppress(Exception):
-            self._writer.close()
+            self._writer.transport.abort()  # never wait for a flush the guest may never allow
 
     def _dispatch(self, frame: p.Frame) -> None:
         if frame.channel != p.CONTROL_CHANNEL:
+            if frame.type == p.MsgType.PING:  # "either way, any channel"
+                if self._control_frame():
+                    self._reply("PING", p.encode_frame(p.MsgType.PONG, frame.channel, frame.payload))
+                return
             handler = self._table.get(frame.channel)
             if handler is None:
-                if frame.type not in (p.MsgType.WINDOW, p.MsgType.ERROR):
-                    log.debug("frame for unknown channel %d dropped: %r", frame.channel, frame)
-                return
+                return  # a late frame for a channel that ended (or never was): dropped
             try:
                 handler._on_frame(frame)
-            except p.ProtocolError as exc:
-                log.warning("malformed %r from the guest agent: %s", frame, exc.message)
+            except p.ProtocolError as exc:  # malformed: a bad body, a wrong type, a value out of range
+                self._channel_violation(handler, frame, exc.message)
+            except ProtocolViolation as exc:  # e.g. beyond the credit
+                self._channel_violation(handler, frame, str(exc), exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in a handler ends its channel, not the reader
+                self._log(logging.ERROR, "error handling %r from the guest agent", frame, exc_info=True)
+                self._channel_violation(handler, frame, f"the host could not handle it: {exc!r}")
+            return
+        if not self._control_frame():
             return
         if frame.type == p.MsgType.PONG:
             fut = self._pings.pop(frame.payload, None)
             if fut and not fut.done():
                 fut.set_result(time.perf_counter())
         elif frame.type == p.MsgType.PING:
-            asyncio.ensure_future(self._send_quietly(p.encode_frame(p.MsgType.PONG, 0, frame.payload)))
+            self._reply("PING", p.encode_frame(p.MsgType.PONG, 0, frame.payload))
         elif frame.type == p.MsgType.SHUTDOWN_ACK:
             if self._shutdown_ack and not self._shutdown_ack.done():
                 self._shutdown_ack.set_result(None)
         elif frame.type == p.MsgType.ERROR:
-            with contextlib.suppress(p.ProtocolError):
-                body = frame.json()
-                log.warning("guest agent error: %s: %s", body.get("code"), body.get("message"))
+            try:
+                code, msg = limits.error_body(frame.json())
+            except p.ProtocolError as exc:
+                self._violation(f"malformed ERROR from the guest agent: {exc.message}")
+                return
+            self._log(logging.WARNING, "guest agent error: %s: %r", code, msg[:500])
         elif frame.type == p.MsgType.HELLO:
-            log.info("guest agent re-announced itself: %s", frame.payload[:200])
-            asyncio.ensure_future(self._send_quietly(_hello_ack()))
+            self._log(logging.INFO, "guest agent re-announced itself: %r", frame.payload[:200])
+            self._reply("HELLO", _hello_ack())
         else:
-            log.debug("unexpected control frame %r", frame)
+            self._violation(f"unexpected control frame from the guest agent: {frame!r}")
+
+    def _control_frame(self) -> bool:
+        """Count one control frame against the rate limit; False (and the guest is cut off) when over."""
+        if self._control.take():
+            return True
+        self._fail(AgentProtocolViolation(
+            f"the guest agent flooded the control channel (more than {self._control.burst:g} frames at once, "
+            f"over {self._control.rate:g} a second) and was cut off"))
+        return False
+
+    def _reply(self, kind: str, data: bytes) -> None:
+        """Answer a PING or HELLO (`kind`) — unless the previous answer to that kind is still
+        being sent (the guest is not reading): then this one is dropped. So at most one
+        task, holding at most one frame, per kind."""
+        task = self._replies.get(kind)
+        if task is not None and not task.done():
+            self.dropped_replies += 1
+            if self.dropped_replies & (self.dropped_replies - 1) == 0:  # 1, 2, 4, 8, ...: a few lines in all
+                self._log(logging.WARNING, "the guest agent sends %s faster than it reads the answers; "
+                          "%d dropped so far", kind, self.dropped_replies)
+            return
+        self._replies[kind] = asyncio.create_task(self._send_quietly(data), name="agent-reply")
 
     async def _send_quietly(self, data: bytes) -> None:
         with contextlib.suppress(AgentDisconnected):
@@ -184,12 +294,17 @@ class AgentConnection:
     # -- channel numbers -------------------------------------------------------------
 
     def _new_channel(self) -> int:
-        return next(self._channels)
+        ch = next(self._channels)
+        if ch > limits.MAX_CHANNEL:
+            self._channels = itertools.count(limits.MAX_CHANNEL + 1)
+            raise AgentError("this connection to the guest agent has used up its channel numbers; "
+                             "restart the sandbox", code="exhausted")
+        return ch
 
     def reserve_channels(self, up_to: int) -> None:
         """Never hand out channel numbers <= `up_to` (they name earlier commands, e.g. in a
         state database that outlived the previous connection)."""
-        nxt = self._new_channel()
+        nxt = next(self._channels)
         self._channels = itertools.count(max(nxt, up_to + 1))
 
     @property
@@ -236,78 +351,6 @@ class AgentConnection:
         self.detached.pop(channel, None)
         return session
 
-    # -- files -----------------------------------------------------------------------
-
-    @property
-    def supports_files(self) -> bool:
-        return p.FEATURE_FILES in (self.hello.get("features") or [])
-
-    def _require_files(self) -> None:
-        if not self.supports_files:
-            raise GuestFileError("the guest agent is too old for file transfer; rebuild the image "
-                                 "(`arcbox-vm image build`) or re-inject the agent")
-
-    async def write_file(self, path: str, chunks: AsyncIterable[bytes], *, mode: int = 0o644, uid: int = 0,
-                         gid: int = 0, make_parents: bool = False, size: int | None = None,
-                         max_bytes: int = 0) -> int:
-        """Stream `chunks` into the guest file `path` (atomically replaced); returns bytes written.
-
-        The guest writes to a temporary file next to `path` and renames it into place after
-        fsync; any failure (guest error, an exception from `chunks`, cancellation, a lost
-        channel) removes the temporary file. `max_bytes` > 0 aborts with FileTooLarge once
-        more than that many bytes came from `chunks`. Memory: one 64 KiB frame at a time.
-        """
-        self._require_files()
-        body = p.file_write_request(path, mode, uid, gid, make_parents, size)
-        _check_request(p.MsgType.FILE_WRITE, body)
-        op = _FileWrite(self, self._new_channel(), path)
-        self._table.add(op)
-        try:
-            return await op.run(body, chunks, size=size, max_bytes=max_bytes)
-        finally:
-            self._table.remove(op)
-
-    async def read_file(self, path: str, *, max_bytes: int = 0) -> FileReader:
-        """Open the guest file `path` for streaming: returns once the guest opened it.
-
-        Iterate the reader for bytes chunks; `aclose()` (or `async with`) aborts early.
-        `max_bytes` > 0 refuses (FileTooLarge) a file announced or found to be larger.
-        """
-        self._require_files()
-        body = {"path": path}
-        _check_request(p.MsgType.FILE_READ, body)
-        reader = FileReader(self, self._new_channel(), path, max_bytes)
-        self._table.add(reader)
-        await reader._open(body)
-        return reader
-
-    async def stat(self, path: str, *, follow_symlinks: bool = True) -> FileStat:
-        """What the guest says about `path` (lstat when follow_symlinks is false)."""
-        body = await self._file_request(p.MsgType.FILE_STAT, {"path": path, "follow_symlinks": follow_symlinks},
-                                        p.MsgType.FILE_STAT_RESULT, path)
-        return _file_stat(body, path)
-
-    async def list_dir(self, path: str, *, limit: int = 0) -> DirListing:
-        """The entries of the guest directory `path`, sorted by name (not following symlinks).
-
-        At most `limit` (0 = the protocol's maximum) entries; `.truncated` says some were left out.
-        """
-        req: dict[str, Any] = {"path": path}
-        if limit:
-            req["limit"] = limit
-        body = await self._file_request(p.MsgType.FILE_LIST, req, p.MsgType.FILE_LIST_RESULT, path)
-        return _dir_listing(body, path)
-
-    async def _file_request(self, type: int, body: dict[str, Any], reply: int, path: str) -> dict[str, Any]:
-        self._require_files()
-        _check_request(type, body)
-        op = _FileRequest(self, self._new_channel(), path, reply)
-        self._table.add(op)
-        try:
-            return await op.run(type, body)
-        finally:
-            self._table.remove(op)
-
     # -- port forwarding -----------------------------------------------------------
 
     @property
@@ -333,26 +376,30 @@ class AgentConnection:
     # -- control ---------------------------------------------------------------------
 
     async def ping(self, timeout: float = 5.0) -> float:
-        """Round trip to the agent in seconds."""
+        """Round trip to the agent in seconds; TimeoutError after `timeout` seconds whatever
+        the guest does (sending the PING counts against it too)."""
         token = os.urandom(8)
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[token] = fut
         start = time.perf_counter()
         try:
-            await self.send_frame(p.encode_frame(p.MsgType.PING, 0, token))
-            end = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await self.send_frame(p.encode_frame(p.MsgType.PING, 0, token))
+                end = await fut
         finally:
             self._pings.pop(token, None)
         return end - start
 
     async def shutdown(self, action: str = "reboot", timeout: float = 5.0) -> bool:
-        """Ask the agent to stop everything and halt the VM. True if it acknowledged."""
+        """Ask the agent to stop everything and halt the VM. True if it acknowledged (or the
+        channel closed); False after `timeout` seconds whatever the guest does."""
         self._shutdown_ack = asyncio.get_running_loop().create_future()
         try:
-            await self.send_frame(p.encode_json(p.MsgType.SHUTDOWN, 0, {"action": action}))
-            await asyncio.wait_for(self._shutdown_ack, timeout)
+            async with asyncio.timeout(timeout):
+                await self.send_frame(p.encode_json(p.MsgType.SHUTDOWN, 0, {"action": action}))
+                await self._shutdown_ack
             return True
-        except (AgentDisconnected, asyncio.TimeoutError):
+        except (AgentDisconnected, TimeoutError):
             return False
 
     def start_keepalive(self, interval: float, timeout: float) -> None:
@@ -365,22 +412,21 @@ class AgentConnection:
             await asyncio.sleep(interval)
             try:
                 await self.ping(timeout)
-            except asyncio.TimeoutError:
-                log.warning("the guest agent did not answer a ping for %.0f s; giving up on it", timeout)
-                self._teardown(AgentUnresponsive(f"the guest agent did not answer for {timeout:.0f} s "
-                                                 "(the VM is frozen or overloaded)"))
-                self._reader_task.cancel()
+            except TimeoutError:
+                self._fail(AgentUnresponsive(f"the guest agent did not answer for {timeout:.0f} s "
+                                             "(the VM is frozen or overloaded)"))
                 return
             except AgentDisconnected:
                 return
 
     async def close(self) -> None:
-        keepalive = getattr(self, "_keepalive", None)
-        if keepalive is not None:
-            keepalive.cancel()
+        """Drop the connection now: the stream is aborted (what is still unsent is lost; never
+        waits for the guest to read it), streams end with AgentDisconnected."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._teardown(AgentDisconnected("the connection to the guest agent was closed by the host"))
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader_task
         with contextlib.suppress(Exception):
-            self._writer.close()
-            await self._writer.wait_closed()
+            await asyncio.wait_for(self._writer.wait_closed(), limits.CLOSE_TIMEOUT)

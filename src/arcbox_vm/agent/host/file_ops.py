@@ -13,11 +13,13 @@ import collections
 import contextlib
 import logging
 import posixpath
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 from arcbox_vm.agent import protocol as p
+from arcbox_vm.agent.host import limits
 from arcbox_vm.agent.host.channels import ChannelHost
+from arcbox_vm.agent.host.limits import ProtocolViolation
 from arcbox_vm.errors import (
     AgentDisconnected,
     AgentError,
@@ -33,6 +35,7 @@ from arcbox_vm.models import FileStat
 log = logging.getLogger(__name__)
 
 READ_COALESCE = 1 << 20  # a FileReader joins queued frames into chunks of up to this many bytes
+SMALL_FRAME = 4096  # FILE_DATA frames smaller than this are joined as they arrive (bounds the count of queued objects)
 
 
 class DirListing(list):
@@ -42,9 +45,10 @@ class DirListing(list):
 
 
 def file_error(body: dict[str, Any], path: str) -> Exception:
-    """The exception for a guest ERROR about a file operation (`.code` holds the guest's code)."""
-    code = str(body.get("code", p.ErrorCode.INTERNAL))
-    msg = str(body.get("message", "")) or f"the guest agent refused the operation on {path} ({code})"
+    """The exception for a guest ERROR about a file operation (`.code` holds the guest's code;
+    code and message are checked and bounded, see `limits.error_body`)."""
+    code, msg = limits.error_body(body)
+    msg = msg or f"the guest agent refused the operation on {path} ({code})"
     exc: Exception
     if code == p.ErrorCode.NOT_FOUND:
         exc = GuestFileNotFound(msg, path)
@@ -73,25 +77,24 @@ def _check_request(type: int, body: dict[str, Any]) -> None:
 
 
 def _file_stat(body: Any, path: str) -> FileStat:
-    if not isinstance(body, dict):
-        raise AgentError("the guest agent sent a malformed file description")
-    try:
-        return FileStat(path=str(body.get("path") or path), name=str(body.get("name", "")),
-                        type=str(body.get("type", "other")), size=int(body.get("size", 0)),
-                        mode=int(body.get("mode", 0)), uid=int(body.get("uid", 0)), gid=int(body.get("gid", 0)),
-                        mtime=float(body.get("mtime", 0.0)), link_target=str(body.get("link_target", "")))
-    except (TypeError, ValueError) as exc:
-        raise AgentError(f"the guest agent sent a malformed file description: {exc}") from None
+    """A stat object from the guest as a FileStat (every field checked: ProtocolError)."""
+    f = limits.stat_fields(body)
+    f["path"] = f["path"] or path
+    return FileStat(**f)
 
 
 def _dir_listing(body: dict[str, Any], path: str) -> DirListing:
-    """A FILE_LIST_RESULT body as a DirListing of the directory `path`."""
+    """A FILE_LIST_RESULT body as a DirListing of the directory `path` (checked: ProtocolError)."""
     entries = body.get("entries")
-    if not isinstance(entries, list):
-        raise AgentError("the guest agent sent a malformed directory listing")
-    listing = DirListing(_file_stat(e, posixpath.join(path, str(e.get("name", "")))) for e in entries
-                         if isinstance(e, dict))
-    listing.truncated = bool(body.get("truncated"))
+    if not isinstance(entries, list) or len(entries) > p.LIST_LIMIT:
+        raise p.ProtocolError(p.ErrorCode.BAD_REQUEST,
+                              f"entries must be a list of at most {p.LIST_LIMIT} stat objects")
+    listing = DirListing()
+    for e in entries:
+        f = limits.stat_fields(e)
+        f["path"] = posixpath.join(path, f["name"])
+        listing.append(FileStat(**f))
+    listing.truncated = limits.guest_bool(body, "truncated")
     return listing
 
 
@@ -115,46 +118,45 @@ class _FileOp:
             self._host.send_frame_nowait(p.encode_error(self.channel, p.ErrorCode.CANCELLED,
                                                         "the host cancelled the transfer"))
 
-    def _body(self, frame: p.Frame) -> dict[str, Any] | None:
-        try:
-            return frame.json()
-        except p.ProtocolError as exc:
-            self._fail(AgentError(f"the guest agent sent a malformed {frame!r}: {exc.message}"))
-            return None
+    def _body(self, frame: p.Frame) -> dict[str, Any]:
+        """The frame's JSON body; bad JSON raises ProtocolError (the connection ends the
+        channel with ProtocolViolation)."""
+        return frame.json()
 
     def _fail(self, exc: BaseException) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
 
 class _FileRequest(_FileOp):
-    """FILE_STAT / FILE_LIST: one request, one answer."""
+    """FILE_STAT / FILE_LIST: one request, one answer, checked by `parse` as it arrives."""
 
-    def __init__(self, host: ChannelHost, channel: int, path: str, reply: int) -> None:
+    def __init__(self, host: ChannelHost, channel: int, path: str, reply: int,
+                 parse: Callable[[dict[str, Any], str], Any]) -> None:
         super().__init__(host, channel, path)
         self.reply = reply
-        self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.parse = parse
+        self.result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-    async def run(self, type: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Send the request; returns the answer's body (raises the guest's error)."""
+    async def run(self, type: int, body: dict[str, Any]) -> Any:
+        """Send the request; returns the parsed answer (raises the guest's error)."""
         await self._host.send_frame(p.encode_json(type, self.channel, body))
         return await self.result
 
     def _on_frame(self, frame: p.Frame) -> None:
         if frame.type == self.reply:
-            body = self._body(frame)
-            if body is not None and not self.result.done():
-                self.result.set_result(body)
+            result = self.parse(self._body(frame), self.path)
+            if not self.result.done():
+                self.result.set_result(result)
             self._finish()
         elif frame.type == p.MsgType.ERROR:
-            body = self._body(frame)
-            if body is not None:
-                self._fail(file_error(body, self.path))
+            self._fail(file_error(self._body(frame), self.path))
         else:
-            log.warning("unexpected %r on file channel %d", frame, self.channel)
+            raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, f"{frame!r} is not valid on this file channel")
 
     def _fail(self, exc: BaseException) -> None:
         if not self.result.done():
             self.result.set_exception(exc)
+            self.result.exception()  # retrieved: `run` may have been cancelled already
         self._finish()
 
     def _on_disconnect(self, exc: BaseException) -> None:
@@ -205,29 +207,23 @@ class _FileWrite(_FileOp):
     def _on_frame(self, frame: p.Frame) -> None:
         t = frame.type
         if t == p.MsgType.WINDOW:
-            try:
-                self.credit += p.decode_window(frame.payload)
-            except p.ProtocolError as exc:
-                self._fail(AgentError(f"the guest agent sent a malformed WINDOW: {exc.message}"))
-                return
+            self.credit += p.decode_window(frame.payload)
             self._credit_event.set()
         elif t == p.MsgType.FILE_READY:
-            if self._body(frame) is not None and not self.ready.done():
+            self._body(frame)
+            if not self.ready.done():
                 self.ready.set_result(self.path)
         elif t == p.MsgType.FILE_DONE:
-            body = self._body(frame)
-            if body is not None:
-                if not self.ready.done():
-                    self.ready.set_result(self.path)
-                if not self.done.done():
-                    self.done.set_result(int(body.get("size", 0)))
-                self._finish()
+            size = limits.guest_int(self._body(frame), "size", 0, limits.MAX_FILE_SIZE, 0)
+            if not self.ready.done():
+                self.ready.set_result(self.path)
+            if not self.done.done():
+                self.done.set_result(size)
+            self._finish()
         elif t == p.MsgType.ERROR:
-            body = self._body(frame)
-            if body is not None:
-                self._fail(file_error(body, self.path))
+            self._fail(file_error(self._body(frame), self.path))
         else:
-            log.warning("unexpected %r on file channel %d", frame, self.channel)
+            raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, f"{frame!r} is not valid on a file write channel")
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -273,7 +269,7 @@ class FileReader:
         self.size = 0
         self.info: FileStat | None = None
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[bytes | bytearray] = collections.deque()
         self._event = asyncio.Event()
         self._granted = p.INITIAL_WINDOW  # credit given to the guest, in total
         self._received = 0
@@ -300,19 +296,24 @@ class FileReader:
     def _on_frame(self, frame: p.Frame) -> None:
         t = frame.type
         if t == p.MsgType.FILE_DATA:
-            self._received += len(frame.payload)
+            n = len(frame.payload)
+            self._received += n
             if self._received > self._granted:
-                self._fail(AgentError(f"the guest agent sent more of {self.path} than the window allows; "
-                                      "transfer aborted", code=p.ErrorCode.BAD_REQUEST), tell_guest=True)
-                return
-            self._queue.append(frame.payload)
+                raise ProtocolViolation(f"the guest agent sent more of {self.path} than the window allows "
+                                        f"({self._received - self._granted} bytes beyond the credit); "
+                                        "transfer aborted")
+            if not n:
+                return  # an empty frame carries nothing (and must cost nothing)
+            tail = self._queue[-1] if self._queue else None
+            if n < SMALL_FRAME and isinstance(tail, bytearray) and len(tail) + n <= SMALL_FRAME:
+                tail += frame.payload  # small frames are joined: a window of 1-byte frames stays a window
+            else:
+                self._queue.append(bytearray(frame.payload) if n < SMALL_FRAME else frame.payload)
             self._event.set()
         elif t == p.MsgType.FILE_INFO:
-            try:
-                self.info = _file_stat(frame.json(), self.path)
-            except (p.ProtocolError, AgentError) as exc:
-                self._fail(AgentError(f"the guest agent sent a malformed FILE_INFO: {exc}"), tell_guest=True)
-                return
+            if self.info is not None:
+                raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, "FILE_INFO twice")
+            self.info = _file_stat(frame.json(), self.path)
             self.size = self.info.size
             if not self._opened.done():
                 self._opened.set_result(None)
@@ -327,12 +328,12 @@ class FileReader:
                 body = {}
             self._fail(file_error(body, self.path))
         else:
-            log.warning("unexpected %r on file channel %d", frame, self.channel)
+            raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, f"{frame!r} is not valid on a file read channel")
 
     def _on_disconnect(self, exc: BaseException) -> None:
         self._fail(exc)
 
-    def _fail(self, exc: BaseException, tell_guest: bool = False) -> None:
+    def _fail(self, exc: BaseException) -> None:
         if self._error is None and not self._eof:
             self._error = exc
         if not self._opened.done():
@@ -340,9 +341,6 @@ class FileReader:
             self._opened.exception()
         self._queue.clear()
         self._event.set()
-        if tell_guest and not self.finished:
-            self._host.send_frame_nowait(p.encode_error(self.channel, p.ErrorCode.CANCELLED,
-                                                        "transfer aborted by the host"))
         self._unregister()
 
     def _unregister(self) -> None:
@@ -351,7 +349,7 @@ class FileReader:
 
     # -- consumer side ---------------------------------------------------------------
 
-    def __aiter__(self) -> "FileReader":
+    def __aiter__(self) -> FileReader:
         return self
 
     async def __anext__(self) -> bytes:
@@ -367,7 +365,7 @@ class FileReader:
         while self._queue and total + len(self._queue[0]) <= READ_COALESCE:
             total += len(self._queue[0])
             parts.append(self._queue.popleft())
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         self._delivered += total
         if self.max_bytes and self._delivered > self.max_bytes:
             await self.aclose()
@@ -399,7 +397,7 @@ class FileReader:
         if not self._opened.done():
             self._opened.cancel()
 
-    async def __aenter__(self) -> "FileReader":
+    async def __aenter__(self) -> FileReader:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,26 +1,37 @@
 """The start of an agent channel: the Unix socket the VMM connects to, and the handshake.
 
 The agent dials the host (the host listens first, so there is no connect race). On a
-fresh stream the agent says HELLO with its protocol version; the host checks it,
-answers HELLO_ACK and hands the stream to an `AgentConnection`.
+fresh stream the agent says HELLO with its protocol version; the host checks it (and
+every field of it, see `limits.check_hello`), answers HELLO_ACK and hands the stream to
+an `AgentConnection`.
+
+One VM has one agent connection: while the one `accept` returned is alive, further
+connections are closed at once; while none is (booting, re-adopting, or after the live
+one dropped) at most `MAX_WAITING` wait to be accepted and the rest are closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from arcbox_vm.agent import protocol as p
+from arcbox_vm.agent.host import limits
 from arcbox_vm.agent.host.channels import READ_SIZE
 from arcbox_vm.agent.host.connection import AgentConnection, _hello_ack
 from arcbox_vm.errors import AgentDisconnected, AgentError, BootFailed
 
+log = logging.getLogger(__name__)
+
+MAX_WAITING = 2  # connections that may wait for `accept` (a QEMU chardev reconnect, a re-dial); more are closed
+
 
 async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> AgentConnection:
-    """Wait for the agent's HELLO on a fresh stream, check its version, acknowledge it."""
+    """Wait for the agent's HELLO on a fresh stream, check its version and fields, acknowledge it."""
     decoder = p.FrameDecoder()
     while True:
         data = await reader.read(READ_SIZE)
@@ -35,17 +46,32 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
             except p.ProtocolError:
                 continue
             proto = hello.get("proto")
-            if proto not in p.SUPPORTED_VERSIONS:
+            if not isinstance(proto, int) or isinstance(proto, bool) or proto not in p.SUPPORTED_VERSIONS:
+                shown = limits.clean_text(repr(proto), 40)
                 writer.write(p.encode_error(0, p.ErrorCode.VERSION,
-                                            f"host supports protocol {sorted(p.SUPPORTED_VERSIONS)}, agent sent {proto!r}"))
-                await writer.drain()
+                                            f"host supports protocol {sorted(p.SUPPORTED_VERSIONS)}, agent sent {shown}"))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.drain(), limits.SEND_TIMEOUT)
                 raise AgentError(
-                    f"the guest agent speaks protocol {proto!r}, this host supports {sorted(p.SUPPORTED_VERSIONS)}: "
+                    f"the guest agent speaks protocol {shown}, this host supports {sorted(p.SUPPORTED_VERSIONS)}: "
                     "rebuild the image (`arcbox-vm image build`) or re-inject the agent", code="version")
+            try:
+                hello = limits.check_hello(hello)
+            except p.ProtocolError as exc:
+                writer.write(p.encode_error(0, p.ErrorCode.BAD_REQUEST, f"HELLO refused: {exc.message}"))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.drain(), limits.SEND_TIMEOUT)
+                raise AgentError(f"the guest agent's HELLO is malformed ({exc.message}); refused",
+                                 code=limits.VIOLATION) from None
             writer.write(_hello_ack())
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), limits.SEND_TIMEOUT)
             # frames that arrived in the same read as HELLO are the connection's first ones
             return AgentConnection(reader, writer, hello, decoder, pending=items[i + 1:])
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.transport.abort()
 
 
 class AgentListener:
@@ -59,6 +85,9 @@ class AgentListener:
         self.path = path
         self._server: asyncio.AbstractServer | None = None
         self._conns: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        self._live: AgentConnection | None = None  # the connection `accept` returned last
+        self.refused = 0  # connections closed at once (one agent connection per VM)
+        self._log = limits.LogLimiter(log)
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -68,7 +97,18 @@ class AgentListener:
         os.chmod(self.path, 0o600)
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conns.put_nowait((reader, writer))
+        live = self._live
+        if live is not None and not live.closed.done():
+            why = "the agent is connected already"
+        elif self._conns.qsize() >= MAX_WAITING:
+            why = f"{MAX_WAITING} connections wait already"
+        else:
+            self._conns.put_nowait((reader, writer))
+            return
+        self.refused += 1
+        _abort(writer)
+        self._log(logging.WARNING, "closed an extra connection to the agent socket %s: %s (%d so far)",
+                  self.path.name, why, self.refused)
 
     async def accept(self, timeout: float, vmm_exit: asyncio.Future[Any] | None = None,
                      describe_exit: Any = None) -> AgentConnection:
@@ -97,13 +137,19 @@ class AgentListener:
                                          return_when=asyncio.FIRST_COMPLETED)
             if hs in done:
                 try:
-                    return hs.result()
-                except AgentDisconnected:
+                    conn = hs.result()
+                except (TimeoutError, AgentDisconnected):
+                    _abort(writer)
                     continue  # e.g. QEMU reconnecting; wait for the next connection
+                except BaseException:
+                    _abort(writer)
+                    raise
+                self._live = conn
+                return conn
             hs.cancel()
             with contextlib.suppress(BaseException):
                 await hs
-            writer.close()
+            _abort(writer)
             if vmm_exit is not None and vmm_exit in done:
                 raise BootFailed(describe_exit() if callable(describe_exit) else "the VMM exited during boot")
 
@@ -115,7 +161,8 @@ class AgentListener:
             self._server = None
         while not self._conns.empty():
             _, w = self._conns.get_nowait()
-            w.close()
+            _abort(w)
+        self._log.flush()
         if unlink:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
