@@ -3,7 +3,7 @@
 Modules, each importing only those listed before it:
 
 - `limits`: what one guest may make the host do (deadlines, rates, log lines) and the
-  checks of every value the guest sends (the guest is hostile: see docs/security-host-channel.md)
+  checks of every value the guest sends (the guest is hostile: see docs/SECURITY.md)
 - `channels`: the interface between the connection and its channel handlers
   (`ChannelHandler`, `ChannelHost`, the `ChannelTable` registry)
 - `exec_channel`: `ExecChannel` (the host end of one command, on its own channel; the client's ExecSession is another thing) and `ExitStatus`

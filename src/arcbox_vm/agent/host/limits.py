@@ -3,7 +3,7 @@
 The code in a sandbox is root in its guest: it can replace or freeze the agent and speak
 on its channel. So every byte from the guest is input from an attacker, and this module
 holds the numbers that keep one guest from costing the daemon more than a bounded share
-of memory, time and log space (docs/security-host-channel.md describes them):
+of memory, time and log space (docs/SECURITY.md, "The agent channel", describes them):
 
 - sends to the guest have a deadline (`SEND_TIMEOUT`); one that cannot finish fails the
   connection (the guest stopped reading);
