@@ -37,6 +37,8 @@ _EXPORTS = {
     "SandboxState": "arcbox_vm.models",
     "OutputChunk": "arcbox_vm.models",
     "ExecInfo": "arcbox_vm.models",
+    "RestoreSandboxSpec": "arcbox_vm.models",
+    "CheckpointInfo": "arcbox_vm.models",
     "ArcboxError": "arcbox_vm.errors",
     "ConfigError": "arcbox_vm.errors",
     "SandboxError": "arcbox_vm.errors",
@@ -48,6 +50,8 @@ _EXPORTS = {
     "BootFailed": "arcbox_vm.errors",
     "AgentError": "arcbox_vm.errors",
     "ExecError": "arcbox_vm.errors",
+    "CheckpointNotFound": "arcbox_vm.errors",
+    "SnapshotsUnsupported": "arcbox_vm.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -97,6 +97,17 @@ class InvalidState(SandboxError):
         super().__init__(f"sandbox {sandbox_id!r} is {state}; {wanted}")
 
 
+class CheckpointNotFound(SandboxError):
+    def __init__(self, snapshot_id: str) -> None:
+        self.snapshot_id = snapshot_id
+        super().__init__(f"no checkpoint with id {snapshot_id!r}; list them with list_checkpoints() / "
+                         "`arcbox-vm snapshot ls`")
+
+
+class SnapshotsUnsupported(VmmError):
+    """The VMM (or this VM) cannot pause, checkpoint or restore (message says why)."""
+
+
 class ExecNotFound(SandboxError):
     def __init__(self, sandbox_id: str, exec_id: str) -> None:
         self.sandbox_id = sandbox_id

@@ -26,6 +26,7 @@ class SandboxState(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    PAUSED = "paused"  # not running the guest (pause_sandbox); in memory or saved to disk
 
     def __str__(self) -> str:
         return self.value
@@ -272,6 +273,52 @@ class SandboxSpec(BaseModel):
         return v
 
 
+class RestoreSandboxSpec(BaseModel):
+    """A new sandbox from a checkpoint: its own id, IP, TAP, MAC and copy of the disk.
+
+    It continues the checkpointed sandbox (files, processes, the default env/user/working
+    dir of its commands); `env` is merged over those defaults. `network` None keeps the
+    checkpointed sandbox's mode (the only one a restore can have: the saved machine has
+    that network device or not). ttl_seconds > 0 removes it that long after it is ready.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    snapshot_id: str
+    id: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    ttl_seconds: int = Field(0, ge=0)
+    network: SandboxNetworkSpec | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        return SandboxSpec._id(v)  # type: ignore[operator]
+
+    @field_validator("snapshot_id")
+    @classmethod
+    def _snapshot_id(cls, v: str) -> str:
+        if not SANDBOX_ID_RE.match(v or ""):
+            raise ValueError("snapshot ids are 1-63 characters of letters, digits and '-'")
+        return v
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint (snapshot) of a sandbox: memory, device state and disk.
+
+    in_use: sandboxes restored from it whose memory is still mapped from its files (they
+    keep the files alive after a delete)."""
+
+    snapshot_id: str
+    name: str
+    sandbox_id: str
+    created_at: float
+    size_bytes: int
+    in_use: int = 0
+
+
 @dataclass(frozen=True)
 class SandboxNetworkInfo:
     """A sandbox's address and its egress policy as applied (see SandboxNetworkSpec)."""
@@ -340,7 +387,7 @@ class ExecInfo:
 @dataclass(frozen=True)
 class SandboxEvent:
     """A lifecycle event. action: created, ready, running, idle, stopping, stopped, failed,
-    removed — or "lagged" (this subscriber missed `attributes["missed"]` events, which
+    removed, paused, resumed, checkpointed — or "lagged" (this subscriber missed `attributes["missed"]` events, which
     happens only when it fell behind the retained part of the event log)."""
 
     sandbox_id: str

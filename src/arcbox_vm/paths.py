@@ -28,10 +28,30 @@ def runtime_dir() -> Path:
     return Path(xdg) / "arcbox-vm" if xdg else Path(f"/tmp/arcbox-vm-{os.getuid()}")
 
 
+def memory_root() -> Path:
+    """Guest memory files: `$ARCBOX_VM_MEMORY_DIR`, else /dev/shm/arcbox-vm (root) or
+    /dev/shm/arcbox-vm-<uid>: a memory-backed filesystem, so a VM's RAM in a file there
+    costs no disk writes."""
+    env = os.environ.get("ARCBOX_VM_MEMORY_DIR")
+    if env:
+        return Path(env)
+    return Path("/dev/shm/arcbox-vm" if os.geteuid() == 0 else f"/dev/shm/arcbox-vm-{os.getuid()}")
+
+
+def memory_dir(workdir: Path) -> Path:
+    """The per-VM directory for guest memory files belonging to `workdir` (derived like
+    `socket_dir`, so start-up clean-up finds it from the workdir alone)."""
+    return memory_root() / _workdir_hash(workdir)
+
+
+def _workdir_hash(workdir: Path) -> str:
+    return hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
+
+
 def socket_dir(workdir: Path) -> Path:
     """The per-VM socket directory belonging to `workdir` (short, derived, so it can be
     found again from the workdir alone, e.g. by start-up clean-up)."""
-    return runtime_dir() / hashlib.sha1(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
+    return runtime_dir() / _workdir_hash(workdir)
 
 
 def manager_tag(data_dir: Path) -> str:

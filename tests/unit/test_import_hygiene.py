@@ -304,7 +304,7 @@ BEING_SPLIT: dict[str, str] = {}
 
 # Agreed exceptions, each with its own ceiling: {module: (max lines, why)}.
 SIZE_EXCEPTIONS = {
-    "arcbox_vm.agent.protocol": (560, "the wire protocol is ONE module shared by host and guest (a project rule); "
+    "arcbox_vm.agent.protocol": (570, "the wire protocol is ONE module shared by host and guest (a project rule); "
                                       "about 90 of its lines are the protocol's specification"),
 }
 

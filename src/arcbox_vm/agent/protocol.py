@@ -43,6 +43,10 @@ is answered with ERROR no_such_channel (or channel_in_use). Bytes that were in f
 when the old channel broke (queued in the agent or the VMM, unread by the dead host) are
 lost; everything produced after that is delivered.
 
+Snapshots (feature "reinit"): a restored VM's agent gets HELLO_AGAIN until it treats the stream
+as new (sessions detached, a HELLO listing them), then REINIT {time, entropy, hostname, ip, mac},
+answered REINIT_DONE {errors} once the guest has its own clock, RNG state and address.
+
 File transfer (channel N > 0, feature "files" in HELLO; frame types 0x30-0x3F): the host
 opens a channel with FILE_WRITE, FILE_READ, FILE_STAT or FILE_LIST. Requests carry absolute
 ``path`` strings (no NUL) and optional ``uid``/``gid`` (default 0): the agent performs the
@@ -136,6 +140,9 @@ class MsgType(enum.IntEnum):
     ERROR = 0x05  # either way JSON {"code", "message"}; channel N>0 ends that session
     SHUTDOWN = 0x06  # host->guest JSON {"action": "poweroff"|"reboot"}; guest answers SHUTDOWN_ACK then halts
     SHUTDOWN_ACK = 0x07  # guest->host, empty
+    HELLO_AGAIN = 0x08  # host->guest, empty: a new host is behind this stream; say HELLO again
+    REINIT = 0x09  # host->guest JSON {"time", "entropy", "hostname", "ip", "mac"} (all optional)
+    REINIT_DONE = 0x0A  # guest->host JSON {"errors": [str]}
 
     # --- exec sessions (channel N > 0, chosen by the host, unique per connection) ---
     EXEC = 0x10  # host->guest JSON ExecRequest (see exec_request())
@@ -179,6 +186,7 @@ JSON_TYPES = frozenset(
         MsgType.HELLO_ACK,
         MsgType.ERROR,
         MsgType.SHUTDOWN,
+        MsgType.REINIT, MsgType.REINIT_DONE,
         MsgType.EXEC,
         MsgType.ATTACH,
         MsgType.STARTED,
@@ -202,6 +210,8 @@ FILE_REQUEST_TYPES = frozenset({MsgType.FILE_WRITE, MsgType.FILE_READ, MsgType.F
 
 FEATURE_FILES = "files"
 """HELLO ``features`` entry of agents that implement the FILE_* messages."""
+
+FEATURE_REINIT = "reinit"  # HELLO ``features`` entry: HELLO_AGAIN and REINIT are understood
 
 FEATURE_ATTACH = "attach"
 """HELLO ``features`` entry of agents that keep exec sessions across a lost channel for ATTACH."""

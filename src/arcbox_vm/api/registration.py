@@ -33,8 +33,8 @@ def _safe(message_cls: type) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def generic_handler(servicer: Any) -> grpc.GenericRpcHandler:
-    service = pb.DESCRIPTOR.services_by_name["SandboxService"]
+def generic_handler(servicer: Any, service_name: str = "SandboxService") -> grpc.GenericRpcHandler:
+    service = pb.DESCRIPTOR.services_by_name[service_name]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         req_cls = getattr(pb, method.input_type.name)
@@ -46,4 +46,4 @@ def generic_handler(servicer: Any) -> grpc.GenericRpcHandler:
                 (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(impl, request_deserializer=_safe(req_cls),
                                      response_serializer=resp_cls.SerializeToString)
-    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+    return grpc.method_handlers_generic_handler(f"sandbox.v1.{service_name}", handlers)

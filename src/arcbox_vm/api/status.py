@@ -18,6 +18,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.SandboxNotFound, grpc.StatusCode.NOT_FOUND),
     (e.GuestFileNotFound, grpc.StatusCode.NOT_FOUND),
     (e.ExecNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.CheckpointNotFound, grpc.StatusCode.NOT_FOUND),
     (e.ExecNotAttachable, grpc.StatusCode.FAILED_PRECONDITION),
     (e.GuestNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.SandboxAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),

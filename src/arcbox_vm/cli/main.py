@@ -8,6 +8,7 @@ from arcbox_vm.cli.daemon_cmds import register as register_daemon_commands
 from arcbox_vm.cli.image import image_app
 from arcbox_vm.cli.run import run_command
 from arcbox_vm.cli.serve import serve_command
+from arcbox_vm.cli.snapshot_cmds import register as register_snapshot_commands
 from arcbox_vm.cli.stats_cmd import register as register_stats_commands
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app.command("serve")(serve_command)
 app.add_typer(image_app, name="image", help="Build guest images and put the agent into existing ones.")
 register_daemon_commands(app)
 register_stats_commands(app)
+register_snapshot_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,7 @@ import grpc
 
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from arcbox_vm.client.aio_snapshots import SnapshotCalls
 from arcbox_vm.client.aio_exec import AsyncExecSession
 from arcbox_vm.client.collect import OutputCollector
 from arcbox_vm.client.connection import Target, resolve_target
@@ -59,7 +60,7 @@ __all__ = ["AsyncClient"]
 T = TypeVar("T")
 
 
-class AsyncClient:
+class AsyncClient(SnapshotCalls):
     """A connection to the arcbox-vm daemon. Cheap to create; the channel opens on first
     use, inside the event loop that uses it (grpc.aio channels are bound to one loop)."""
 

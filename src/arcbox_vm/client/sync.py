@@ -24,6 +24,7 @@ from arcbox_vm.client.connection import Target
 from arcbox_vm.client.loop import LoopThread
 from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
+from arcbox_vm.client.sync_snapshots import SyncSnapshotCalls
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
 from arcbox_vm.models import (ExecInfo, ExecSpec, PortMapping, SandboxEvent, SandboxInfo, SandboxState, SandboxStats,
@@ -32,7 +33,7 @@ from arcbox_vm.models import (ExecInfo, ExecSpec, PortMapping, SandboxEvent, San
 __all__ = ["Client", "ExecSession", "Files", "Sandbox"]
 
 
-class Client:
+class Client(SyncSnapshotCalls):
     """Blocking counterpart of AsyncClient (same methods, same arguments)."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, host: str | None = None, *,

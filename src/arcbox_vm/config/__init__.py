@@ -31,6 +31,7 @@ from arcbox_vm.config.sections import (
     LimitsConfig,
     MetricsConfig,
     NetworkConfig,
+    PoolConfig,
     _Section,
 )
 from arcbox_vm.errors import ConfigError
@@ -54,6 +55,7 @@ __all__ = [
     "LimitsConfig",
     "MetricsConfig",
     "NetworkConfig",
+    "PoolConfig",
     "QemuConfig",
     "VmmConfig",
 ]
@@ -75,6 +77,7 @@ class VmmConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     e2b: E2bConfig = Field(default_factory=E2bConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
 
     @property
     def named_images_dir(self) -> Path:

@@ -20,5 +20,7 @@ class QemuConfig(BaseModel):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     machine: Literal["microvm", "q35"] = "microvm"
     tcg_tb_size_mib: int = Field(64, ge=8, le=2048, description="TCG translation cache; dominates idle RSS")
-    tsc_khz: int = Field(2_000_000, ge=100_000, description="TSC rate given to TCG guests (they cannot calibrate it)")
+    tsc_khz: int = Field(0, ge=0, description="TSC rate given to TCG guests (they cannot calibrate it); 0 = the "
+                                              "host's (a TCG guest's TSC counts at the host's rate: any other "
+                                              "value makes its clock run fast or slow)")
     extra_args: list[str] = Field(default_factory=list)

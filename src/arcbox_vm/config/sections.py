@@ -261,6 +261,21 @@ class AgentConfig(_Section):
     keepalive_timeout_s: float = Field(60.0, gt=0)
 
 
+class PoolConfig(_Section):
+    """The warm pool: `size` sandboxes of the default spec kept restored and ready (0 = off).
+
+    The daemon boots one such sandbox, checkpoints it, and keeps `size` restores of that
+    checkpoint ready; `create_sandbox` with a spec the pool serves (default kernel, rootfs,
+    boot arguments, vCPUs, memory, egress policy, and network `network`) takes one — its
+    labels, TTL, env, user and working directory applied — and the pool refills in the
+    background. Pool sandboxes are not listed and do not outlive their daemon.
+    """
+
+    size: int = Field(0, ge=0, le=64)
+    network: Literal["tap", "none"] = "tap"
+    parallel: int = Field(2, ge=1, le=16, description="restores running at once while it fills")
+
+
 class ImagesConfig(_Section):
     """Images that API clients may boot, by name.
 

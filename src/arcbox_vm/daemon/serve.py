@@ -26,6 +26,7 @@ import grpc
 
 from arcbox_vm.api.auth import BearerTokenInterceptor, read_token, server_credentials
 from arcbox_vm.api.registration import generic_handler
+from arcbox_vm.api.snapshot_server import SnapshotServicer
 from arcbox_vm.api.server import SandboxServicer
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.daemon.health import OPEN_METHOD_PREFIX, DaemonHealth
@@ -84,6 +85,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         await _stop_metrics(metrics)
         raise
     servicer = SandboxServicer(manager, max_file_bytes=cfg.daemon.max_file_mib << 20)
+    handlers = (generic_handler(servicer), generic_handler(SnapshotServicer(manager), "SandboxSnapshotService"))
     health = DaemonHealth()
     await health.starting()
     servers: list[grpc.aio.Server] = []
@@ -92,7 +94,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
     try:
         _prepare_unix_socket(unix_path)
         unix_server = grpc.aio.server(options=_options(cfg))
-        unix_server.add_generic_rpc_handlers((generic_handler(servicer),))
+        unix_server.add_generic_rpc_handlers(handlers)
         health.add_to(unix_server)
         unix_server.add_insecure_port(f"unix:{unix_path}")
         await unix_server.start()
@@ -100,7 +102,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         _secure_socket(unix_path, cfg.grpc.socket_group)
         log.info("serving sandbox.v1 on unix:%s", unix_path)
         if cfg.grpc.tcp_addr:
-            servers.append(await _start_tcp(cfg, servicer, health, insecure_tcp))
+            servers.append(await _start_tcp(cfg, handlers, health, insecure_tcp))
         if cfg.e2b.enabled:
             from arcbox_vm.e2b.server import start_e2b  # its dependencies load only when enabled
 
@@ -146,7 +148,7 @@ async def _stop_metrics(started: Any) -> None:
         metrics.detach()
 
 
-async def _start_tcp(cfg: VmmConfig, servicer: SandboxServicer, health: DaemonHealth,
+async def _start_tcp(cfg: VmmConfig, handlers: tuple[grpc.GenericRpcHandler, ...], health: DaemonHealth,
                      insecure: bool) -> grpc.aio.Server:
     g = cfg.grpc
     token = read_token(g.token, g.token_file)
@@ -155,7 +157,7 @@ async def _start_tcp(cfg: VmmConfig, servicer: SandboxServicer, health: DaemonHe
                           "(grpc.token or grpc.token_file); or start with --insecure-tcp on a trusted network")
     interceptors = [BearerTokenInterceptor(token, (OPEN_METHOD_PREFIX,))] if token else []
     server = grpc.aio.server(options=_options(cfg), interceptors=interceptors)
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    server.add_generic_rpc_handlers(handlers)
     health.add_to(server)
     if insecure:
         port = server.add_insecure_port(g.tcp_addr)

@@ -4,10 +4,11 @@ A boot is a `BootPlan`: an ordered, editable list of named steps (firecracker-go
 handler lists are the model), each with its own undo, so a failure at any point leaves
 nothing behind (no process, socket, disk copy or directory). The cold boot is
 
-    workdir → sockdir → disk → agent-listener → launch → wait-hello
+    workdir → sockdir → memdir → disk → agent-listener → launch → wait-hello
 
 and callers may insert, replace or drop steps by name before `run()` (the manager's
-`boot_plan_hooks` do, per sandbox); a restore from a snapshot is another plan.
+`boot_plan_hooks` do, per sandbox); a restore from a snapshot is another plan
+(`restore_plan.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from arcbox_vm.config.sections import DEFAULT_BOOT_ARGS
 from arcbox_vm.errors import BootFailed
 from arcbox_vm.manager.console import tail_text
 from arcbox_vm.manager.steps import Step, StepRunner
-from arcbox_vm.paths import socket_dir
+from arcbox_vm.paths import memory_dir, socket_dir
 from arcbox_vm.ports import DiskCloner, MachineSpec, VmmDriver, VmmProcess
 
 __all__ = ["DEFAULT_BOOT_ARGS", "BootPlan", "BootRequest", "BootedVm", "boot_vm"]
@@ -108,8 +109,14 @@ class BootedVm:
         await self.agent.close()
         await self.process.cleanup()
         await self.listener.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        shutil.rmtree(socket_dir(self.workdir), ignore_errors=True)
+        remove_dirs(self.workdir)
+
+
+def remove_dirs(workdir: Path) -> None:
+    """Remove a VM's directories: its workdir, socket and memory directories."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(socket_dir(workdir), ignore_errors=True)
+    shutil.rmtree(memory_dir(workdir), ignore_errors=True)
 
 
 class BootPlan:
@@ -125,16 +132,19 @@ class BootPlan:
         self.clone_disk = clone_disk
         self.say = progress or (lambda _msg: None)
         self.sockdir = socket_dir(req.workdir)
+        self.memdir = memory_dir(req.workdir)
         self.endpoint = driver.agent_endpoint(self.sockdir)
         self.listener = AgentListener(self.endpoint.listen_path)
         self.disk = req.workdir / "rootfs.ext4"
         self.state: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.step = ""  # the step running now, or the one that failed
+        self.hello_again = False  # ask the agent for HELLO (a restored VM does not know its stream is new)
         self._t0 = 0.0
         self.steps = StepRunner([
             Step("workdir", self._make_workdir, self._remove_workdir),
             Step("sockdir", self._make_sockdir, self._remove_sockdir),
+            Step("memdir", self._make_memdir, self._remove_memdir),
             Step("disk", self._copy_disk),
             Step("agent-listener", self.listener.start, self.listener.close),
             Step("launch", self._launch, self._kill_vmm),
@@ -147,6 +157,7 @@ class BootPlan:
             sandbox_id=req.sandbox_id, workdir=req.workdir, kernel=req.kernel, rootfs=self.disk,
             boot_args=req.boot_args, vcpus=req.vcpus, memory_mib=req.memory_mib, initrd=req.initrd,
             tap_name=req.tap_name, guest_mac=req.guest_mac, netns=req.netns, sockdir=self.sockdir,
+            memdir=self.memdir,
             extra_boot_args=tuple(req.extra_boot_args) + (f"arcbox.hostname={req.sandbox_id[:63]}",),
         )
 
@@ -169,6 +180,12 @@ class BootPlan:
     async def _remove_sockdir(self) -> None:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
+    async def _make_memdir(self) -> None:
+        self.memdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    async def _remove_memdir(self) -> None:
+        shutil.rmtree(self.memdir, ignore_errors=True)
+
     async def _copy_disk(self) -> None:
         self.say("preparing disk")
         await self.clone_disk(self.req.rootfs, self.disk)
@@ -189,7 +206,8 @@ class BootPlan:
         proc: VmmProcess = self.state["process"]
         try:
             self.state["agent"] = await self.listener.accept(
-                self.req.hello_timeout, vmm_exit=proc.exited, describe_exit=proc.describe_exit)
+                self.req.hello_timeout, vmm_exit=proc.exited, describe_exit=proc.describe_exit,
+                hello_again=self.hello_again)
         except BootFailed as exc:
             # the workdir (and the console log in it) is removed by the undo: keep its end
             tail = tail_text(proc.console_log)

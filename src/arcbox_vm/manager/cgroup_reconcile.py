@@ -25,7 +25,7 @@ async def remove_orphan_cgroups(ctx: ManagerContext) -> None:
     cgroups = ctx.adapters.cgroups
     if not cgroups.enabled:
         return
-    live = {sid for sid, sb in ctx.sandboxes.items() if sb.vm is not None}
+    live = {sb.launch_name for sb in ctx.sandboxes.values() if sb.vm is not None or sb.paused_process is not None}
     for sid in cgroups.list():
         if sid in live:
             continue

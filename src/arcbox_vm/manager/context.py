@@ -59,7 +59,7 @@ class ManagerContext:
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         sb = self.sandboxes.get(sandbox_id)
-        if sb is None or sb.removed:
+        if sb is None or sb.removed or sb.pool:
             raise SandboxNotFound(sandbox_id)
         return sb
 
@@ -77,7 +77,7 @@ class ManagerContext:
             sb.pid = sb.vm.process.pid
             if sb.pid_start is None:
                 sb.pid_start = sb.vm.process.start_time
-        elif sb.vm is None:
+        elif sb.vm is None and sb.paused_process is None:
             sb.pid = sb.pid_start = None
         self.store.put_sandbox(sb.to_row(), sb.lease.ip if sb.lease else None)
 
@@ -85,12 +85,19 @@ class ManagerContext:
              **attrs: Any) -> None:
         """Persist the record's new state, then append and announce the event; log it as
         one structured line and tell the observers, with the step's `durations` (seconds)."""
-        events = self.open_events()
+        self.open_events()
         if action == "removed":
             self.store.delete_sandbox(sb.id)
         else:
             self.save(sb)
-        events.append(sb.id, action, **attrs)
+        self.announce(sb, action, durations=durations, **attrs)
+
+    def announce(self, sb: SandboxRecord, action: str, *, durations: Mapping[str, float] | None = None,
+                 **attrs: Any) -> None:
+        """`emit` for a change already persisted: append the event, log it, tell the observers."""
+        if sb.pool:  # a warm-pool VM is nobody's sandbox yet: no events until it is handed out
+            return
+        self.open_events().append(sb.id, action, **attrs)
         note = StepNote(sb.id, action, {k: str(v) for k, v in attrs.items()}, dict(durations or {}), sb.source)
         line = {"event": action, "state": sb.state.value, **note.attributes,
                 **{f"{k}_seconds": round(v, 3) for k, v in note.durations.items()}}

@@ -84,7 +84,7 @@ class ExecBook:
         def done(exit_code: int | None) -> None:
             sb.active_execs -= 1
             sb.streams.pop(channel, None)
-            if exit_code is None and self._keep():
+            if exit_code is None and (self._keep() or sb.detaching):
                 return
             with contextlib.suppress(ArcboxError):
                 store.finish_exec(sb.id, channel, exit_code, "exited" if exit_code is not None else "ended")

@@ -18,12 +18,12 @@ import asyncio
 import contextlib
 import logging
 import math
-import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 from arcbox_vm.errors import AgentUnresponsive, ArcboxError, InvalidState, SandboxAlreadyExists
-from arcbox_vm.manager.boot import BootPlan, BootRequest
+from arcbox_vm.manager.boot import BootPlan, BootRequest, remove_dirs
 from arcbox_vm.manager.console import keep_capped
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager import limits, network_policy, ports
@@ -35,11 +35,34 @@ log = logging.getLogger(__name__)
 
 S = SandboxState
 LIVE = (S.READY, S.RUNNING)
+WATCHED = (*LIVE, S.PAUSED)  # states in which the VMM's exit is a failure
 
 
-async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
-    """Register a sandbox and start its boot task; returns (id, ip) before boot."""
+async def create(ctx: ManagerContext, spec: SandboxSpec, *, pool: bool = False) -> tuple[str, str]:
+    """Register a sandbox and start its boot task; returns (id, ip) before boot.
+    `pool`: the warm pool's (hidden, no events; see pool.py)."""
     requested = time.monotonic()
+    sb = new_record(ctx, spec)
+    sb.pool = pool
+    sid = sb.id
+    limits.check_room(ctx.config.limits, sb, ctx.sandboxes.values())
+    ports.reserve(sb, ctx.config.limits)  # a host port in use fails here, before anything is made
+    ctx.sandboxes[sid] = sb  # reserve the id (and its share of the limits) before the first await
+    try:
+        if sb.network_mode == "tap":
+            sb.egress = network_policy.resolve(spec.network, ctx.config.network.default_egress)
+            sb.lease = await ctx.network.allocate(sid, sb.egress)
+        ctx.emit(sb, "created", durations={"create": time.monotonic() - requested})  # recorded before anything else
+    except BaseException:
+        del ctx.sandboxes[sid]
+        await ctx.release_network(sb)
+        raise
+    sb.tasks["boot"] = asyncio.create_task(boot(ctx, sb, requested), name=f"boot-{sid}")
+    return sid, sb.lease.ip if sb.lease else ""
+
+
+def new_record(ctx: ManagerContext, spec: SandboxSpec) -> SandboxRecord:
+    """The record `spec` asks for (defaults filled in), its id free, its sizes checked."""
     sid = spec.id or str(uuid.uuid4())
     if sid in ctx.sandboxes:
         raise SandboxAlreadyExists(sid)
@@ -55,20 +78,7 @@ async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
     if sb.workdir.exists():
         raise SandboxAlreadyExists(sid)
     limits.check_sizes(ctx.config.limits, sb)
-    limits.check_room(ctx.config.limits, sb, ctx.sandboxes.values())
-    ports.reserve(sb, ctx.config.limits)  # a host port in use fails here, before anything is made
-    ctx.sandboxes[sid] = sb  # reserve the id (and its share of the limits) before the first await
-    try:
-        if sb.network_mode == "tap":
-            sb.egress = network_policy.resolve(spec.network, ctx.config.network.default_egress)
-            sb.lease = await ctx.network.allocate(sid, sb.egress)
-        ctx.emit(sb, "created", durations={"create": time.monotonic() - requested})  # recorded before anything else
-    except BaseException:
-        del ctx.sandboxes[sid]
-        await ctx.release_network(sb)
-        raise
-    sb.tasks["boot"] = asyncio.create_task(boot(ctx, sb, requested), name=f"boot-{sid}")
-    return sid, sb.lease.ip if sb.lease else ""
+    return sb
 
 
 def boot_plan(ctx: ManagerContext, sb: SandboxRecord, kernel, initrd, rootfs) -> BootPlan:  # noqa: ANN001
@@ -88,16 +98,24 @@ def boot_plan(ctx: ManagerContext, sb: SandboxRecord, kernel, initrd, rootfs) ->
     return plan
 
 
-async def boot(ctx: ManagerContext, sb: SandboxRecord, requested: float | None = None) -> None:
-    """Boot `sb` (created at `requested`, time.monotonic(), for the ready duration)."""
+async def cold_plan(ctx: ManagerContext, sb: SandboxRecord) -> BootPlan:
+    kernel, initrd, rootfs = await resolve_images(ctx.adapters.images, ctx.driver, sb.kernel, sb.initrd, sb.rootfs)
+    sb.booted_kernel, sb.booted_initrd = str(kernel), str(initrd or "")
+    return boot_plan(ctx, sb, kernel, initrd, rootfs)
+
+
+async def boot(ctx: ManagerContext, sb: SandboxRecord, requested: float | None = None,
+               make_plan: Callable[[ManagerContext, SandboxRecord], Awaitable[BootPlan]] = cold_plan) -> None:
+    """Run `sb`'s plan — the cold boot unless `make_plan` says otherwise (a restore) —
+    (created at `requested`, time.monotonic(), for the ready duration); READY when it is
+    done, FAILED with what went wrong otherwise."""
     requested = time.monotonic() if requested is None else requested
     plan: BootPlan | None = None
     t0 = time.monotonic()
     try:
         driver = ctx.driver
         sb.vmm = driver.name
-        kernel, initrd, rootfs = await resolve_images(ctx.adapters.images, driver, sb.kernel, sb.initrd, sb.rootfs)
-        plan = boot_plan(ctx, sb, kernel, initrd, rootfs)
+        plan = await make_plan(ctx, sb)
         t0 = time.monotonic()
         vm = await plan.run()
     except asyncio.CancelledError:
@@ -157,7 +175,7 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
     finally:
         if not exited.done():
             exited.cancel()
-    if sb.state not in LIVE or sb.removed or sb.vm is not vm:
+    if sb.state not in WATCHED or sb.removed or sb.vm is not vm:
         return  # stop/remove in progress: they own the outcome
     if exited.done() and not exited.cancelled():
         reason, sb.error = "vmm_exited", f"the VMM exited unexpectedly (status {exited.result()})"
@@ -176,7 +194,8 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
 
 
 async def ttl(ctx: ManagerContext, sb: SandboxRecord) -> None:
-    await asyncio.sleep(max(0.0, (sb.ready_at or time.time()) + sb.ttl_seconds - time.time()))
+    """Remove the sandbox at its deadline (pausing cancels this task, resuming restarts it)."""
+    await asyncio.sleep(max(0.0, (sb.ttl_deadline() or time.time()) - time.time()))
     if not sb.removed:
         sb.tasks.pop("ttl", None)  # do not cancel ourselves
         await remove(ctx, sb, reason="ttl")
@@ -193,7 +212,7 @@ def set_ttl(ctx: ManagerContext, sb: SandboxRecord, seconds: float) -> None:
     elif sb.ready_at is None:
         sb.ttl_seconds = math.ceil(seconds)
     else:
-        sb.ttl_seconds = max(1, math.ceil(time.time() - sb.ready_at + seconds))
+        sb.ttl_seconds = max(1, math.ceil(time.time() - sb.ready_at - sb.paused_total + seconds))
     ctx.save(sb)
     if sb.ttl_seconds and sb.state in LIVE:
         sb.tasks["ttl"] = asyncio.create_task(ttl(ctx, sb), name=f"ttl-{sb.id}")
@@ -209,8 +228,9 @@ def cancel_tasks(sb: SandboxRecord, *names: str) -> None:
 
 async def stop(ctx: ManagerContext, sb: SandboxRecord, timeout: float) -> None:
     async with sb.lock:
-        if sb.state not in LIVE:
-            raise InvalidState(sb.id, sb.state.value, "only a ready or running sandbox can be stopped")
+        suspended = sb.state == S.PAUSED and sb.suspended
+        if sb.state not in LIVE and not suspended:
+            raise InvalidState(sb.id, sb.state.value, "only a ready, running or paused sandbox can be stopped")
         t0 = time.monotonic()
         sb.state = S.STOPPING
         ctx.emit(sb, "stopping", reason="user")
@@ -222,6 +242,9 @@ async def stop(ctx: ManagerContext, sb: SandboxRecord, timeout: float) -> None:
             await vm.destroy()
         ctx.execs.forget_all(sb)
         await ctx.release_network(sb)
+        if suspended:  # no VMM: its saved state and disk go
+            remove_dirs(sb.workdir)
+            sb.suspended, sb.paused_at = False, None
         sb.state = S.STOPPED
         ctx.emit(sb, "stopped", durations={"stop": time.monotonic() - t0}, reason="user",
                  graceful=str(graceful).lower())
@@ -246,9 +269,13 @@ async def remove(ctx: ManagerContext, sb: SandboxRecord, reason: str) -> None:
         vm, sb.vm = sb.vm, None
         if vm is not None:
             await vm.destroy()
+        adopted, sb.paused_process = sb.paused_process, None
+        if adopted is not None:  # a paused VMM adopted after a restart
+            await adopted.kill()
+            await adopted.cleanup()
         ctx.execs.forget_all(sb)
         await ctx.release_network(sb)
-        shutil.rmtree(sb.workdir, ignore_errors=True)
+        remove_dirs(sb.workdir)
         ctx.sandboxes.pop(sb.id, None)
         ctx.emit(sb, "removed", durations={"remove": time.monotonic() - t0}, reason=reason)
 

@@ -15,7 +15,7 @@ from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxState
 
 S = SandboxState
-HOLDING = (S.STARTING, S.READY, S.RUNNING, S.STOPPING)  # states that hold a VM, or are about to
+HOLDING = (S.STARTING, S.READY, S.RUNNING, S.STOPPING, S.PAUSED)  # states that hold a VM, or are about to
 
 
 def host_memory_mib() -> int:

@@ -50,15 +50,42 @@ class SandboxRecord:
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     removed: bool = False
+    detaching: bool = False  # streams that end now leave their commands running (e.g. pause to disk)
+    paused_process: Any = None  # a paused VMM adopted after a restart, before resume re-attaches it
     removing: bool = False  # persisted: a restart finishes a half-done removal
     pid: int | None = None
     pid_start: int | None = None
     source: str = "cold"  # how its VM was made (observers, metrics): cold boot; later restore, pool
     ports: list[PortMapping] = field(default_factory=list)  # persisted with the host ports chosen
     forwards: Any = None  # its listeners and forwarded connections (manager/ports.py)
+    # snapshot facts (persisted as JSON in `extra`): the checkpoint whose memory file this
+    # VM maps (None once it does not); the name its VM was launched under (directories,
+    # cgroup: differs from `id` for a warm-pool VM handed out); pause bookkeeping
+    restored_from: str | None = None
+    vm_name: str = ""
+    paused_at: float | None = None
+    paused_total: float = 0.0
+    suspended: bool = False  # paused to disk: no VMM, its state in <workdir>/suspend
+    pool: bool = False  # a warm-pool VM not handed out yet (not listed)
+    booted_kernel: str = ""  # the kernel and initrd the VM really runs (resolved at boot)
+    booted_initrd: str = ""
 
     _SPEC_FIELDS = ("labels", "vcpus", "memory_mib", "kernel", "rootfs", "initrd", "boot_args", "env",
                     "working_dir", "user", "ttl_seconds", "network_mode")
+    _EXTRA_FIELDS = ("restored_from", "vm_name", "paused_at", "paused_total", "suspended", "pool", "booted_kernel",
+                     "booted_initrd", "source")
+
+    @property
+    def launch_name(self) -> str:
+        """The name the VMM was started under (its cgroup's)."""
+        return self.vm_name or self.id
+
+    def ttl_deadline(self) -> float | None:
+        """When the TTL removes it (time spent paused does not count), None without a TTL."""
+        if self.ttl_seconds <= 0 or self.ready_at is None:
+            return None
+        paused = self.paused_total + ((time.time() - self.paused_at) if self.paused_at is not None else 0.0)
+        return self.ready_at + self.ttl_seconds + paused
 
     def to_row(self) -> dict:
         """The persisted form (see storage/state.py)."""
@@ -74,6 +101,7 @@ class SandboxRecord:
             "lease": lease, "created_at": self.created_at, "ready_at": self.ready_at,
             "last_exited_at": self.last_exited_at, "last_exit_code": self.last_exit_code, "error": self.error,
             "removing": self.removing,
+            "extra": json.dumps({k: getattr(self, k) for k in self._EXTRA_FIELDS}),
         }
 
     @classmethod
@@ -93,6 +121,10 @@ class SandboxRecord:
         rec.created_at, rec.ready_at = row["created_at"], row["ready_at"]
         rec.last_exited_at, rec.last_exit_code, rec.error = row["last_exited_at"], row["last_exit_code"], row["error"]
         rec.removing = bool(row["removing"])
+        extra = json.loads(row.get("extra") or "{}")
+        for k in cls._EXTRA_FIELDS:
+            if k in extra:
+                setattr(rec, k, extra[k])
         return rec
 
     def info(self) -> SandboxInfo:

@@ -26,6 +26,7 @@ import signal
 
 from arcbox_vm import logctx
 from arcbox_vm.agent.host import AgentListener
+from arcbox_vm.manager import checkpoints
 from arcbox_vm.manager import execs as _execs
 from arcbox_vm.manager.boot import BootedVm
 from arcbox_vm.manager.cgroup_reconcile import remove_orphan_cgroups
@@ -34,8 +35,8 @@ from arcbox_vm.manager.leftovers import processes_using
 from arcbox_vm.manager.lifecycle import start_watchers
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxState as S
-from arcbox_vm.paths import socket_dir
-from arcbox_vm.ports import AdoptSpec, VmmProcess
+from arcbox_vm.paths import memory_dir, socket_dir
+from arcbox_vm.ports import AdoptSpec, SnapshotProcess, VmmProcess
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ async def _adopt_process(ctx: ManagerContext, sb: SandboxRecord) -> VmmProcess |
     driver = ctx.driver_or_none()
     if driver is None:
         return None
-    return await driver.adopt(AdoptSpec(sandbox_id=sb.id, workdir=sb.workdir, sockdir=socket_dir(sb.workdir),
-                                        pid=sb.pid, start_time=sb.pid_start))
+    return await driver.adopt(AdoptSpec(sandbox_id=sb.launch_name, workdir=sb.workdir,
+                                        sockdir=socket_dir(sb.workdir), pid=sb.pid, start_time=sb.pid_start))
 
 
 async def _reconnect(ctx: ManagerContext, sb: SandboxRecord, proc: VmmProcess) -> bool:
@@ -97,6 +98,7 @@ async def recover(ctx: ManagerContext) -> None:
         if not sb.removing:
             ctx.sandboxes[sb.id] = sb
     await asyncio.gather(*(one(sb) for sb in records))
+    checkpoints.reconcile(ctx)
     # nothing else may hold our resources
     await remove_orphan_cgroups(ctx)
     keep = {sb.workdir.name for sb in ctx.sandboxes.values()}
@@ -108,6 +110,7 @@ async def recover(ctx: ManagerContext) -> None:
             await _kill_users_of(workdir, adopted_pids)
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(socket_dir(workdir), ignore_errors=True)
+            shutil.rmtree(memory_dir(workdir), ignore_errors=True)
             log.warning("removed sandbox directory %s that no record owns", workdir.name)
     if os.geteuid() == 0:
         owned = [(sb.lease, sb.egress) for sb in ctx.sandboxes.values() if sb.lease is not None]
@@ -131,6 +134,7 @@ async def _release_everything(ctx: ManagerContext, sb: SandboxRecord, proc: VmmP
     with contextlib.suppress(FileNotFoundError):
         (sb.workdir / "rootfs.ext4").unlink()
     shutil.rmtree(socket_dir(sb.workdir), ignore_errors=True)
+    shutil.rmtree(memory_dir(sb.workdir), ignore_errors=True)
 
 
 async def _recover_one(ctx: ManagerContext, sb: SandboxRecord, adopted_pids: set[int]) -> None:
@@ -143,8 +147,30 @@ async def _recover_one(ctx: ManagerContext, sb: SandboxRecord, adopted_pids: set
         log.info("finished removing sandbox %s", sb.id)
         return
 
+    if sb.pool:  # a warm-pool VM never outlives its daemon: the next one fills its own pool
+        await _release_everything(ctx, sb, proc, adopted_pids)
+        shutil.rmtree(sb.workdir, ignore_errors=True)
+        sb.removed = True
+        ctx.sandboxes.pop(sb.id, None)
+        ctx.store.delete_sandbox(sb.id)
+        return
+
     ctx.sandboxes[sb.id] = sb
-    if sb.state in (S.READY, S.RUNNING) and proc is not None and proc.returncode is None:
+    alive = proc is not None and proc.returncode is None
+    if sb.state == S.PAUSED and (sb.suspended or alive):
+        if sb.lease is not None:
+            ctx.network.pool.reserve(sb.lease.ip, sb.id)
+        if not sb.suspended:  # paused in memory: stays paused; resume re-attaches its agent
+            assert proc is not None
+            sb.paused_process = proc
+            adopted_pids.add(proc.pid)
+        log.info("sandbox %s stays paused%s", sb.id, " (to disk)" if sb.suspended else "")
+        return
+    if sb.state in (S.READY, S.RUNNING) and alive:
+        assert proc is not None
+        if isinstance(proc, SnapshotProcess):  # a checkpoint interrupted by the crash left it paused
+            with contextlib.suppress(Exception):
+                await proc.resume()
         if sb.lease is not None:
             ctx.network.pool.reserve(sb.lease.ip, sb.id)
         if await _reconnect(ctx, sb, proc):
@@ -160,7 +186,7 @@ async def _recover_one(ctx: ManagerContext, sb: SandboxRecord, adopted_pids: set
         reason, error = "lost", "the VM survived a daemon restart but its agent did not reconnect"
     elif sb.state == S.STARTING:
         reason, error = "interrupted", "the daemon stopped while the sandbox was booting"
-    elif sb.state in (S.READY, S.RUNNING, S.STOPPING):
+    elif sb.state in (S.READY, S.RUNNING, S.STOPPING, S.PAUSED):
         reason, error = "lost", "the VMM was gone when the daemon restarted"
     else:  # STOPPED / FAILED: resources were released already; make sure
         await _release_everything(ctx, sb, proc, adopted_pids)

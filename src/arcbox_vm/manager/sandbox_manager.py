@@ -31,7 +31,9 @@ from arcbox_vm.manager.images import named_image
 from arcbox_vm.manager.exec_stream import ExecHandle, ExecStream
 from arcbox_vm.manager.observers import ExecNote, Observers
 from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.manager.pausing import require_live, stop_paused
 from arcbox_vm.manager.recovery import recover
+from arcbox_vm.manager.snapshot_facade import SnapshotOperations
 from arcbox_vm.manager.stats import read_stats
 from arcbox_vm.models import (
     ExecInfo,
@@ -51,8 +53,8 @@ S = SandboxState
 _LIVE = lifecycle.LIVE
 
 
-class SandboxManager:
-    """Creates, runs commands in, stops and removes sandboxes (microVMs).
+class SandboxManager(SnapshotOperations):
+    """Creates, runs commands in, checkpoints, restores, pauses, stops and removes sandboxes (microVMs).
 
     The constructor touches nothing slow; the first call that needs it takes the data
     dir's lock, removes what a crashed manager left behind, and selects the VMM.
@@ -115,6 +117,7 @@ class SandboxManager:
             try:
                 self._ctx.open_events()
                 await recover(self._ctx)
+                self._start_pool()
             except BaseException:
                 self._ctx.store.close()
                 self._lock.release()
@@ -137,6 +140,7 @@ class SandboxManager:
         ctx.closed = True
         if not self._started:
             return
+        await self._close_pool()  # its sandboxes never outlive the manager
         if remove_sandboxes:
             for sb in list(ctx.sandboxes.values()):
                 with contextlib.suppress(Exception):
@@ -145,7 +149,7 @@ class SandboxManager:
                 await ctx.network.close()
         else:
             await lifecycle.detach_all(ctx)
-            if not any(sb.state in _LIVE for sb in ctx.sandboxes.values()):
+            if not any(sb.state in lifecycle.WATCHED for sb in ctx.sandboxes.values()):
                 with contextlib.suppress(Exception):
                     await ctx.network.close()  # nothing to keep: no namespace, TAP or rule
         if ctx.events is not None:
@@ -181,7 +185,7 @@ class SandboxManager:
         want = SandboxState(str(state).lower()) if state else None
         out = []
         for sb in list(self._ctx.sandboxes.values()):  # a snapshot: also callable from another thread
-            if sb.removed or (want is not None and sb.state != want):
+            if sb.removed or sb.pool or (want is not None and sb.state != want):
                 continue
             if labels and any(sb.labels.get(k) != v for k, v in labels.items()):
                 continue
@@ -211,7 +215,7 @@ class SandboxManager:
         if not isinstance(spec, SandboxSpec):
             raise InvalidArgument("create_sandbox takes a SandboxSpec")
         await self._ensure_started()
-        return await lifecycle.create(self._ctx, spec)
+        return self._take_from_pool(spec) or await lifecycle.create(self._ctx, spec)
 
     def resolve_image_names(self, spec: SandboxSpec) -> SandboxSpec:
         """For untrusted callers (the API): `spec` with its kernel/initrd/rootfs names
@@ -237,6 +241,8 @@ class SandboxManager:
         """
         sb = self._get(sandbox_id)
         timeout = timeout_seconds if timeout_seconds and timeout_seconds > 0 else 30
+        if sb.state == S.PAUSED:
+            await stop_paused(self._ctx, sb)
         await lifecycle.stop(self._ctx, sb, timeout)
 
     async def remove_sandbox(self, sandbox_id: str, force: bool = False) -> None:
@@ -284,8 +290,8 @@ class SandboxManager:
 
     async def _start_exec(self, sb: SandboxRecord, spec: ExecSpec, cls: type[ExecStream]) -> ExecStream:
         request = self._request(sb, spec)
-        if sb.state not in _LIVE or sb.vm is None:
-            raise InvalidState(sb.id, sb.state.value, "commands run only in a ready or running sandbox")
+        require_live(sb, "commands run only in a ready or running sandbox")
+        assert sb.vm is not None
         try:
             session = await sb.vm.agent.exec(request)
         except ExecError:  # the agent could not start it (not found, bad user or directory)
@@ -335,8 +341,8 @@ class SandboxManager:
         Closing the attachment (`aclose()`) detaches: the command runs on. Unknown id:
         ExecNotFound; another client attached, or not running: ExecNotAttachable."""
         sb = self._get(sandbox_id)
-        if sb.state not in _LIVE or sb.vm is None:
-            raise InvalidState(sb.id, sb.state.value, "commands can be attached only in a ready or running sandbox")
+        require_live(sb, "commands can be attached only in a ready or running sandbox")
+        assert sb.vm is not None
         return await self._ctx.execs.attach(sb, sb.vm.agent, exec_id)
 
     async def signal_exec(self, sandbox_id: str, exec_id: str, signum: int = signal.SIGKILL) -> None:
@@ -354,9 +360,10 @@ class SandboxManager:
 
     def _file_agent(self, sandbox_id: str) -> AgentConnection:
         sb = self._get(sandbox_id)
-        if sb.state not in _LIVE or sb.vm is None:
-            raise InvalidState(sb.id, sb.state.value, "files move only in and out of a ready or running sandbox")
+        require_live(sb, "files move only in and out of a ready or running sandbox")
+        assert sb.vm is not None
         return sb.vm.agent
+
 
     @property
     def _file_limit(self) -> int:

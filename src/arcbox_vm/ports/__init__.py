@@ -11,7 +11,17 @@ from arcbox_vm.ports.images import BootImage, ImageStore
 from arcbox_vm.ports.network import EgressPolicy, Network, NetworkLease
 from arcbox_vm.ports.storage import DiskCloner, StateStore, StoredEvent
 from arcbox_vm.ports.usage import ResourceUsage, UsageReader
-from arcbox_vm.ports.vmm import AdoptSpec, AgentEndpoint, MachineSpec, VmmDriver, VmmProcess
+from arcbox_vm.ports.vmm import (
+    AdoptSpec,
+    AgentEndpoint,
+    MachineSpec,
+    MemoryUse,
+    SnapshotDriver,
+    SnapshotProcess,
+    VmmDriver,
+    VmmProcess,
+    VmSnapshot,
+)
 
 __all__ = [
     "Adapters",
@@ -22,13 +32,17 @@ __all__ = [
     "EgressPolicy",
     "ImageStore",
     "MachineSpec",
+    "MemoryUse",
     "Network",
     "NetworkLease",
     "ResourceUsage",
     "SandboxCgroupSet",
+    "SnapshotDriver",
+    "SnapshotProcess",
     "StateStore",
     "StoredEvent",
     "UsageReader",
     "VmmDriver",
     "VmmProcess",
+    "VmSnapshot",
 ]

@@ -18,7 +18,7 @@ class StoredEvent:
 
 
 class StateStore(Protocol):
-    """Durable state: sandbox records, IP leases, exec sessions, the event log.
+    """Durable state: sandbox records, IP leases, exec sessions, checkpoints, the event log.
 
     Every write either commits or raises `StateError` (nothing half-written)."""
 
@@ -29,6 +29,15 @@ class StateStore(Protocol):
     def put_sandbox(self, rec: dict[str, Any], lease_ip: str | None = None) -> None: ...
 
     def delete_sandbox(self, sandbox_id: str) -> None: ...
+
+    def rename_sandbox(self, old_id: str, rec: dict[str, Any], lease_ip: str | None = None) -> None:
+        """Replace the record `old_id` (its lease and commands too) by `rec`, atomically."""
+
+    def put_checkpoint(self, row: dict[str, Any]) -> None: ...
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None: ...
+
+    def checkpoints(self) -> list[dict[str, Any]]: ...
 
     def sandboxes(self) -> list[dict[str, Any]]: ...
 

@@ -5,6 +5,10 @@ sandboxes, IP pools or the agent protocol: it only says where the host must list
 agent's connection (`AgentEndpoint`) and which kernel argument tells the agent how to dial.
 It can also take back a VMM a previous daemon started (`adopt`), so that whoever removes
 a sandbox later cleans up exactly what that driver made (sockets, jail, cgroup).
+
+Snapshots are a capability (`SnapshotProcess`, `SnapshotDriver`): a process that can
+pause, resume and save its VM's state, and a driver that can start a VMM from a saved
+state (`restore`). Drivers without them make the manager refuse snapshot operations.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class MachineSpec:
     extra_boot_args: tuple[str, ...] = field(default_factory=tuple)  # e.g. ip=..., hostname
     netns: str = ""  # named network namespace the VMM process must run in ("" = ours)
     sockdir: Path | None = None  # where Unix sockets go (short path); None = workdir
+    # a directory on a memory-backed filesystem the VMM may keep guest RAM in (a file there
+    # makes a live checkpoint a copy instead of a stream); None = anonymous memory
+    memdir: Path | None = None
 
     @property
     def socket_dir(self) -> Path:
@@ -63,6 +70,32 @@ class AdoptSpec:
     sockdir: Path
     pid: int | None
     start_time: int | None
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    """A VM's saved state, as `SnapshotProcess.save_state` wrote it.
+
+    state: the device state (and the guest memory too when `memory` is None).
+    memory: the guest memory image; a restore maps it copy-on-write, so it must stay
+      unchanged while a VM restored from it runs.
+    vmm: the driver that wrote it; only that driver restores it.
+    details: what that driver needs to know again at restore (JSON-serialisable).
+    """
+
+    state: Path
+    memory: Path | None
+    vmm: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def files(self) -> list[Path]:
+        return [self.state] + ([self.memory] if self.memory is not None else [])
+
+
+# How a restore uses the snapshot's memory file: "cow" maps it copy-on-write (it must stay
+# unchanged while the VM runs; clones of one checkpoint share its pages); "own" makes it
+# the VM's own memory (the file is the VM's from now on, e.g. resuming a suspended VM).
+MemoryUse = Literal["cow", "own"]
 
 
 @runtime_checkable
@@ -129,3 +162,34 @@ class VmmDriver(Protocol):
         Always returns a process object: when the recorded process is gone (or the pid
         now belongs to another process) it is already exited (`returncode` set), and its
         `cleanup()` still removes what the driver made for that VM."""
+
+
+@runtime_checkable
+class SnapshotProcess(Protocol):
+    """A `VmmProcess` whose VM can be paused, resumed and saved."""
+
+    async def pause(self) -> None:
+        """Stop running the guest (its vCPUs use no CPU); idempotent."""
+
+    async def resume(self) -> None:
+        """Run the guest again after `pause` or `save_state`; idempotent."""
+
+    async def save_state(self, dest: Path) -> VmSnapshot:
+        """Write the paused VM's device state and memory into the directory `dest` (which
+        exists, inside the sandbox's own directories). The VM stays paused; `resume()`
+        continues it. The disk is not included: copy it while the VM is paused."""
+
+
+@runtime_checkable
+class SnapshotDriver(Protocol):
+    """A `VmmDriver` that can start a VMM from a `VmSnapshot`."""
+
+    def snapshot_support(self) -> str | None:
+        """None when this driver can pause, save and restore VMs here; else why not."""
+
+    async def restore(self, spec: MachineSpec, endpoint: AgentEndpoint, snapshot: VmSnapshot,
+                      memory: MemoryUse = "cow") -> VmmProcess:
+        """Start a VMM that continues the saved VM (it runs when this returns). `spec` must
+        describe the same machine (vCPUs, memory, devices) as the saved one, with this
+        VM's own disk, TAP, MAC and directories. The guest agent dials the new endpoint
+        again by itself. Nothing is left behind on failure."""

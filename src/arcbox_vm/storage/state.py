@@ -20,7 +20,7 @@ from arcbox_vm.ports.storage import StoredEvent
 
 __all__ = ["StateCorrupt", "StateError", "StateStore", "StoredEvent"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i+1 (index i). Append only.
 MIGRATIONS: list[str] = [
@@ -63,7 +63,26 @@ MIGRATIONS: list[str] = [
         attributes TEXT NOT NULL
     );
     """,
+    # 2: checkpoints (snapshots of sandboxes) and per-sandbox snapshot facts (restored from,
+    # paused, suspended to disk, warm pool) as JSON in `extra`
+    """
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        sandbox_id TEXT NOT NULL,        -- the sandbox it was taken of
+        created_at REAL NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        dir TEXT NOT NULL,               -- its files (<data dir>/checkpoints/<id>)
+        meta TEXT NOT NULL,              -- JSON: the machine, the VMM's snapshot facts, defaults
+        hidden INTEGER NOT NULL DEFAULT 0  -- made for a fork or the warm pool: not listed
+    );
+    ALTER TABLE sandboxes ADD COLUMN extra TEXT;
+    """,
 ]
+
+
+SANDBOX_COLUMNS = ("id", "state", "spec", "workdir", "vmm", "pid", "pid_start", "lease", "created_at", "ready_at",
+                   "last_exited_at", "last_exit_code", "error", "removing", "extra")
 
 
 class StateStore:
@@ -165,8 +184,7 @@ class StateStore:
 
     def put_sandbox(self, rec: dict[str, Any], lease_ip: str | None = None) -> None:
         """Insert or replace a sandbox record (and its lease, if given) atomically."""
-        cols = ("id", "state", "spec", "workdir", "vmm", "pid", "pid_start", "lease", "created_at", "ready_at",
-                "last_exited_at", "last_exit_code", "error", "removing")
+        cols = SANDBOX_COLUMNS
 
         def fn(db: sqlite3.Connection) -> None:
             db.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
@@ -184,6 +202,36 @@ class StateStore:
             db.execute("DELETE FROM execs WHERE sandbox_id = ?", (sandbox_id,))
 
         self._write(fn)
+
+    def rename_sandbox(self, old_id: str, rec: dict[str, Any], lease_ip: str | None = None) -> None:
+        """Replace the record `old_id` by `rec` (another id) in one transaction."""
+        cols = SANDBOX_COLUMNS
+
+        def fn(db: sqlite3.Connection) -> None:
+            for table, key in (("sandboxes", "id"), ("leases", "sandbox_id"), ("execs", "sandbox_id")):
+                db.execute(f"DELETE FROM {table} WHERE {key} = ?", (old_id,))
+            db.execute(f"INSERT INTO sandboxes ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                       [rec.get(c) if c != "removing" else int(bool(rec.get(c))) for c in cols])
+            if lease_ip:
+                db.execute("INSERT OR REPLACE INTO leases (ip, sandbox_id) VALUES (?, ?)", (lease_ip, rec["id"]))
+
+        self._write(fn)
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def put_checkpoint(self, row: dict[str, Any]) -> None:
+        cols = ("id", "name", "sandbox_id", "created_at", "size_bytes", "dir", "meta", "hidden")
+        self._write(lambda db: db.execute(
+            f"INSERT INTO checkpoints ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            [int(bool(row.get(c))) if c == "hidden" else row.get(c) for c in cols]))
+
+    def delete_checkpoint(self, checkpoint_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM checkpoints WHERE id = ?", (checkpoint_id,)))
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM checkpoints ORDER BY created_at")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
 
     def append_event(self, sandbox_id: str, action: str, attributes: dict[str, str],
                      ts_ns: int | None = None) -> StoredEvent:

@@ -38,7 +38,7 @@ SMALL_READ = 4096  # a virtio-serial port's buffer size
 RETRY_MIN = 0.1
 RETRY_MAX = 1.0
 FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow_control", "shutdown", "ping",
-            protocol.FEATURE_FILES, protocol.FEATURE_ATTACH, protocol.FEATURE_PORTS]
+            protocol.FEATURE_FILES, protocol.FEATURE_ATTACH, protocol.FEATURE_PORTS, protocol.FEATURE_REINIT]
 
 _R = selectors.EVENT_READ
 _W = selectors.EVENT_WRITE
@@ -189,6 +189,27 @@ class HostConnection:
         self.next_connect = time.monotonic() + (retry_in if retry_in is not None else self.backoff)
         if retry_in is None:
             self.backoff = min(self.backoff * 2, RETRY_MAX)
+
+    def hello_again(self) -> None:
+        """HELLO_AGAIN: another host is behind the same stream (this VM was restored from a
+        snapshot). The first request since the last HELLO_ACK ends the old connection's
+        business as a lost channel would — sessions detached, transfers aborted, output
+        still queued for the old host dropped — and every request gets a fresh HELLO."""
+        conn = self.conn
+        if conn is None:
+            return
+        if self.hello_acked:
+            self._abort_files("the host changed")
+            for s in self.sessions.values():
+                s.detach()
+                self.detached[s.channel] = s
+            n = len(self.sessions)
+            self.sessions.clear()
+            conn.close_queue()
+            self.decoder = protocol.FrameDecoder()
+            self.hello_acked = False
+            log("a new host is behind the channel (restored VM); %d session(s) keep running detached" % n)
+        self._send_json(MsgType.HELLO, protocol.CONTROL_CHANNEL, self.hello_body())
 
     def send_frame(self, type: int, channel: int, payload: bytes = b"") -> None:
         """Queue a frame (dropped when there is no channel); used by sessions too."""

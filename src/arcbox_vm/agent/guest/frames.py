@@ -88,6 +88,16 @@ class FrameHandling:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "SHUTDOWN action must be 'reboot' or 'poweroff'")
             self.send_frame(MsgType.SHUTDOWN_ACK, 0)
             self.begin_shutdown(action, "host requested %s" % action)
+        elif t == MsgType.HELLO_AGAIN:
+            self.hello_again()
+        elif t == MsgType.REINIT:
+            body = f.json()
+            if not self.pid1:  # an agent on an ordinary host (tests) must not touch its clock or network
+                self._send_json(MsgType.REINIT_DONE, 0, {"errors": [], "skipped": "not PID 1"})
+                return
+            from .reinit import apply
+
+            self._send_json(MsgType.REINIT_DONE, 0, {"errors": apply(body)})
         elif t == MsgType.WINDOW:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "WINDOW needs an exec channel, not channel 0")
         else:

@@ -91,6 +91,13 @@ class Conn:
         """One read; b"" means EOF. Raises BlockingIOError when nothing is there."""
         return os.read(self.fd, READ_SIZE)
 
+    def close_queue(self) -> None:
+        """Drop whatever is still queued (a frame half written included: the reader on the
+        other end resynchronises on the next frame's magic)."""
+        self._out.clear()
+        self._head_off = 0
+        self.out_bytes = 0
+
     def close(self) -> None:
         self._out.clear()
         self.out_bytes = 0

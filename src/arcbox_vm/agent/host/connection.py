@@ -74,6 +74,7 @@ class AgentConnection(FileTransfers):
         self._log = limits.LogLimiter(log)
         self._torn_down = False
         self._keepalive: asyncio.Task[None] | None = None
+        self._expected: dict[int, asyncio.Future[p.Frame]] = {}  # control reply type -> waiter (expect())
         self.closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._reader_task = asyncio.create_task(self._read_loop(), name="agent-reader")
 
@@ -218,6 +219,10 @@ class AgentConnection(FileTransfers):
         for task in self._replies.values():
             task.cancel()
         self._replies.clear()
+        for fut in self._expected.values():
+            if not fut.done():
+                fut.set_exception(reason)
+                fut.exception()  # retrieved: nobody may be waiting any more
         self._log.flush()
         with contextlib.suppress(Exception):
             self._writer.transport.abort()  # never wait for a flush the guest may never allow
@@ -252,6 +257,10 @@ class AgentConnection(FileTransfers):
         elif frame.type == p.MsgType.SHUTDOWN_ACK:
             if self._shutdown_ack and not self._shutdown_ack.done():
                 self._shutdown_ack.set_result(None)
+        elif frame.type in self._expected:
+            fut = self._expected.pop(frame.type)
+            if not fut.done():
+                fut.set_result(frame)
         elif frame.type == p.MsgType.ERROR:
             try:
                 code, msg = limits.error_body(frame.json())
@@ -402,10 +411,21 @@ class AgentConnection(FileTransfers):
         except (AgentDisconnected, TimeoutError):
             return False
 
+    def expect(self, reply_type: int) -> asyncio.Future[p.Frame]:
+        """A future for the next control frame of `reply_type` (e.g. REINIT_DONE, see
+        agent/host/reinit.py); it fails with the reason if the channel closes first."""
+        fut = self._expected[reply_type] = asyncio.get_running_loop().create_future()
+        return fut
+
     def start_keepalive(self, interval: float, timeout: float) -> None:
         """Ping every `interval` s; no answer for `timeout` s declares the agent gone: every
         session then ends with AgentDisconnected and `closed` resolves (never a hang)."""
         self._keepalive = asyncio.create_task(self._keepalive_loop(interval, timeout), name="agent-keepalive")
+
+    def stop_keepalive(self) -> None:
+        """No more pings (a paused VM cannot answer them); `start_keepalive` starts again."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
 
     async def _keepalive_loop(self, interval: float, timeout: float) -> None:
         while not self.closed.done():
@@ -422,8 +442,7 @@ class AgentConnection(FileTransfers):
     async def close(self) -> None:
         """Drop the connection now: the stream is aborted (what is still unsent is lost; never
         waits for the guest to read it), streams end with AgentDisconnected."""
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        self.stop_keepalive()
         self._teardown(AgentDisconnected("the connection to the guest agent was closed by the host"))
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -30,11 +30,25 @@ log = logging.getLogger(__name__)
 MAX_WAITING = 2  # connections that may wait for `accept` (a QEMU chardev reconnect, a re-dial); more are closed
 
 
-async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> AgentConnection:
-    """Wait for the agent's HELLO on a fresh stream, check its version and fields, acknowledge it."""
+HELLO_AGAIN_EVERY_S = 0.5
+
+
+async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    hello_again: bool = False) -> AgentConnection:
+    """Wait for the agent's HELLO on a fresh stream, check its version and fields, acknowledge it.
+
+    `hello_again`: the agent may not know this stream is new (a VM restored from a
+    snapshot keeps its old one open): ask for HELLO (HELLO_AGAIN) until it comes."""
     decoder = p.FrameDecoder()
     while True:
-        data = await reader.read(READ_SIZE)
+        if hello_again:
+            writer.write(p.encode_frame(p.MsgType.HELLO_AGAIN, 0))
+            try:
+                data = await asyncio.wait_for(reader.read(READ_SIZE), HELLO_AGAIN_EVERY_S)
+            except asyncio.TimeoutError:
+                continue
+        else:
+            data = await reader.read(READ_SIZE)
         if not data:
             raise AgentDisconnected("the channel closed before the guest agent said HELLO")
         items = decoder.feed(data)
@@ -111,8 +125,9 @@ class AgentListener:
                   self.path.name, why, self.refused)
 
     async def accept(self, timeout: float, vmm_exit: asyncio.Future[Any] | None = None,
-                     describe_exit: Any = None) -> AgentConnection:
-        """Wait for a connection whose agent says HELLO; fail fast if the VMM exits."""
+                     describe_exit: Any = None, hello_again: bool = False) -> AgentConnection:
+        """Wait for a connection whose agent says HELLO; fail fast if the VMM exits.
+        `hello_again`: ask for it (see `handshake`), for a VM restored from a snapshot."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -124,14 +139,18 @@ class AgentListener:
             waiters: set[asyncio.Future[Any]] = {get}
             if vmm_exit is not None:
                 waiters.add(vmm_exit)
-            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                get.cancel()  # else a pending task is destroyed with the loop
+                raise
             if get not in done:
                 get.cancel()
                 if vmm_exit is not None and vmm_exit in done:
                     raise BootFailed(describe_exit() if callable(describe_exit) else "the VMM exited during boot")
                 continue
             reader, writer = get.result()
-            hs = asyncio.ensure_future(handshake(reader, writer))
+            hs = asyncio.ensure_future(handshake(reader, writer, hello_again))
             waiters = {hs} | ({vmm_exit} if vmm_exit is not None else set())
             done, _ = await asyncio.wait(waiters, timeout=max(0.0, deadline - loop.time()),
                                          return_when=asyncio.FIRST_COMPLETED)

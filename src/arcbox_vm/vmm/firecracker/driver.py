@@ -33,11 +33,11 @@ from pathlib import Path
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, VSOCK_PORT
 from arcbox_vm.config.firecracker import FirecrackerConfig
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
-from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
+from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec, MemoryUse, VmSnapshot
 from arcbox_vm.vmm.cgroup import SandboxCgroups
 from arcbox_vm.vmm.process import TrackedProcess
 
-from . import bodies
+from . import bodies, snapshots
 from .api import DEFAULT_REQUEST_TIMEOUT, FirecrackerApi
 from .bodies import ApiRequest
 from .cmdline import firecracker_argv, jailer_argv, jailer_netns, jailer_sets_cgroups
@@ -131,13 +131,38 @@ class FirecrackerDriver:
         return FirecrackerProcess(handle, api, layout, cfg, cgroup)
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> FirecrackerProcess:
-        cfg = self.config
-        layout = layout_for(cfg, spec.socket_dir, spec.workdir)
-        uds_host = self._vsock_uds(endpoint, layout)
+        layout = layout_for(self.config, spec.socket_dir, spec.workdir)
         self._check_inputs(spec)
+        requests = self.plan_requests(spec, endpoint, layout=layout)  # validates before spawning
+        return await self._start(spec, endpoint, layout, requests)
+
+    def snapshot_support(self) -> str | None:
+        return snapshots.restore_support(self.config)
+
+    async def restore(self, spec: MachineSpec, endpoint: AgentEndpoint, snapshot: VmSnapshot,
+                      memory: MemoryUse = "cow") -> FirecrackerProcess:
+        """A fresh jailed Firecracker loading `snapshot` (see snapshots.py); the memory file is
+        always mapped copy-on-write (Firecracker's File backend), whatever `memory` says."""
+        why = self.snapshot_support()
+        if why:
+            raise BootFailed(why)
+        if snapshot.vmm != self.name or snapshot.memory is None:
+            raise BootFailed(f"this snapshot was made by {snapshot.vmm}, not Firecracker")
+        layout = layout_for(self.config, spec.socket_dir, spec.workdir)
+        self._check_inputs(spec)
+        requests = snapshots.restore_requests(self.config, layout, tap_name=spec.tap_name, iface_id=NET_IFACE_ID,
+                                              vsock_uds=self._vsock_uds(endpoint, layout))
+        stage = {snapshots.JAIL_STATE: snapshot.state, snapshots.JAIL_MEMORY: snapshot.memory}
+        return await self._start(spec, endpoint, layout, requests, stage)
+
+    async def _start(self, spec: MachineSpec, endpoint: AgentEndpoint, layout: Layout, requests: list[ApiRequest],
+                     stage: dict[str, Path] | None = None) -> FirecrackerProcess:
+        """Spawn Firecracker (under the jailer if configured), send `requests`; with `stage`,
+        those files are put into the jail too (read-only)."""
+        cfg = self.config
+        uds_host = self._vsock_uds(endpoint, layout)
         fc_binary = resolve_binary(cfg.binary, "firecracker")
         jailer_binary = resolve_binary(cfg.jailer.binary, "jailer") if cfg.jailer is not None else None
-        requests = self.plan_requests(spec, endpoint, layout=layout)  # validates before spawning
         netns = spec.netns  # named network namespace the VMM must run in
         if cfg.jailer is not None:
             jailer_netns(cfg, netns)  # conflicting namespaces fail before anything is created
@@ -152,6 +177,9 @@ class FirecrackerDriver:
 
         try:
             self._prepare_files(spec, layout, uds_host, endpoint)
+            for name, src in (stage or {}).items():
+                assert cfg.jailer is not None
+                stage_file(src, layout.jail_file(name), uid=cfg.jailer.uid, gid=cfg.jailer.gid, writable=False)
             if cfg.jailer is None:
                 argv = firecracker_argv(cfg, layout, instance_id(spec.sandbox_id), binary=fc_binary, netns_name=netns)
             else:

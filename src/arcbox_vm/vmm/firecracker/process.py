@@ -17,10 +17,11 @@ from pathlib import Path
 
 from arcbox_vm.config.firecracker import FirecrackerConfig
 from arcbox_vm.errors import VmmError
+from arcbox_vm.ports import VmSnapshot
 from arcbox_vm.vmm.cgroup import SandboxCgroup
 from arcbox_vm.vmm.process import TrackedProcess, tail
 
-from . import bodies
+from . import bodies, snapshots
 from .api import FirecrackerApi
 from .bodies import ApiRequest
 from .layout import Layout
@@ -117,6 +118,19 @@ class FirecrackerProcess:
             await self._api.send(bodies.send_ctrl_alt_del())
         except VmmError as exc:
             log.info("SendCtrlAltDel to Firecracker pid %s failed (ignored): %s", self.pid, exc)
+
+    # -- snapshots (arcbox_vm.ports.SnapshotProcess; see snapshots.py) ----------------
+
+    async def pause(self) -> None:
+        await self._api.send(bodies.pause_vm())
+
+    async def resume(self) -> None:
+        await self._api.send(bodies.resume_vm())
+
+    async def save_state(self, dest: Path) -> VmSnapshot:
+        """A Full snapshot of the paused VM into `dest` (state + memory)."""
+        await self._api.send(snapshots.create_request(self.layout, dest))
+        return snapshots.collect(self.layout, dest, {"snapshot_type": "Full"})
 
     async def kill(self) -> None:
         """SIGKILL Firecracker and wait until it is gone (VmmError if it does not go)."""

@@ -11,17 +11,20 @@ from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, SERIAL_PORT_NAME
 from arcbox_vm.config.qemu import QemuConfig
 from arcbox_vm.errors import BootFailed, VmmError
 from arcbox_vm.network.netns import exec_prefix
-from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec
+from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec, MemoryUse, VmSnapshot
 from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 from arcbox_vm.vmm.kvm import probe_kvm
 from arcbox_vm.vmm.process import TrackedProcess
-from arcbox_vm.vmm.qemu.cmdline import qemu_argv
+from arcbox_vm.vmm.qemu import snapshot as snap
+from arcbox_vm.vmm.qemu.cmdline import MemoryFile, memory_from_argv, qemu_argv
+from arcbox_vm.vmm.qemu.qmp import QMP_SOCKET
 
 # How long QEMU must stay alive after exec before we call the launch good; a bad
 # kernel path, a busy TAP or a bad option makes it exit well within this.
 _STARTUP_GRACE_S = 0.3
 CONSOLE_LOG = "console.log"  # the guest's serial console, in the workdir
 VMM_LOG = "vmm.log"  # QEMU's own stdout/stderr, in the workdir
+MEMORY_FILE = "mem"  # the guest's RAM, in the VM's memory directory (MachineSpec.memdir)
 
 
 class QemuProcess:
@@ -31,11 +34,15 @@ class QemuProcess:
     removes the sandbox's cgroup, killing whatever is left in it."""
 
     def __init__(self, process: TrackedProcess, console_log: Path, accel: str | None,
-                 cgroup: SandboxCgroup | None = None) -> None:
+                 cgroup: SandboxCgroup | None = None, *, qmp: Path | None = None,
+                 memory: MemoryFile | None = None) -> None:
         self._process = process
         self._console_log = console_log
         self.accel = accel  # None: adopted, started by an earlier daemon
         self.cgroup = cgroup
+        self.qmp = qmp  # the monitor socket (None: started without one)
+        self.memory = memory  # where the guest RAM is (None: anonymous)
+        self._monitor_lock = asyncio.Lock()  # QEMU serves one monitor client at a time
 
     @property
     def pid(self) -> int:
@@ -72,6 +79,30 @@ class QemuProcess:
 
     async def kill(self) -> None:
         await self._process.kill()
+
+    # -- snapshots (arcbox_vm.ports.SnapshotProcess) ----------------------------------
+
+    def _monitor(self) -> Path:
+        if self.qmp is None or self.returncode is not None:
+            raise VmmError("this QEMU has no monitor to pause or save it (it was started by an older "
+                           "arcbox-vm, or it exited)")
+        return self.qmp
+
+    async def pause(self) -> None:
+        async with self._monitor_lock:
+            await snap.pause(self._monitor())
+
+    async def resume(self) -> None:
+        async with self._monitor_lock:
+            await snap.resume(self._monitor())
+
+    async def run_state(self) -> str:
+        async with self._monitor_lock:
+            return await snap.status(self._monitor())
+
+    async def save_state(self, dest: Path) -> VmSnapshot:
+        async with self._monitor_lock:
+            return await snap.save_state(self._monitor(), self.memory, dest)
 
     async def cleanup(self) -> None:
         """Remove the VM's cgroup (killing anything left in it); kills QEMU first if it
@@ -121,18 +152,35 @@ class QemuDriver:
         already exited if it is gone. Its cgroup is ours to remove."""
         process = TrackedProcess.watch(spec.pid, name="QEMU", log_path=spec.workdir / VMM_LOG,
                                        start_time=spec.start_time)
-        return QemuProcess(process, spec.workdir / CONSOLE_LOG, None, self.cgroups.sandbox(spec.sandbox_id))
+        qmp = spec.sockdir / QMP_SOCKET
+        return QemuProcess(process, spec.workdir / CONSOLE_LOG, None, self.cgroups.sandbox(spec.sandbox_id),
+                           qmp=qmp if qmp.exists() else None, memory=memory_from_argv(_cmdline(spec.pid)))
 
-    async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
+    def snapshot_support(self) -> str | None:
+        return None
+
+    def _own_memory(self, spec: MachineSpec) -> MemoryFile | None:
+        """Guest RAM as a shared file in the VM's memory directory, when it has one."""
+        return MemoryFile(spec.memdir / MEMORY_FILE, shared=True) if spec.memdir is not None else None
+
+    @staticmethod
+    def _check_files(spec: MachineSpec) -> None:
         for path, what in ((spec.kernel, "kernel"), (spec.rootfs, "rootfs")):
             if not Path(path).is_file():
                 raise BootFailed(f"the {what} image {path} does not exist")
         if spec.initrd is not None and not Path(spec.initrd).is_file():
             raise BootFailed(f"the initrd {spec.initrd} does not exist")
+
+    async def _start(self, spec: MachineSpec, endpoint: AgentEndpoint, memory: MemoryFile | None,
+                     incoming: bool) -> QemuProcess:
         accel = self.accel()
         console_log = spec.workdir / CONSOLE_LOG
         console_log.touch()
-        argv = qemu_argv(spec, endpoint, accel, self.config, console_log)
+        qmp = spec.socket_dir / QMP_SOCKET
+        cfg = self.config
+        if accel == "tcg" and not cfg.tsc_khz:
+            cfg = cfg.model_copy(update={"tsc_khz": host_tsc_khz()})
+        argv = qemu_argv(spec, endpoint, accel, cfg, console_log, qmp_socket=qmp, memory=memory, incoming=incoming)
         argv[0] = self.binary()
         argv = exec_prefix(spec.netns) + argv
         cgroup = self.cgroups.sandbox(spec.sandbox_id)
@@ -140,14 +188,68 @@ class QemuDriver:
                                            die_with_parent=self.die_with_parent)
         if cgroup is not None and not cgroup.place(child.pid):
             cgroup = None  # logged; the VM runs on in our cgroup
-        proc = QemuProcess(child, console_log, accel, cgroup)
+        return QemuProcess(child, console_log, accel, cgroup, qmp=qmp, memory=memory)
+
+    async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
+        self._check_files(spec)
+        proc = await self._start(spec, endpoint, self._own_memory(spec), incoming=False)
         try:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(child.wait(), _STARTUP_GRACE_S)
-            if child.returncode is not None:
+                await asyncio.wait_for(proc.wait(), _STARTUP_GRACE_S)
+            if proc.returncode is not None:
                 raise BootFailed(proc.describe_exit())
         except BaseException:  # failed or cancelled: leave no process and no cgroup behind
             await proc.kill()
             await proc.cleanup()
             raise
         return proc
+
+    async def restore(self, spec: MachineSpec, endpoint: AgentEndpoint, snapshot: VmSnapshot,
+                      memory: MemoryUse = "cow") -> QemuProcess:
+        """QEMU with the same devices, `-incoming defer`, fed the saved state, running.
+
+        The snapshot's memory file is mapped copy-on-write ("cow") or as the VM's own
+        shared memory ("own"); a snapshot whose RAM is in its stream gets fresh memory."""
+        if snapshot.vmm != self.name:
+            raise BootFailed(f"this snapshot was made by {snapshot.vmm}, not QEMU")
+        self._check_files(spec)
+        if snapshot.memory is not None:
+            ram: MemoryFile | None = MemoryFile(snapshot.memory, shared=memory == "own")
+        else:
+            ram = self._own_memory(spec)
+        proc = await self._start(spec, endpoint, ram, incoming=True)
+        try:
+            assert proc.qmp is not None
+            await snap.wait_monitor(proc.qmp, proc.exited, proc.describe_exit)
+            async with proc._monitor_lock:
+                await snap.load_state(proc.qmp, snapshot)
+        except BaseException as exc:
+            await proc.kill()
+            await proc.cleanup()
+            if isinstance(exc, VmmError):
+                raise BootFailed(f"restoring the VM failed: {exc}; {proc.describe_exit()}") from None
+            raise
+        return proc
+
+
+def host_tsc_khz(default: int = 2_000_000) -> int:
+    """The host's TSC rate in kHz: a TCG guest's TSC counts at it (QEMU reads the host's),
+    so the guest must be told exactly this or its clock drifts (sysfs where the kernel
+    exports it, else the CPU's nominal rate from /proc/cpuinfo)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    return default
+
+
+def _cmdline(pid: int | None) -> list[str]:
+    if not pid:
+        return []
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return []

@@ -900,3 +900,350 @@ class SandboxService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SandboxSnapshotServiceStub:
+    """Checkpoints (snapshots) of sandboxes, restores, forks, pause and resume — the
+    original's SandboxSnapshotService (its names and fields) plus Fork, Pause and Resume.
+    A checkpoint holds a sandbox's memory, device state and disk; the sandbox runs on.
+    A restore is a new sandbox (own id, IP, TAP, MAC, disk copy) continuing a checkpoint.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Checkpoint = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/Checkpoint',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/Restore',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RestoreResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/ListSnapshots',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/DeleteSnapshot',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/Fork',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ForkRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ForkResponse.FromString,
+                _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/Pause',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PauseRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/sandbox.v1.SandboxSnapshotService/Resume',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
+                _registered_method=True)
+
+
+class SandboxSnapshotServiceServicer:
+    """Checkpoints (snapshots) of sandboxes, restores, forks, pause and resume — the
+    original's SandboxSnapshotService (its names and fields) plus Fork, Pause and Resume.
+    A checkpoint holds a sandbox's memory, device state and disk; the sandbox runs on.
+    A restore is a new sandbox (own id, IP, TAP, MAC, disk copy) continuing a checkpoint.
+    """
+
+    def Checkpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Returns before the restored sandbox is ready (like Create); wait for its "ready" event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Sandboxes restored from it run on (they hold the files they use); NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fork(self, request, context):
+        """`count` clones of a running sandbox; returns once all are ready (none left if one fails).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """State "paused": no CPU, no TTL; commands are refused until Resume. to_disk also saves
+        it and stops its VMM (its memory is freed; id, IP and disk stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SandboxSnapshotServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.CheckpointRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RestoreRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RestoreResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ForkRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ForkResponse.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PauseRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ResumeRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sandbox.v1.SandboxSnapshotService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sandbox.v1.SandboxSnapshotService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SandboxSnapshotService:
+    """Checkpoints (snapshots) of sandboxes, restores, forks, pause and resume — the
+    original's SandboxSnapshotService (its names and fields) plus Fork, Pause and Resume.
+    A checkpoint holds a sandbox's memory, device state and disk; the sandbox runs on.
+    A restore is a new sandbox (own id, IP, TAP, MAC, disk copy) continuing a checkpoint.
+    """
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/Checkpoint',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.CheckpointRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/Restore',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RestoreRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/ListSnapshots',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSnapshotsRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/DeleteSnapshot',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.DeleteSnapshotRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/Fork',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ForkRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ForkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/Pause',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PauseRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.SandboxSnapshotService/Resume',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ResumeRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,104 @@
+"""The snapshot part of the `SandboxManager` facade: checkpoint, restore, fork, pause,
+resume, list and delete checkpoints. Validate, find the record, call the use case
+(`checkpoints.py`, `restore.py`, `pausing.py`)."""
+
+from __future__ import annotations
+
+import logging
+
+from arcbox_vm.errors import InvalidArgument
+from arcbox_vm.manager import checkpoints as ckpts
+from arcbox_vm.manager import pausing
+from arcbox_vm.manager import restore as _restore
+from arcbox_vm.manager.context import ManagerContext
+from arcbox_vm.manager.pool import WarmPool
+from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.models import CheckpointInfo, RestoreSandboxSpec, SandboxSpec
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotOperations:
+    """Mixed into `SandboxManager` (which provides `_ctx`, `_get`, `_ensure_started`)."""
+
+    _ctx: ManagerContext
+    _pool: WarmPool | None = None
+
+    def _get(self, sandbox_id: str) -> SandboxRecord:  # pragma: no cover - provided by SandboxManager
+        raise NotImplementedError
+
+    async def _ensure_started(self) -> None:  # pragma: no cover - provided by SandboxManager
+        raise NotImplementedError
+
+    async def checkpoint_sandbox(self, sandbox_id: str, name: str = "") -> CheckpointInfo:
+        """Save a live sandbox's memory, device state and disk; it keeps running (paused
+        for well under a second when its memory is a file, see docs/ARCHITECTURE.md).
+        A paused sandbox can be checkpointed too (it stays paused)."""
+        await self._ensure_started()
+        ck = await ckpts.create(self._ctx, self._get(sandbox_id), name or "")
+        return ck.info()
+
+    async def restore_sandbox(self, spec: RestoreSandboxSpec) -> tuple[str, str]:
+        """A new sandbox continuing checkpoint `spec.snapshot_id`, with its own id, IP, TAP,
+        MAC and copy of the disk. Returns (id, ip) at once; `wait_ready(id)` returns once
+        its agent said HELLO again and the guest took its new address, clock and entropy."""
+        if not isinstance(spec, RestoreSandboxSpec):
+            raise InvalidArgument("restore_sandbox takes a RestoreSandboxSpec")
+        await self._ensure_started()
+        return await _restore.restore(self._ctx, spec)
+
+    def list_checkpoints(self, sandbox_id: str | None = None) -> list[CheckpointInfo]:
+        """Checkpoints (of `sandbox_id` when given), oldest first."""
+        self._ctx.open_events()
+        return ckpts.listing(self._ctx, sandbox_id)
+
+    def delete_checkpoint(self, snapshot_id: str) -> None:
+        """Delete a checkpoint and its files. Sandboxes restored from it run on: they hold
+        the files they use (hard links), which are freed when the last of them is removed."""
+        self._ctx.open_events()
+        ckpts.delete(self._ctx, snapshot_id)
+
+    async def fork_sandbox(self, sandbox_id: str, count: int = 1, timeout: float = 300) -> list[tuple[str, str]]:
+        """`count` clones of a running sandbox — its files and processes included — each
+        with its own id, IP, TAP and MAC; returns their (id, ip) once all are READY (none
+        is left behind if one fails)."""
+        await self._ensure_started()
+        return await _restore.fork(self._ctx, self._get(sandbox_id), int(count), timeout)
+
+    async def pause_sandbox(self, sandbox_id: str, to_disk: bool = False) -> None:
+        """PAUSED: the guest stops (no CPU); its TTL stops counting; commands and file
+        transfers are refused until `resume_sandbox`. `to_disk` also saves it and stops its
+        VMM, freeing its memory (it keeps its id, IP, TAP and disk)."""
+        await self._ensure_started()
+        await pausing.pause(self._ctx, self._get(sandbox_id), to_disk=bool(to_disk))
+
+    async def resume_sandbox(self, sandbox_id: str) -> None:
+        """Run a paused sandbox again (restoring it when it was paused to disk)."""
+        await self._ensure_started()
+        await pausing.resume(self._ctx, self._get(sandbox_id))
+
+    # -- the warm pool ([pool] size) ---------------------------------------------------
+
+    @property
+    def pool(self) -> WarmPool | None:
+        """The warm pool (None when `[pool] size` is 0 or the VMM cannot restore)."""
+        return self._pool
+
+    def _start_pool(self) -> None:
+        if self._ctx.config.pool.size <= 0:
+            return
+        try:
+            ckpts.snapshot_driver(self._ctx)
+        except Exception as exc:  # noqa: BLE001 - no pool; creating works as ever
+            log.warning("warm pool off: %s", exc)
+            return
+        self._pool = WarmPool(self._ctx)
+        self._pool.start()
+
+    def _take_from_pool(self, spec: SandboxSpec) -> tuple[str, str] | None:
+        return self._pool.take(spec) if self._pool is not None else None
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
