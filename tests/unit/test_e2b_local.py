@@ -27,7 +27,14 @@ from e2b.exceptions import AuthenticationException, TimeoutException  # noqa: E4
 from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
 
 from arcbox_vm import SandboxManager, VmmConfig  # noqa: E402
-from arcbox_vm.config import AgentConfig, DaemonConfig, DefaultVmConfig, E2bConfig, GrpcConfig  # noqa: E402
+from arcbox_vm.config import (  # noqa: E402
+    AgentConfig,
+    DaemonConfig,
+    DefaultVmConfig,
+    E2bConfig,
+    GrpcConfig,
+    LimitsConfig,
+)
 from arcbox_vm.daemon.serve import serve  # noqa: E402
 from tests.support.local_vmm import LocalDriver, NoImageBuild  # noqa: E402
 
@@ -41,7 +48,10 @@ def free_port() -> int:
 
 
 class E2bDaemon:
-    def __init__(self, root: Path, runtime: Path) -> None:
+    """`network`: a Network adapter standing in for TAPs (E2B sandboxes then get network
+    "tap"); else they have none. `limits`: the [limits] section."""
+
+    def __init__(self, root: Path, runtime: Path, network: object = None, limits: LimitsConfig | None = None) -> None:
         (root / "vmlinuz").write_bytes(b"not a kernel")
         (root / "rootfs.img").write_bytes(b"not a filesystem")
         self.api = f"127.0.0.1:{free_port()}"
@@ -54,8 +64,10 @@ class E2bDaemon:
             agent=AgentConfig(hello_timeout_s=15, keepalive_interval_s=0.5, keepalive_timeout_s=5),
             # the local double's "guest" is this host: no `user` account there, run as ourselves
             e2b=E2bConfig(enabled=True, api_addr=self.api, sandbox_addr=self.sandbox, api_keys=[KEY],
-                          default_user="root", network="none", watch_interval_s=0.1),
+                          default_user="root", network="tap" if network else "none", watch_interval_s=0.1),
+            limits=limits or LimitsConfig(),
         )
+        self.network = network
         self.images = NoImageBuild()
         self.manager: SandboxManager | None = None
         self.task: asyncio.Task | None = None
@@ -64,6 +76,8 @@ class E2bDaemon:
     async def start(self) -> "E2bDaemon":
         self.manager = SandboxManager(self.config, driver=LocalDriver())
         self.manager.adapters.images = self.images
+        if self.network is not None:
+            self.manager.adapters.network = self.network  # type: ignore[assignment]
         ready = asyncio.Event()
         self.task = asyncio.create_task(serve(self.config, ready=ready, manager=self.manager, stop=self.stop_event))
         waiter = asyncio.create_task(ready.wait())
@@ -82,11 +96,12 @@ class E2bDaemon:
             self.task = None
 
 
-@pytest_asyncio.fixture
-async def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[E2bDaemon]:
+@contextlib.asynccontextmanager
+async def e2b_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> AsyncIterator[E2bDaemon]:
+    """A started E2bDaemon (kwargs: its options) with the SDK's environment pointing at it."""
     runtime = Path(tempfile.mkdtemp(prefix="abx"))
     monkeypatch.setenv("ARCBOX_VM_RUNTIME_DIR", str(runtime))
-    d = E2bDaemon(tmp_path, runtime)
+    d = E2bDaemon(tmp_path, runtime, **kwargs)  # type: ignore[arg-type]
     monkeypatch.setenv("E2B_API_KEY", KEY)
     monkeypatch.setenv("E2B_API_URL", f"http://{d.api}")
     monkeypatch.setenv("E2B_SANDBOX_URL", f"http://{d.sandbox}")
@@ -101,6 +116,12 @@ async def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
             assert d.manager is not None
             await d.manager.close()
     assert d.images.calls == 0
+
+
+@pytest_asyncio.fixture
+async def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[E2bDaemon]:
+    async with e2b_daemon(tmp_path, monkeypatch) as d:
+        yield d
 
 
 async def test_sync_sdk(daemon: E2bDaemon, tmp_path: Path) -> None:

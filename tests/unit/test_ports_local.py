@@ -20,7 +20,17 @@ from test_manager_local import Rig, gone, rig, ready_sandbox, rss_bytes, spec, w
 
 from arcbox_vm import PortMapping, SandboxState
 from arcbox_vm.agent import protocol as p
-from arcbox_vm.errors import BootFailed, HostPortUnavailable, InvalidArgument, ResourceExhausted, SandboxNotFound
+from arcbox_vm.agent.host import PortClosed
+from arcbox_vm.errors import (
+    AgentDisconnected,
+    AgentError,
+    BootFailed,
+    HostPortUnavailable,
+    InvalidArgument,
+    InvalidState,
+    ResourceExhausted,
+    SandboxNotFound,
+)
 from tests.support.local_vmm import LocalDriver
 
 S = SandboxState
@@ -385,3 +395,71 @@ async def test_an_agent_too_old_to_forward_fails_the_boot_and_frees_the_port(rig
     await mgr.remove_sandbox("old")
     await mgr.remove_sandbox("old-no-ports")
 
+
+
+# -- connect_port: a stream to a guest port for in-process callers ---------------------------
+
+
+async def test_connect_port_streams_to_the_guest_and_shares_the_connection_limit(rig: Rig) -> None:
+    srv = await guest_server()
+    mgr = rig.manager()
+    mgr.config.limits.max_port_connections = 2
+    await mgr.create_sandbox(spec("stream", ports=[PortMapping(srv.port)]))
+    with pytest.raises(InvalidState, match="ready or running"):
+        await mgr.connect_port("stream", srv.port)  # still booting
+    await mgr.wait_ready("stream", 15)
+    host_port = mgr.inspect_sandbox("stream").ports[0].host_port
+
+    data = os.urandom(3 * p.PORT_WINDOW + 5)  # more than a window each way
+    async with await mgr.connect_port("stream", srv.port) as s1:
+        writer = asyncio.ensure_future(s1.write(data))
+        got = bytearray()
+        while len(got) < len(data):
+            got += await s1.read()
+        await writer
+        await s1.write_eof()
+        assert bytes(got) == data and await s1.read() == b""
+    await wait_for(lambda: srv.ends == ["done"], what="a clean end in the guest")
+
+    s1 = await mgr.connect_port("stream", srv.port)
+    s2 = await mgr.connect_port("stream", srv.port)
+    with pytest.raises(ResourceExhausted, match="max_port_connections"):
+        await mgr.connect_port("stream", srv.port)
+    reader, writer3 = await asyncio.open_connection("127.0.0.1", host_port)  # the listener waits too
+    writer3.write(b"third")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(reader.read(10), 0.5)
+    s2.close()  # a stream ends: the listener accepts again
+    assert await asyncio.wait_for(reader.read(10), 10) == b"third"
+    writer3.close()
+    forwards = mgr._ctx.sandboxes["stream"].forwards
+    await wait_for(lambda: forwards.connections == 1, what="only s1 left")
+
+    with pytest.raises(AgentError) as err:
+        await mgr.connect_port("stream", free_port())
+    assert err.value.code == "refused" and forwards.connections == 1
+
+    await mgr.remove_sandbox("stream")  # an open stream ends: reset, or its agent gone first
+    with pytest.raises((PortClosed, AgentDisconnected)):
+        await s1.read()
+    s1.close()
+    with pytest.raises(SandboxNotFound):
+        await mgr.connect_port("stream", srv.port)
+    srv.close()
+
+
+async def test_connect_port_without_mappings_or_network(rig: Rig) -> None:
+    srv = await guest_server()
+    mgr = rig.manager()
+    sid = await ready_sandbox(mgr, "plain")
+    stream = await mgr.connect_port(sid, srv.port)
+    await stream.write(b"ping")
+    assert await stream.read() == b"ping"
+    await mgr.stop_sandbox(sid, timeout_seconds=10)  # stopping ends it
+    with pytest.raises((PortClosed, AgentDisconnected)):
+        await stream.read()
+    stream.close()
+    with pytest.raises(InvalidState):
+        await mgr.connect_port(sid, srv.port)
+    await mgr.remove_sandbox(sid)
+    srv.close()

@@ -8,6 +8,7 @@ import os
 import socket
 import time
 
+import httpx
 import pytest
 
 e2b = pytest.importorskip("e2b")
@@ -15,6 +16,8 @@ e2b = pytest.importorskip("e2b")
 from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery  # noqa: E402
 from e2b.exceptions import AuthenticationException  # noqa: E402
 from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
+
+from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb  # noqa: E402
 
 from .daemon_helpers import Daemon, write_config  # noqa: E402
 from .manager_helpers import netns_list  # noqa: E402
@@ -126,3 +129,38 @@ async def test_async_sdk_and_timeout_in_a_vm(e2b_env) -> None:
     assert not await sbx.is_running()
     with pytest.raises(AuthenticationException):
         await AsyncSandbox.create(api_key="wrong")
+
+
+def test_get_host_port_and_the_egress_policy_in_a_vm(e2b_env) -> None:
+    """An HTTP server in the guest reached through get_host(port) at E2B_SANDBOX_URL (over
+    the agent channel), and create's allow_internet_access / network as the sandbox's
+    egress policy, seen over gRPC."""
+    sbx = Sandbox.create(timeout=300, allow_internet_access=False, network={"allow_out": ["1.1.1.1"]})
+    try:
+        net = e2b_env.stub().Inspect(pb.InspectSandboxRequest(id=sbx.sandbox_id), timeout=10).network
+        assert (net.egress, list(net.allow_out), list(net.deny_out)) == ("none", ["1.1.1.1/32"], [])
+        info = sbx.get_info()
+        assert info.allow_internet_access is False and info.network["deny_out"] == ["0.0.0.0/0"]
+
+        blob = os.urandom(5 << 20)
+        sbx.files.write("/tmp/site/index.html", "hello from the VM\n")
+        sbx.files.write("/tmp/site/big.bin", blob)
+        sbx.commands.run("python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp/site", background=True)
+        base = os.environ["E2B_SANDBOX_URL"]
+        token = {"E2b-Traffic-Access-Token": sbx.traffic_access_token}
+        hdr = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000", **token}
+        deadline = time.monotonic() + 30
+        while (r := httpx.get(f"{base}/index.html", headers=hdr)).status_code == 502 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (r.status_code, r.text) == (200, "hello from the VM\n")
+        r = httpx.get(f"{base}/big.bin", headers={"Host": sbx.get_host(8000), **token}, timeout=60)
+        assert r.status_code == 200 and r.content == blob
+        r = httpx.get(f"{base}/", headers={**hdr, "E2b-Sandbox-Port": "8001"})
+        assert r.status_code == 502 and "port is not open" in r.json()["message"]
+        assert httpx.get(f"{base}/", headers={**hdr, "E2b-Traffic-Access-Token": "wrong"}).status_code == 401
+
+        sbx.update_network({"allow_internet_access": True, "deny_out": ["8.8.0.0/16"]})
+        net = e2b_env.stub().Inspect(pb.InspectSandboxRequest(id=sbx.sandbox_id), timeout=10).network
+        assert (net.egress, list(net.allow_out), list(net.deny_out)) == ("nat", [], ["8.8.0.0/16"])
+    finally:
+        assert sbx.kill() is True

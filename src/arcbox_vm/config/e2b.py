@@ -40,10 +40,13 @@ class E2bConfig(BaseModel):
     default_user: the guest user commands and files use when the SDK names none (E2B's
       base image: "user").
     network: the network of sandboxes made through the E2B API ("tap": as configured in
-      [network]; "none": no network). allow_internet_access / network from the SDK are
-      stored with the sandbox (the network-policy feature will enforce them).
+      [network], with the SDK's allow_internet_access / network allowOut, denyOut as
+      their egress policy; "none": no TAP, so no egress at all — creating one with
+      internet access or allowOut is refused). Their ports are reachable either way
+      (through the guest agent, `get_host(port)`).
     secure: every sandbox gets an access token (envdAccessToken) that the in-sandbox
-      API requires; the SDK sends it by itself.
+      API requires, and a traffic access token (trafficAccessToken) for its other ports
+      (`get_host(port)`: header E2b-Traffic-Access-Token); the SDK sends the first by itself.
     max_timeout_s: the longest sandbox timeout a client may ask for.
     max_processes / max_watchers: per sandbox, what the in-sandbox API may hold.
     max_request_mib: the largest JSON request body (file uploads are bounded by

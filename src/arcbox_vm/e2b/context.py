@@ -17,12 +17,17 @@ class E2bContext:
     api_keys: ApiKeys
     tokens: AccessTokens
     network_mode: str = "tap"  # the network of sandboxes made through the E2B API
+    default_egress: str = "none"  # [network] default_egress
     max_file_bytes: int = 0  # daemon.max_file_mib in bytes (0 = no limit)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def access_token(self, sandbox_id: str) -> str | None:
         """The sandbox's envdAccessToken, None when sandboxes are not secured."""
         return self.tokens.token(sandbox_id) if self.config.secure else None
+
+    def traffic_token(self, sandbox_id: str) -> str | None:
+        """The sandbox's trafficAccessToken (its other ports), None when not secured."""
+        return self.tokens.traffic_token(sandbox_id) if self.config.secure else None
 
     def workdir(self, sandbox_id: str) -> Path | None:
         try:

@@ -3,7 +3,9 @@
 POST /v2/sandboxes, POST /v2/sandboxes/{id}/connect (and the v1 path), GET /v2/sandboxes
 (metadata/state filters, `x-next-token` paging), GET/DELETE /sandboxes/{id},
 POST /sandboxes/{id}/timeout, POST /sandboxes/{id}/pause (409: not supported — there are
-no snapshots yet; the SDK's `pause()` then returns False), GET /sandboxes/{id}/metrics.
+no snapshots yet; the SDK's `pause()` then returns False), GET /sandboxes/{id}/metrics,
+PUT /sandboxes/{id}/network (`update_network`). Create's `allow_internet_access` and
+`network` become the sandbox's egress policy (network.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from arcbox_vm.e2b import sandboxes, views
+from arcbox_vm.e2b import network, sandboxes, views
 from arcbox_vm.e2b.context import E2bContext
 from arcbox_vm.errors import (
     ArcboxError,
@@ -33,7 +35,7 @@ from arcbox_vm.errors import (
     SandboxAlreadyExists,
     SandboxNotFound,
 )
-from arcbox_vm.models import SandboxNetworkSpec, SandboxSpec
+from arcbox_vm.models import SandboxSpec
 
 log = logging.getLogger("arcbox_vm.e2b.control")
 
@@ -118,17 +120,12 @@ class ControlPlane:
         template = body.get("templateID") or sandboxes.BASE_TEMPLATE
         if not isinstance(template, str):
             raise ApiError(400, "templateID must be a string")
-        allow = body.get("allow_internet_access")
-        if allow is not None and not isinstance(allow, bool):
-            raise ApiError(400, "allow_internet_access must be a boolean")
-        network = body.get("network")
-        if network is not None and not isinstance(network, dict):
-            raise ApiError(400, "network must be an object")
-        labels = sandboxes.creation_labels(template, _str_map(body.get("metadata"), "metadata"), allow, network)
+        net = network.egress_spec(body.get("allow_internet_access"), body.get("network"),
+                                  mode=self.ctx.network_mode, secure=self.ctx.config.secure)
+        labels = sandboxes.creation_labels(template, _str_map(body.get("metadata"), "metadata"))
         spec = SandboxSpec(id=sandboxes.new_id(), labels=labels, env=_str_map(body.get("envVars"), "envVars"),
                            ttl_seconds=_timeout(body.get("timeout"), self.ctx, DEFAULT_TIMEOUT_S) or 0,
-                           user=self.ctx.config.default_user,
-                           network=SandboxNetworkSpec(mode=self.ctx.network_mode))  # type: ignore[arg-type]
+                           user=self.ctx.config.default_user, network=net)
         if template != sandboxes.BASE_TEMPLATE:  # another template: a root filesystem in [images] dir
             try:
                 spec = self.mgr.resolve_image_names(spec.model_copy(update={"rootfs": template}))
@@ -155,7 +152,8 @@ class ControlPlane:
             raise
         info = self.mgr.inspect_sandbox(sid)
         log.info("e2b: created sandbox %s (template %s)", sid, sandboxes.template_of(info.labels))
-        return JSONResponse(views.sandbox(info, self.ctx.access_token(sid)), status_code=201)
+        return JSONResponse(views.sandbox(info, self.ctx.access_token(sid), self.ctx.traffic_token(sid)),
+                            status_code=201)
 
     async def connect(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
@@ -169,7 +167,8 @@ class ControlPlane:
                 self.mgr.set_ttl(sid, timeout)
         await self.mgr.wait_ready(sid, timeout=BOOT_WAIT_S)
         info = self.mgr.inspect_sandbox(sid)
-        return JSONResponse(views.sandbox(info, self.ctx.access_token(sid)), status_code=200)
+        return JSONResponse(views.sandbox(info, self.ctx.access_token(sid), self.ctx.traffic_token(sid)),
+                            status_code=200)
 
     async def get(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
@@ -196,6 +195,19 @@ class ControlPlane:
     async def pause(self, request: Request) -> Response:
         sandboxes.get_live(self.mgr, request.path_params["sandbox_id"])
         raise ApiError(409, "pausing is not supported by this server (no snapshots yet); the sandbox keeps running")
+
+    async def update_network(self, request: Request) -> Response:
+        """Replace the egress policy (E2B: omitted fields are cleared)."""
+        sid = request.path_params["sandbox_id"]
+        body = await _json(request, self._limit)
+        info = sandboxes.get_live(self.mgr, sid)
+        if info.network is None:
+            raise ApiError(409, f"the sandbox {sid} has no network ([e2b] network = \"none\"): it reaches nothing "
+                                "outside, and that cannot be changed")
+        net = network.egress_spec(body.get("allow_internet_access"), body, mode="tap", secure=self.ctx.config.secure,
+                                  default_egress=self.ctx.default_egress)
+        await self.mgr.update_network(sid, egress=net.egress, allow_out=net.allow_out, deny_out=net.deny_out)
+        return Response(status_code=204)
 
     async def metrics(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
@@ -272,6 +284,7 @@ def build_app(ctx: E2bContext) -> Starlette:
         Route("/sandboxes/{sandbox_id}/timeout", wrap(cp.set_timeout), methods=["POST"]),
         Route("/sandboxes/{sandbox_id}/pause", wrap(cp.pause), methods=["POST"]),
         Route("/sandboxes/{sandbox_id}/metrics", wrap(cp.metrics), methods=["GET"]),
+        Route("/sandboxes/{sandbox_id}/network", wrap(cp.update_network), methods=["PUT"]),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -4,7 +4,9 @@ API keys come from `[e2b] api_keys` and `api_keys_file` (one a line, `#` comment
 A sandbox's access token (the SDK's envdAccessToken) is derived, not stored:
 HMAC-SHA256 of the sandbox id under a secret kept in the data dir (0600, made on first
 use), so it survives daemon restarts, `connect` can hand it out again, and nothing
-secret ends up in labels or the state database.
+secret ends up in labels or the state database. Its traffic access token (the SDK's
+trafficAccessToken, for the sandbox's other ports — `get_host(port)`) is derived the same
+way under another prefix: it opens those ports only, never envd.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class ApiKeys:
 
 
 class AccessTokens:
-    """envdAccessToken of each sandbox: HMAC(secret, sandbox id)."""
+    """envdAccessToken of each sandbox: HMAC(secret, sandbox id); trafficAccessToken:
+    HMAC(secret, "traffic:" + sandbox id) (sandbox ids have no colon)."""
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
@@ -78,6 +81,15 @@ class AccessTokens:
         mac = hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
+    def traffic_token(self, sandbox_id: str) -> str:
+        return self.token("traffic:" + sandbox_id)
+
     def check(self, sandbox_id: str, value: str | None) -> bool:
-        return bool(value) and hmac.compare_digest(self.token(sandbox_id).encode(),
-                                                   str(value).encode(errors="surrogateescape"))
+        return _same(self.token(sandbox_id), value)
+
+    def check_traffic(self, sandbox_id: str, value: str | None) -> bool:
+        return _same(self.traffic_token(sandbox_id), value)
+
+
+def _same(token: str, value: str | None) -> bool:
+    return bool(value) and hmac.compare_digest(token.encode(), str(value).encode(errors="surrogateescape"))

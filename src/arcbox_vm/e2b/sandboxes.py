@@ -1,14 +1,13 @@
 """The E2B view of the manager's sandboxes: which are E2B's, their template and metadata.
 
-A sandbox made through the E2B API carries reserved labels (prefix `arcbox-e2b/`):
-its template, and the network wishes it was created with (allow_internet_access,
-network — stored until the network-policy feature can enforce them). Only such
-sandboxes are visible to E2B clients; their metadata is their other labels.
+A sandbox made through the E2B API carries a reserved label (prefix `arcbox-e2b/`): its
+template. Only such sandboxes are visible to E2B clients; their metadata is their other
+labels (reserved ones are hidden). Their network options are the egress policy
+(`network.py`), not labels.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any
 
@@ -17,9 +16,6 @@ from arcbox_vm.models import SandboxInfo, SandboxState
 
 PREFIX = "arcbox-e2b/"
 TEMPLATE = PREFIX + "template"
-INTERNET = PREFIX + "allow-internet-access"
-NETWORK = PREFIX + "network"
-MAX_NETWORK_JSON = 900  # bytes; labels are capped at limits.max_label_bytes (1024 by default)
 
 BASE_TEMPLATE = "base"
 LIVE = (SandboxState.STARTING, SandboxState.READY, SandboxState.RUNNING)
@@ -42,21 +38,12 @@ def template_of(labels: dict[str, str]) -> str:
     return labels.get(TEMPLATE, BASE_TEMPLATE)
 
 
-def creation_labels(template: str, meta: dict[str, str], allow_internet: bool | None,
-                    network: dict[str, Any] | None) -> dict[str, str]:
-    """The labels a new sandbox gets: its metadata plus the reserved ones."""
+def creation_labels(template: str, meta: dict[str, str]) -> dict[str, str]:
+    """The labels a new sandbox gets: its metadata plus the reserved one."""
     for key in meta:
         if key.startswith(PREFIX):
             raise InvalidArgument(f"metadata keys starting with {PREFIX!r} are reserved")
-    labels = {**meta, TEMPLATE: template}
-    if allow_internet is not None:
-        labels[INTERNET] = "true" if allow_internet else "false"
-    if network:
-        text = json.dumps(network, separators=(",", ":"), sort_keys=True)
-        if len(text.encode()) > MAX_NETWORK_JSON:
-            raise InvalidArgument(f"network settings longer than {MAX_NETWORK_JSON} bytes are not supported")
-        labels[NETWORK] = text
-    return labels
+    return {**meta, TEMPLATE: template}
 
 
 def get_live(manager: Any, sandbox_id: str) -> SandboxInfo:

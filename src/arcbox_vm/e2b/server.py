@@ -18,6 +18,7 @@ from arcbox_vm.config import VmmConfig
 from arcbox_vm.e2b.context import E2bContext
 from arcbox_vm.e2b.control import build_app
 from arcbox_vm.e2b.envd.app import EnvdApp
+from arcbox_vm.e2b.envd.http_proxy import QUIET_ABORTS
 from arcbox_vm.e2b.keys import AccessTokens, ApiKeys, load_api_keys
 from arcbox_vm.errors import ConfigError
 
@@ -96,8 +97,10 @@ async def start_e2b(cfg: VmmConfig, manager: Any) -> E2bServers:
             raise ConfigError(f"e2b: TLS file {f} does not exist")
     ctx = E2bContext(manager=manager, config=e, api_keys=ApiKeys(load_api_keys(e)),
                      tokens=AccessTokens.from_data_dir(cfg.data_dir), network_mode=e.network,
+                     default_egress=cfg.network.default_egress,
                      max_file_bytes=cfg.daemon.max_file_mib << 20)
     envd = EnvdApp(ctx)
+    logging.getLogger("uvicorn.error").addFilter(QUIET_ABORTS)  # once: the same filter is added only once
     servers = E2bServers(envd)
     api_sock = _bind(e.api_addr, "api_addr")
     try:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arcbox_vm.e2b import sandboxes
+from arcbox_vm.e2b import network, sandboxes
 from arcbox_vm.models import SandboxInfo
 
 ENVD_VERSION = "0.6.4"  # the envd features we serve (the SDK enables what this version has)
@@ -29,23 +29,27 @@ def end_at(info: SandboxInfo) -> float | None:
     return started_at(info) + info.ttl_seconds if info.ttl_seconds else None
 
 
-def sandbox(info: SandboxInfo, access_token: str | None) -> dict[str, Any]:
+def sandbox(info: SandboxInfo, access_token: str | None, traffic_token: str | None = None) -> dict[str, Any]:
     """`Sandbox`: what create and connect answer."""
     body: dict[str, Any] = {"templateID": sandboxes.template_of(info.labels), "sandboxID": info.id,
                             "clientID": CLIENT_ID, "envdVersion": ENVD_VERSION, "domain": None}
     if access_token:
         body["envdAccessToken"] = access_token
+    if traffic_token:
+        body["trafficAccessToken"] = traffic_token
     return body
 
 
 def detail(info: SandboxInfo, workdir: Path | None = None) -> dict[str, Any]:
     """`SandboxDetail` (get_info) and `ListedSandbox` (list) — the same fields."""
     end = end_at(info)
+    internet, net = network.e2b_view(info)
     return {
         "templateID": sandboxes.template_of(info.labels), "sandboxID": info.id, "clientID": CLIENT_ID,
         "startedAt": iso(started_at(info)), "endAt": iso(end) if end else NO_END,
         "envdVersion": ENVD_VERSION, "cpuCount": info.vcpus, "memoryMB": info.memory_mib,
-        "diskSizeMB": disk_bytes(info, workdir)[1] >> 20, "state": "running", "metadata": sandboxes.metadata(info.labels),
+        "diskSizeMB": disk_bytes(info, workdir)[1] >> 20, "state": "running",
+        "metadata": sandboxes.metadata(info.labels), "allowInternetAccess": internet, "network": net,
     }
 
 

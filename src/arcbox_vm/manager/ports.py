@@ -17,10 +17,15 @@ So forwarding works with network "none" and whatever namespace the VMs' network 
 - stop, failure, removal, and a shutdown that leaves the VMs running (`release`): the
   listeners close and every connection is reset (and its task awaited).
 
+In-process callers (the E2B API's port proxy) open a stream to a guest port without any
+listener (`connect`, the manager's `connect_port`): a `PortStream` of a READY or RUNNING
+sandbox, closed like a forwarded connection when the sandbox stops or is removed.
+
 Bounds: at most `[limits] max_port_connections` forwarded connections per sandbox, all its
-listeners together; at the limit they stop accepting (new clients wait in the backlog)
-until one ends. Per connection the host holds at most one PORT_WINDOW from the guest, the
-client stream's read buffer and a drained write buffer (port_channel.py).
+listeners and port streams together; at the limit the listeners stop accepting (new
+clients wait in the backlog) until one ends, and `connect` raises ResourceExhausted. Per
+connection the host holds at most one PORT_WINDOW from the guest, the client stream's read
+buffer and a drained write buffer (port_channel.py).
 """
 
 from __future__ import annotations
@@ -36,9 +41,16 @@ from arcbox_vm import logctx
 from arcbox_vm.agent.host import AgentConnection, PortChannel, splice
 from arcbox_vm.agent.host.port_channel import STREAM_LIMIT, reset
 from arcbox_vm.config.sections import LimitsConfig
-from arcbox_vm.errors import AgentError, BootFailed, HostPortUnavailable, InvalidArgument
+from arcbox_vm.errors import (
+    AgentError,
+    BootFailed,
+    HostPortUnavailable,
+    InvalidArgument,
+    InvalidState,
+    ResourceExhausted,
+)
 from arcbox_vm.manager.steps import Step
-from arcbox_vm.models import PortMapping
+from arcbox_vm.models import PortMapping, SandboxState
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +104,7 @@ class SandboxPorts:
         self.listeners: list[tuple[PortMapping, socket.socket]] = []
         self.tasks: set[asyncio.Task] = set()
         self.channels: set[PortChannel] = set()  # the connections forwarded right now
+        self.streams: set[PortStream] = set()  # port streams of in-process callers (`open_stream`)
         self._agent: AgentConnection | None = None
         self._accepting = False
         self._closed = False
@@ -122,7 +135,7 @@ class SandboxPorts:
 
     @property
     def connections(self) -> int:
-        return len(self.tasks)
+        return len(self.tasks) + len(self.streams)
 
     def _resume(self) -> None:
         if self._accepting or self._closed or self._agent is None:
@@ -143,9 +156,9 @@ class SandboxPorts:
     def _accept(self, m: PortMapping, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
-            if len(self.tasks) >= self.max_connections:
+            if self.connections >= self.max_connections:
                 log.info("%d forwarded connections open ([limits] max_port_connections): new ones wait",
-                         len(self.tasks))
+                         self.connections)
                 self._pause()
                 return
             try:
@@ -166,7 +179,34 @@ class SandboxPorts:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("forwarding a connection failed", exc_info=task.exception())
-        if len(self.tasks) < self.max_connections:
+        if self.connections < self.max_connections:
+            self._resume()
+
+    async def open_stream(self, agent: AgentConnection, port: int) -> "PortStream":
+        """A `PortStream` to 127.0.0.1:`port` in the guest, counted like a forwarded
+        connection. ResourceExhausted at the limit; the agent's errors as they are."""
+        if self._closed:
+            raise AgentError("the sandbox's ports are closed (it is stopping)", code="closed")
+        if self.connections >= self.max_connections:
+            raise ResourceExhausted(f"{self.connections} connections to the sandbox's ports are open "
+                                    "([limits] max_port_connections); try again when one ends")
+        stream = PortStream(self, port)
+        self.streams.add(stream)  # the slot is taken while the guest connects
+        try:
+            channel = await agent.connect_port(port)
+        except BaseException:
+            self._stream_done(stream)
+            raise
+        if self._closed:  # closed while the guest connected
+            channel.close()
+            self._stream_done(stream)
+            raise AgentError("the sandbox's ports are closed (it is stopping)", code="closed")
+        stream.channel = channel
+        return stream
+
+    def _stream_done(self, stream: "PortStream") -> None:
+        self.streams.discard(stream)
+        if self.connections < self.max_connections:
             self._resume()
 
     async def _forward(self, m: PortMapping, conn: socket.socket) -> None:
@@ -201,11 +241,90 @@ class SandboxPorts:
         """Close the listeners, reset every connection and wait for their tasks."""
         self._closed = True
         self._close_listeners()
+        for stream in list(self.streams):
+            stream.abort()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class PortStream:
+    """A TCP connection to a guest port for an in-process caller, through the agent.
+
+    `read()` returns the guest's next bytes (b"" at its EOF); asking for more is what grants
+    the previous ones back to the guest, so the host holds at most one PORT_WINDOW of them.
+    `write()` waits for the guest's credit. `close()` ends it: cleanly after both EOFs,
+    else with a reset (PORT_CLOSE; the guest program sees ECONNRESET). Errors are the
+    channel's: PortClosed (reset in the guest, or the sandbox stopped), AgentDisconnected.
+    """
+
+    def __init__(self, owner: SandboxPorts, port: int) -> None:
+        self._owner = owner
+        self.port = port
+        self.channel: PortChannel | None = None
+        self._unconsumed = 0
+        self._eof_in = self._eof_out = False
+        self._closed = False
+
+    async def read(self) -> bytes:
+        assert self.channel is not None
+        if self._unconsumed:
+            n, self._unconsumed = self._unconsumed, 0
+            await self.channel.consumed(n)
+        data = await self.channel.read()
+        self._unconsumed = len(data)
+        self._eof_in = not data
+        return data
+
+    async def write(self, data: bytes) -> None:
+        assert self.channel is not None
+        if data:
+            await self.channel.write(data)
+
+    async def write_eof(self) -> None:
+        assert self.channel is not None
+        if not self._eof_out:
+            self._eof_out = True
+            await self.channel.write_eof()
+
+    def abort(self) -> None:
+        """Reset the connection (PORT_CLOSE) and free its slot."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.channel is not None:
+            self.channel.close()
+        self._owner._stream_done(self)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self.channel is not None and self._eof_in and self._eof_out and not self.channel.done:
+            self._closed = True
+            self.channel.finished()
+            self._owner._stream_done(self)
+        else:
+            self.abort()
+
+    async def __aenter__(self) -> "PortStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def connect(sb: Any, limits: LimitsConfig, port: int) -> PortStream:
+    """A `PortStream` to TCP `port` in `sb`'s guest (READY or RUNNING), through its agent."""
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"port must be 1..65535, got {port}")
+    if sb.state not in (SandboxState.READY, SandboxState.RUNNING) or sb.vm is None:
+        raise InvalidState(sb.id, sb.state.value, "ports are reachable only in a ready or running sandbox")
+    fw = sb.forwards
+    if fw is None:  # no port mappings: this sandbox's connections are counted here all the same
+        fw = sb.forwards = SandboxPorts(sb.id, limits.max_port_connections)
+    return await fw.open_stream(sb.vm.agent, port)
 
 
 # -- the sandbox lifecycle's hooks (lifecycle.py, context.py) ---------------------------------

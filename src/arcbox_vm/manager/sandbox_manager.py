@@ -21,7 +21,7 @@ from arcbox_vm.agent.host import AgentConnection, FileReader
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import ArcboxError, BootFailed, ExecError, InvalidArgument, InvalidState, StateError
 from arcbox_vm.manager import files as _files
-from arcbox_vm.manager import lifecycle, network_policy
+from arcbox_vm.manager import lifecycle, network_policy, ports
 from arcbox_vm.manager.background import ExecAttachment
 from arcbox_vm.manager.console import follow_console
 from arcbox_vm.manager.context import BootPlanHook, ManagerContext
@@ -262,6 +262,15 @@ class SandboxManager(SnapshotOperations):
         sb = self._get(sandbox_id)
         await network_policy.update(self._ctx, sb, egress, allow_out, deny_out)
         return sb.info()
+
+    async def connect_port(self, sandbox_id: str, port: int) -> ports.PortStream:
+        """A TCP connection to 127.0.0.1:`port` inside a ready or running sandbox, through
+        its guest agent (no network needed): `read()` / `write()` / `write_eof()`, then
+        `close()` (or `async with`). It counts against `[limits] max_port_connections` with
+        the sandbox's forwarded connections (ResourceExhausted at the limit) and is reset
+        when the sandbox stops or is removed. AgentError(code="refused") when nothing
+        listens there; InvalidState when the sandbox is not ready."""
+        return await ports.connect(self._get(sandbox_id), self.config.limits, port)
 
     # -- commands --------------------------------------------------------------------
 

@@ -1,16 +1,20 @@
 """The in-sandbox API's front door: one ASGI app for every sandbox.
 
 Each request names its sandbox (`E2b-Sandbox-Id`) and port (`E2b-Sandbox-Port`, envd's
-by default). Unknown, stopped or non-E2B sandboxes get the proxy's 502 "... was not
-found"; a wrong or missing `X-Access-Token` (secured sandboxes) 401. Then: /health,
-/files, and the two Connect services (connectrpc's ASGI applications with envd's
-generated classes, JSON codec, no compression, request messages bounded).
+by default) — or, without those headers, its Host is a `get_host(port)` name,
+`PORT-SANDBOXID.DOMAIN`. Unknown, stopped or non-E2B sandboxes get the proxy's 502 "...
+was not found"; a wrong or missing token (secured sandboxes) 401: `X-Access-Token` for
+envd, for other ports that or the sandbox's trafficAccessToken (`E2b-Traffic-Access-Token`).
+envd's port: /health, /files, and the two Connect services (connectrpc's ASGI
+applications with envd's generated classes, JSON codec, no compression, request messages
+bounded). Any other port: the request is proxied to that TCP port in the guest (ports.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +23,7 @@ from arcbox_vm.config.e2b import ENVD_PORT
 from arcbox_vm.e2b import sandboxes
 from arcbox_vm.e2b.context import E2bContext
 from arcbox_vm.e2b.envd import ports
-from arcbox_vm.e2b.envd.caller import PORT_HEADER, SANDBOX_HEADER, TOKEN_HEADER
+from arcbox_vm.e2b.envd.caller import PORT_HEADER, SANDBOX_HEADER, TOKEN_HEADER, TRAFFIC_TOKEN_HEADER
 from arcbox_vm.e2b.envd.errors import not_found_message
 from arcbox_vm.e2b.envd.files_http import FilesApi
 from arcbox_vm.e2b.envd.fs_service import FilesystemService
@@ -31,6 +35,9 @@ from arcbox_vm.e2b.proto import filesystem_connect, process_connect
 from arcbox_vm.errors import SandboxNotFound
 
 log = logging.getLogger("arcbox_vm.e2b.envd")
+
+# What `Sandbox.get_host(port)` gives: PORT-SANDBOXID.DOMAIN (a port may follow the domain).
+HOST_RE = re.compile(r"^(\d{1,5})-([A-Za-z0-9][A-Za-z0-9-]{0,62})\.")
 
 
 async def _reply(send: Any, status: int, message: str = "", headers: list | None = None) -> None:
@@ -78,20 +85,29 @@ class EnvdApp:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         sid = headers.get(SANDBOX_HEADER, "")
+        port = headers.get(PORT_HEADER, "")
+        if not sid and (m := HOST_RE.match(headers.get("host", ""))):
+            port, sid = m.group(1), m.group(2)
         if not sid:
-            await _reply(send, 400, f"the {SANDBOX_HEADER} header is required")
+            await _reply(send, 400, f"the {SANDBOX_HEADER} header (or a Host of the form PORT-SANDBOXID.DOMAIN, "
+                                    "what get_host(port) gives) is required")
+            return
+        port = port or str(ENVD_PORT)
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            await _reply(send, 400, f"bad {PORT_HEADER}: {port[:20]!r}")
             return
         try:
             sandboxes.get_live(self.ctx.manager, sid)
         except SandboxNotFound:
             await _reply(send, 502, not_found_message(sid))
             return
-        if self.ctx.config.secure and not self.ctx.tokens.check(sid, headers.get(TOKEN_HEADER)):
-            await _reply(send, 401, "missing or wrong access token (X-Access-Token)")
+        envd = int(port) == ENVD_PORT
+        if self.ctx.config.secure and not self._authorized(sid, headers, envd):
+            what = "X-Access-Token" if envd else "E2b-Traffic-Access-Token (trafficAccessToken) or X-Access-Token"
+            await _reply(send, 401, f"missing or wrong access token ({what})")
             return
-        port = headers.get(PORT_HEADER, str(ENVD_PORT))
-        if port != str(ENVD_PORT):
-            await self._other_port(scope, receive, send, sid, port)
+        if not envd:
+            await ports.serve_port(self.ctx.manager, scope, receive, send, sid, int(port))
             return
         path = scope.get("path", "")
         if path == "/health":
@@ -107,14 +123,8 @@ class EnvdApp:
                 return
         await _reply(send, 404, f"no such endpoint: {path}")
 
-    async def _other_port(self, scope: Any, receive: Any, send: Any, sid: str, port: str) -> None:
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            await _reply(send, 400, f"bad {PORT_HEADER}: {port[:20]!r}")
-            return
-        try:
-            await ports.open_guest_port(self.ctx.manager, sid, int(port))
-        except ports.PortForwardingUnavailable as exc:
-            await _reply(send, 502, f"{exc} (port is not open)")
-            return
-        # TODO(port-forward): proxy the HTTP request over the stream open_guest_port returns.
-        await _reply(send, 502, f"the sandbox {sid}'s port {port} is not open (proxying is not implemented yet)")
+    def _authorized(self, sid: str, headers: dict[str, str], envd: bool) -> bool:
+        tokens = self.ctx.tokens
+        if tokens.check(sid, headers.get(TOKEN_HEADER)):
+            return True
+        return not envd and tokens.check_traffic(sid, headers.get(TRAFFIC_TOKEN_HEADER))

@@ -13,6 +13,7 @@ from arcbox_vm.errors import InvalidArgument
 SANDBOX_HEADER = "e2b-sandbox-id"
 PORT_HEADER = "e2b-sandbox-port"
 TOKEN_HEADER = "x-access-token"
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"  # other ports: the sandbox's trafficAccessToken
 MAX_USER = 64
 
 
