@@ -19,25 +19,21 @@ pickle by id and work there.
 
 from __future__ import annotations
 
-import os
 import secrets
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from arcbox_vm.client.errors import DaemonUnavailable
 from arcbox_vm.cluster import kv
 from arcbox_vm.cluster.capacity import Capacity
-from arcbox_vm.cluster.errors import NodeUnavailable, unwrap
+from arcbox_vm.cluster.errors import NodeUnavailable
 from arcbox_vm.cluster.handle import FleetSandbox
-from arcbox_vm.cluster.names import DEFAULT_NAMESPACE, NODE_PREFIX, actor_name, inventory_key, node_key, sandbox_key
+from arcbox_vm.cluster.names import DEFAULT_NAMESPACE, NODE_PREFIX, inventory_key, node_key, sandbox_key
 from arcbox_vm.cluster.placement import place_and_create
+from arcbox_vm.cluster.router import ENV_NODE_IP, Router
 from arcbox_vm.config import DEFAULT_MEMORY_MIB
 from arcbox_vm.errors import InvalidArgument, SandboxAlreadyExists, SandboxNotFound
 from arcbox_vm.models import SandboxSpec
@@ -45,7 +41,6 @@ from arcbox_vm.models import SandboxSpec
 __all__ = ["ENV_NODE_IP", "Fleet", "FleetEntry", "LOST", "NodeInfo"]
 
 LOST = "lost"
-ENV_NODE_IP = "ARCBOX_VM_RAY_NODE_IP"  # this machine's Ray node address, when Ray cannot tell
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -82,16 +77,6 @@ class NodeInfo:
     default_memory_mib: int = DEFAULT_MEMORY_MIB
 
 
-def _connect(address: str | None, node_ip: str | None) -> None:
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
-    ip = node_ip or os.environ.get(ENV_NODE_IP)
-    if ip and not (address or "").startswith("ray://"):
-        kwargs["_node_ip_address"] = ip
-    ray.init(address=address or "auto", **kwargs)
-
-
 def _create_fields(spec: SandboxSpec) -> dict[str, Any]:
     """A SandboxSpec as the client's create() keywords."""
     net = spec.network
@@ -102,66 +87,13 @@ def _create_fields(spec: SandboxSpec) -> dict[str, Any]:
             "allow_out": list(net.allow_out), "deny_out": list(net.deny_out)}
 
 
-class Fleet:
+class Fleet(Router):
     """A connection to the fleet registered in the Ray cluster at `address`."""
-
-    _current: dict[str, "Fleet"] = {}
-    _lock = threading.Lock()
 
     def __init__(self, address: str | None = "auto", *, namespace: str = DEFAULT_NAMESPACE,
                  node_ip: str | None = None, placement_timeout: float = 30.0) -> None:
-        _connect(address, node_ip)
-        self.address = address
-        self.namespace = namespace
+        super().__init__(address, namespace=namespace, node_ip=node_ip)
         self.placement_timeout = placement_timeout
-        self._actors: dict[str, Any] = {}
-        with Fleet._lock:
-            Fleet._current.setdefault(namespace, self)
-
-    @classmethod
-    def current(cls, namespace: str = DEFAULT_NAMESPACE) -> "Fleet":
-        """The fleet of this process's Ray connection (made on first use: in a Ray task or
-        actor, or after unpickling a handle)."""
-        with cls._lock:
-            fleet = cls._current.get(namespace)
-        return fleet if fleet is not None else cls(None if ray.is_initialized() else "auto", namespace=namespace)
-
-    # -- routing --------------------------------------------------------------------------
-
-    def _actor(self, node: str) -> Any:
-        actor = self._actors.get(node)
-        if actor is None:
-            try:
-                actor = ray.get_actor(actor_name(node), namespace=self.namespace)
-            except ValueError:
-                raise NodeUnavailable(f"node {node} of the fleet is not serving (its Ray node or daemon is down; "
-                                      "its sandboxes are listed as lost until it is back)") from None
-            self._actors[node] = actor
-        return actor
-
-    def _lost(self, node: str, exc: BaseException) -> NodeUnavailable:
-        self._actors.pop(node, None)
-        return NodeUnavailable(f"node {node} of the fleet cannot be reached ({type(exc).__name__}); its sandboxes "
-                               "are listed as lost until it is back")
-
-    def _call(self, node: str, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
-        """`fn(actor)` → an ObjectRef; its value, with errors mapped."""
-        try:
-            return ray.get(fn(self._actor(node)), timeout=timeout)
-        except RayTaskError as exc:
-            raise _on_node(node, unwrap(exc)) from None
-        except (RayActorError, GetTimeoutError) as exc:
-            raise self._lost(node, exc) from None
-
-    def _stream(self, node: str, fn: Callable[[Any], Any]) -> Iterator[Any]:
-        """The items of a streaming call, with errors mapped."""
-        try:
-            for ref in fn(self._actor(node)):
-                yield ray.get(ref)
-        except RayTaskError as exc:
-            raise _on_node(node, unwrap(exc)) from None
-        except RayActorError as exc:
-            raise self._lost(node, exc) from None
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -172,10 +104,6 @@ class Fleet:
             if isinstance(reg, dict) and reg.get("name"):
                 regs[reg["name"]] = reg
         return regs
-
-    def _forget_sandbox(self, sandbox_id: str, node: str) -> None:
-        if kv.get_text(sandbox_key(sandbox_id), self.namespace) == node:
-            kv.delete(sandbox_key(sandbox_id), self.namespace)
 
     def forget_node(self, name: str) -> None:
         """Drop a node that is gone for good (and its lost sandboxes) from the registry."""
@@ -205,7 +133,8 @@ class Fleet:
             cap = Capacity(**current.get("capacity", {}))
             up = bool(current.get("daemon_up")) and status is not None
             ray_up = ray_alive.get(reg.get("ray_node_id", ""), False)
-            out.append(NodeInfo(name=name, address=current.get("address", ""), ray_node_id=current.get("ray_node_id", ""),
+            out.append(NodeInfo(name=name, address=current.get("address", ""),
+                                ray_node_id=current.get("ray_node_id", ""),
                                 alive=ray_up and up, ray_alive=ray_up, daemon_up=up, capacity=cap,
                                 sandboxes=int(current.get("sandboxes", 0)),
                                 default_memory_mib=int(current.get("default_memory_mib", DEFAULT_MEMORY_MIB))))
@@ -252,9 +181,9 @@ class Fleet:
                 strategy = NodeAffinitySchedulingStrategy(reg["ray_node_id"], soft=False)
             memory = full.memory_mib or max((int(r.get("default_memory_mib", 0)) for r in
                                              self._registrations().values()), default=DEFAULT_MEMORY_MIB)
+            wait_s = self.placement_timeout if placement_timeout is None else placement_timeout
             placed = place_and_create({**_create_fields(full), "id": sandbox_id}, namespace=self.namespace,
-                                      memory_mib=memory, strategy=strategy,
-                                      timeout=self.placement_timeout if placement_timeout is None else placement_timeout,
+                                      memory_mib=memory, strategy=strategy, timeout=wait_s,
                                       describe_capacity=self._describe_capacity)
         finally:
             if placed is None and kv.get_text(sandbox_key(sandbox_id), self.namespace) == "":
@@ -307,14 +236,6 @@ class Fleet:
                            for r in kv.get_json(inventory_key(name), self.namespace) or ()
                            if all((r.get("labels") or {}).get(k) == v for k, v in want.items()))
         return sorted(out, key=lambda e: (e.created_at, e.id))
-
-
-def _on_node(node: str, exc: BaseException) -> BaseException:
-    """A node whose daemon does not answer is an unavailable node of the fleet."""
-    if isinstance(exc, DaemonUnavailable) and not isinstance(exc, NodeUnavailable):
-        return NodeUnavailable(f"the daemon of node {node} cannot be reached ({exc}); its sandboxes are listed "
-                               "as lost until it is back")
-    return exc
 
 
 def _gather(refs: Mapping[str, Any], timeout: float) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from arcbox_vm.errors import GuestFileNotFound, InvalidArgument
 from arcbox_vm.models import ExecInfo, SandboxInfo
 
 if TYPE_CHECKING:
-    from arcbox_vm.cluster.fleet import Fleet
+    from arcbox_vm.cluster.router import Router
 
 __all__ = ["FleetExecSession", "FleetFiles", "FleetSandbox"]
 
@@ -27,16 +27,16 @@ ONE_CALL_MAX = 8 << 20  # bytes written in one call up to this size; bigger ones
 
 
 def _restore(sandbox_id: str, node: str, namespace: str) -> "FleetSandbox":
-    from arcbox_vm.cluster.fleet import Fleet
+    from arcbox_vm.cluster.router import Router
 
-    return FleetSandbox(Fleet.current(namespace), sandbox_id, node)
+    return FleetSandbox(Router.current(namespace), sandbox_id, node)
 
 
 class FleetExecSession:
     """An interactive or attached command (see the client's ExecSession): iterate for
     output, then `wait()`; write / resize / close_stdin / kill."""
 
-    def __init__(self, fleet: "Fleet", node: str, key: str) -> None:
+    def __init__(self, fleet: "Router", node: str, key: str) -> None:
         self._fleet, self._node, self._key = fleet, node, key
         self._reader: Iterator[Output] | None = None
         self.final: Output | None = None
@@ -168,7 +168,7 @@ class FleetFiles:
 class FleetSandbox:
     """A sandbox of the fleet; `with` removes it (force) on exit unless remove_on_exit=False."""
 
-    def __init__(self, fleet: "Fleet", sandbox_id: str, node: str, *, remove_on_exit: bool = True) -> None:
+    def __init__(self, fleet: "Router", sandbox_id: str, node: str, *, remove_on_exit: bool = True) -> None:
         self.fleet = fleet
         self.id = sandbox_id
         self.node = node
