@@ -24,6 +24,7 @@ import arcbox_vm
 SRC_DIR = Path(arcbox_vm.__file__).resolve().parents[1]
 REPO_DIR = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
+ARCBOX_DEFAULT = str(Path(sys.executable).with_name("arcbox-vm"))
 
 
 def process_env(**extra: str) -> dict[str, str]:

@@ -283,7 +283,8 @@ def test_a_killed_daemon_makes_its_sandboxes_lost_until_it_is_back(env: Env) -> 
         on_n1 = next(sb for sb in sbs if sb.node == "n1")
         node.proc.kill9()
         until("n1's sandbox is lost", lambda: _by_node(fleet, "kill").get("n1") == {(on_n1.id, "lost")}, 20)
-        lost = next(e for e in fleet.list(state="lost") if e.id == on_n1.id)
+        [lost] = fleet.list(state="lost")
+        assert lost.id == on_n1.id and lost.node == "n1"
         assert lost.last_state == "ready" and lost.labels["t"] == "kill"
         assert {n.name: n.alive for n in fleet.nodes()} == {"n1": False, "n2": True}
         with pytest.raises(NodeUnavailable):

@@ -125,7 +125,7 @@ class Fleet(Router):
                     probes[name] = self._actor(name).status.remote()
                 except NodeUnavailable:
                     pass
-        answers = _gather(probes, PROBE_TIMEOUT_S)
+        answers = self._gather(probes, PROBE_TIMEOUT_S)
         out = []
         for name, reg in sorted(regs.items()):
             status = answers.get(name)
@@ -138,6 +138,23 @@ class Fleet(Router):
                                 alive=ray_up and up, ray_alive=ray_up, daemon_up=up, capacity=cap,
                                 sandboxes=int(current.get("sandboxes", 0)),
                                 default_memory_mib=int(current.get("default_memory_mib", DEFAULT_MEMORY_MIB))))
+        return out
+
+    def _gather(self, refs: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        """The values of the calls (by node) that answered within `timeout`; a node whose
+        call failed or did not answer is left out (and its service looked up afresh)."""
+        if not refs:
+            return {}
+        by_ref = {ref: name for name, ref in refs.items()}
+        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout)
+        out = {}
+        for ref in ready:
+            try:
+                out[by_ref[ref]] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a node that fails to answer is reported as down
+                pass
+        for name in set(refs) - set(out):
+            self._actors.pop(name, None)
         return out
 
     def _describe_capacity(self) -> str:
@@ -214,18 +231,19 @@ class Fleet(Router):
         regs = self._registrations()
         ray_alive = {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
         calls: dict[str, Any] = {}
-        if state != LOST:
-            for name, reg in regs.items():
-                if ray_alive.get(reg.get("ray_node_id", "")) and reg.get("daemon_up"):
-                    try:
-                        calls[name] = self._actor(name).list.remote(state, want)
-                    except NodeUnavailable:
-                        pass
-        answers = _gather(calls, PROBE_TIMEOUT_S)
+        for name, reg in regs.items():  # also for state="lost": which nodes answer decides it
+            if ray_alive.get(reg.get("ray_node_id", "")) and reg.get("daemon_up"):
+                try:
+                    calls[name] = self._actor(name).list.remote(None if state == LOST else state, want)
+                except NodeUnavailable:
+                    pass
+        answers = self._gather(calls, PROBE_TIMEOUT_S)
         out: list[FleetEntry] = []
         for name in sorted(regs):
             rows = answers.get(name)
             if isinstance(rows, list):
+                if state == LOST:
+                    continue
                 out.extend(FleetEntry(id=s.id, node=name, state=str(getattr(s.state, "value", s.state)),
                                       labels=dict(s.labels), ip_address=s.ip_address, created_at=s.created_at)
                            for s in rows)
@@ -236,18 +254,3 @@ class Fleet(Router):
                            for r in kv.get_json(inventory_key(name), self.namespace) or ()
                            if all((r.get("labels") or {}).get(k) == v for k, v in want.items()))
         return sorted(out, key=lambda e: (e.created_at, e.id))
-
-
-def _gather(refs: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    """The values of the refs that answered within `timeout` (failures left out)."""
-    if not refs:
-        return {}
-    by_ref = {ref: name for name, ref in refs.items()}
-    ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout)
-    out = {}
-    for ref in ready:
-        try:
-            out[by_ref[ref]] = ray.get(ref)
-        except Exception:  # noqa: BLE001 - a node that fails to answer is reported as down
-            pass
-    return out

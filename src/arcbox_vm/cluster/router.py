@@ -82,24 +82,53 @@ class Router:
         return NodeUnavailable(f"node {node} of the fleet cannot be reached ({type(exc).__name__}); its sandboxes "
                                "are listed as lost until it is back")
 
+    def _replaced(self, node: str) -> Any:
+        """After a call failed on the cached service of `node`: a different live service
+        registered under its name (the node came back), or None. A call is retried there
+        only then — the old service was gone before the call, so it never ran."""
+        stale = self._actors.pop(node, None)
+        try:
+            fresh = ray.get_actor(actor_name(node), namespace=self.namespace)
+        except ValueError:
+            return None
+        if stale is None or fresh._actor_id == stale._actor_id:
+            return None
+        self._actors[node] = fresh
+        return fresh
+
     def _call(self, node: str, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
         """`fn(actor)` → an ObjectRef; its value, with errors mapped."""
-        try:
-            return ray.get(fn(self._actor(node)), timeout=timeout)
-        except RayTaskError as exc:
-            raise _on_node(node, unwrap(exc)) from None
-        except (RayActorError, GetTimeoutError) as exc:
-            raise self._lost(node, exc) from None
+        actor = self._actor(node)
+        for attempt in (1, 2):
+            try:
+                return ray.get(fn(actor), timeout=timeout)
+            except RayTaskError as exc:
+                raise _on_node(node, unwrap(exc)) from None
+            except (RayActorError, GetTimeoutError) as exc:
+                fresh = self._replaced(node) if attempt == 1 and isinstance(exc, RayActorError) else None
+                if fresh is None:
+                    raise self._lost(node, exc) from None
+                actor = fresh
+        raise AssertionError("unreachable")
 
     def _stream(self, node: str, fn: Callable[[Any], Any]) -> Iterator[Any]:
         """The items of a streaming call, with errors mapped."""
-        try:
-            for ref in fn(self._actor(node)):
-                yield ray.get(ref)
-        except RayTaskError as exc:
-            raise _on_node(node, unwrap(exc)) from None
-        except RayActorError as exc:
-            raise self._lost(node, exc) from None
+        actor = self._actor(node)
+        for attempt in (1, 2):
+            started = False
+            try:
+                for ref in fn(actor):
+                    item = ray.get(ref)
+                    started = True
+                    yield item
+                return
+            except RayTaskError as exc:
+                raise _on_node(node, unwrap(exc)) from None
+            except RayActorError as exc:
+                fresh = None if started or attempt == 2 else self._replaced(node)
+                if fresh is None:
+                    raise self._lost(node, exc) from None
+                actor = fresh
 
     def _forget_sandbox(self, sandbox_id: str, node: str) -> None:
         if kv.get_text(sandbox_key(sandbox_id), self.namespace) == node:
