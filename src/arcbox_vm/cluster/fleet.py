@@ -84,7 +84,7 @@ def _create_fields(spec: SandboxSpec) -> dict[str, Any]:
             "kernel": spec.kernel, "rootfs": spec.rootfs, "initrd": spec.initrd, "boot_args": spec.boot_args,
             "network": net.mode, "ttl_seconds": spec.ttl_seconds, "env": dict(spec.env),
             "working_dir": spec.working_dir, "user": spec.user, "egress": net.egress,
-            "allow_out": list(net.allow_out), "deny_out": list(net.deny_out)}
+            "allow_out": list(net.allow_out), "deny_out": list(net.deny_out), "ports": list(spec.ports)}
 
 
 class Fleet(Router):
