@@ -166,7 +166,6 @@ def test_a_fleet_of_two_real_daemons(fleet_env) -> None:  # noqa: ANN001
     # back: Ray node first, then the daemon, which re-adopts its VMs and joins again
     cluster.start_node("v2", NODES["v2"][0])
     nodes["v2"].start()
-    print("after restart:", fleet.list(labels={"t": "vm"}), fleet.nodes(), flush=True)
     until("v2's sandboxes are back",
           lambda: {(e.id, e.state) for e in fleet.list(labels={"t": "vm"}) if e.node == "v2"}
           == {(sb.id, "ready") for sb in on_v2}, 120)
