@@ -261,7 +261,8 @@ def test_no_import_cycles(owner):
 ADAPTER_PACKAGES = ("arcbox_vm.vmm", "arcbox_vm.network", "arcbox_vm.storage", "arcbox_vm.images")
 # Code that must reach adapters only through arcbox_vm.composition (which may import them).
 ADAPTER_FREE = ("arcbox_vm.manager", "arcbox_vm.api", "arcbox_vm.cli", "arcbox_vm.client", "arcbox_vm.daemon",
-                "arcbox_vm.models", "arcbox_vm.errors", "arcbox_vm.config", "arcbox_vm.ports", "arcbox_vm.metrics")
+                "arcbox_vm.models", "arcbox_vm.errors", "arcbox_vm.config", "arcbox_vm.ports", "arcbox_vm.metrics",
+                "arcbox_vm.cluster")
 # Modules allowed to import adapters anyway: {module: reason}. (arcbox_vm.cli.main only
 # registers commands — it imports arcbox_vm.cli.* and typer — so it needs no entry.)
 ADAPTER_EXCEPTIONS = {

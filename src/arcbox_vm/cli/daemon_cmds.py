@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 DEFAULT_EVENTS_IDLE = 2.0
+CLUSTER_HELP = "Through the arcbox-vm fleet on this Ray cluster (auto, HOST:PORT, ray://HOST:PORT); needs Ray."
 
 
 def _status(message: str) -> contextlib.AbstractContextManager[object]:
@@ -79,6 +80,8 @@ def create(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it is ready (else return at once)."),
     timeout: float = typer.Option(120.0, "--timeout", min=0, help="With --wait: give up after S seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print {id, state, ip_address} as JSON."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDR", help=CLUSTER_HELP),
+    node: Optional[str] = typer.Option(None, "--node", help="With --cluster: create it on this node."),
     *, conn: ConnectOptions,
 ) -> None:
     """Create a sandbox; prints its id (the last line of stdout).
@@ -90,6 +93,15 @@ def create(
     if egress is not None and egress not in ("none", "nat"):
         fail(f"--egress {egress!r}: expected none or nat")
     ports = parse_ports(publish)
+    if cluster:
+        from arcbox_vm.cli.cluster_cmds import fleet_create
+
+        fields = {"id": id, "labels": parse_labels(label), "vcpus": vcpus, "memory_mib": memory, "kernel": kernel,
+                  "rootfs": rootfs, "initrd": initrd, "boot_args": boot_args, "network": network, "egress": egress,
+                  "allow_out": allow_out, "deny_out": deny_out, "ttl_seconds": ttl, "env": parse_env(env),
+                  "working_dir": workdir, "user": user, "ports": ports}
+        _print_created(fleet_create(cluster, node, fields, wait, timeout), json_out)
+        return
 
     async def main() -> dict[str, str]:
         async with conn.client() as client:
@@ -114,7 +126,10 @@ def create(
                 out["state"] = str(info.state)
             return out
 
-    result = asyncio.run(main())
+    _print_created(asyncio.run(main()), json_out)
+
+
+def _print_created(result: dict[str, str], json_out: bool) -> None:
     if json_out:
         from arcbox_vm.cli.output import print_json
 
@@ -225,6 +240,7 @@ def exec_(
     tty: bool = typer.Option(False, "--tty", "-t", help="Run it on a pseudo-terminal (-it: interactive shell)."),
     detach: bool = typer.Option(False, "--detach", "-d",
                                 help="Start it in the background and print its exec id (see attach, signal)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDR", help=CLUSTER_HELP),
     *, conn: ConnectOptions,
 ) -> None:
     """Run a command in a sandbox; exits with its code (124 timeout, 126 cannot execute, 127 not found).
@@ -235,6 +251,13 @@ def exec_(
         cmd = cmd[1:]
     if not cmd:
         fail("exec: give the command after the sandbox id: arcbox-vm exec ID -- CMD [ARGS...]")
+    if cluster and not detach:
+        from arcbox_vm.cli.cluster_cmds import fleet_exec
+
+        raise typer.Exit(fleet_exec(cluster, sandbox_id, cmd, parse_env(env), workdir, user, timeout, interactive,
+                                    tty))
+    if cluster:
+        fail("exec: --detach with --cluster: use the Python API (FleetSandbox.start)")
     if detach:
         environ = parse_env(env)
         exec_id = conn.call(lambda client: client.start(sandbox_id, cmd, env=environ, working_dir=workdir, user=user,
@@ -339,9 +362,14 @@ def stop(
 def rm(
     ids: list[str] = typer.Argument(..., metavar="ID..."),
     force: bool = typer.Option(False, "--force", "-f", help="Also remove sandboxes that are running a command."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDR", help=CLUSTER_HELP),
     *, conn: ConnectOptions,
 ) -> None:
     """Remove sandboxes and everything made for them; prints each id removed."""
+    if cluster:
+        from arcbox_vm.cli.cluster_cmds import fleet_rm
+
+        raise typer.Exit(fleet_rm(cluster, ids, force))
     raise typer.Exit(asyncio.run(_each(ids, "rm", conn, lambda c, i: c.remove(i, force))))
 
 

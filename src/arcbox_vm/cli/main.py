@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from arcbox_vm.cli.cluster_cmds import cluster_app
 from arcbox_vm.cli.daemon_cmds import register as register_daemon_commands
 from arcbox_vm.cli.image import image_app
 from arcbox_vm.cli.run import run_command
@@ -22,6 +23,7 @@ app.command("run", context_settings={"allow_interspersed_args": False})(run_comm
 app.command("serve")(serve_command)
 app.add_typer(image_app, name="image", help="Build guest images and put the agent into existing ones.")
 register_daemon_commands(app)
+app.add_typer(cluster_app, name="cluster", help="A fleet of arcbox-vm nodes on Ray: its nodes and sandboxes.")
 register_stats_commands(app)
 register_snapshot_commands(app)
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from arcbox_vm.config.cluster import ClusterConfig
 from arcbox_vm.config.e2b import E2bConfig
 from arcbox_vm.config.firecracker import FirecrackerConfig, JailerConfig
 from arcbox_vm.config.qemu import QemuConfig
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_MEMORY_MIB",
     "DEFAULT_VCPUS",
     "AgentConfig",
+    "ClusterConfig",
     "DaemonConfig",
     "DefaultVmConfig",
     "E2bConfig",
@@ -78,6 +80,7 @@ class VmmConfig(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     e2b: E2bConfig = Field(default_factory=E2bConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property
     def named_images_dir(self) -> Path:

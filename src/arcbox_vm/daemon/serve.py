@@ -7,7 +7,8 @@ so even a daemon killed with SIGKILL leaves them running for the next start.
 
 Both sockets also serve the gRPC health service (health.py): SERVING once the manager
 has started, NOT_SERVING from the moment shutdown begins. With `[metrics] addr` set,
-Prometheus metrics are served there over HTTP (arcbox_vm.metrics).
+Prometheus metrics are served there over HTTP (arcbox_vm.metrics). With `[cluster]
+ray_address` set, the daemon is a node of a fleet on Ray (arcbox_vm.cluster.membership).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
     servers: list[grpc.aio.Server] = []
     e2b = None  # the E2B-compatible API's servers ([e2b] enabled)
     unix_path = Path(cfg.grpc.unix_socket)
+    membership = None
     try:
         _prepare_unix_socket(unix_path)
         unix_server = grpc.aio.server(options=_options(cfg))
@@ -108,6 +110,7 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
 
             e2b = await start_e2b(cfg, manager)
         await health.serving()
+        membership = _join_cluster(cfg)
         if stop is None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -119,6 +122,8 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         log.info("shutting down: no new calls; %.0f s grace for running streams", STREAM_GRACE_S)
     finally:
         await health.shutting_down()
+        if membership is not None:  # first: the fleet stops sending work here
+            await membership.close()
         leave = cfg.daemon.on_shutdown == "leave"
         if leave:  # streams cut short by the shutdown leave their commands running, re-attachable
             manager.keep_commands_running()
@@ -131,6 +136,16 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
             unix_path.unlink()
         await _stop_metrics(metrics)
         log.info("stopped")
+
+
+def _join_cluster(cfg: VmmConfig) -> Any:
+    if not cfg.cluster.enabled:
+        return None
+    from arcbox_vm.cluster.membership import ClusterMembership  # Ray only with [cluster]
+
+    membership = ClusterMembership(cfg)
+    membership.start()
+    return membership
 
 
 def _start_metrics(cfg: VmmConfig, manager: SandboxManager) -> Any:
