@@ -217,7 +217,9 @@ class SandboxSpec(BaseModel):
     """What to create. Empty/zero fields take `VmmConfig.defaults`.
 
     env, working_dir and user are defaults for every command run in the sandbox.
-    ttl_seconds > 0 removes the sandbox that long after it became ready.
+    ttl_seconds > 0 removes the sandbox that long after it became ready — or, with
+    on_ttl="pause", pauses it to disk (its TTL is then spent: a resumed sandbox runs until
+    `set_ttl` gives it a new one).
     ports: guest TCP ports forwarded from the host (see PortMapping), network mode or not.
     """
 
@@ -233,6 +235,7 @@ class SandboxSpec(BaseModel):
     memory_mib: int = Field(0, ge=0, le=1 << 20)
     network: SandboxNetworkSpec = Field(default_factory=SandboxNetworkSpec)
     ttl_seconds: int = Field(0, ge=0)
+    on_ttl: Literal["remove", "pause"] = "remove"
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: str = ""
     user: str = ""
@@ -350,6 +353,8 @@ class SandboxInfo:
     pid: int | None = None
     ttl_seconds: int = 0  # removed this long after ready_at (0 = never)
     ports: tuple[PortMapping, ...] = ()  # with the host ports actually chosen
+    ttl_deadline: float | None = None  # when the TTL acts (time spent paused added), None if never
+    on_ttl: str = "remove"  # what it does then: "remove" or "pause"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pytest_asyncio
 e2b = pytest.importorskip("e2b")
 
 from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery  # noqa: E402
+from e2b import SandboxNotRunningException, SandboxState  # noqa: E402
 from e2b.exceptions import AuthenticationException, TimeoutException  # noqa: E402
 from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
 
@@ -36,7 +37,9 @@ from arcbox_vm.config import (  # noqa: E402
     LimitsConfig,
 )
 from arcbox_vm.daemon.serve import serve  # noqa: E402
-from tests.support.local_vmm import LocalDriver, NoImageBuild  # noqa: E402
+from arcbox_vm.models import SandboxState as S  # noqa: E402
+from tests.support.local_snapshots import SnapshotLocalDriver  # noqa: E402
+from tests.support.local_vmm import NoImageBuild  # noqa: E402
 
 KEY = "e2b_test_key"
 
@@ -74,7 +77,7 @@ class E2bDaemon:
         self.stop_event = asyncio.Event()
 
     async def start(self) -> "E2bDaemon":
-        self.manager = SandboxManager(self.config, driver=LocalDriver())
+        self.manager = SandboxManager(self.config, driver=SnapshotLocalDriver())  # can pause (fakes a save)
         self.manager.adapters.images = self.images
         if self.network is not None:
             self.manager.adapters.network = self.network  # type: ignore[assignment]
@@ -101,6 +104,7 @@ async def e2b_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: 
     """A started E2bDaemon (kwargs: its options) with the SDK's environment pointing at it."""
     runtime = Path(tempfile.mkdtemp(prefix="abx"))
     monkeypatch.setenv("ARCBOX_VM_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("ARCBOX_VM_MEMORY_DIR", str(tmp_path / "shm"))
     d = E2bDaemon(tmp_path, runtime, **kwargs)  # type: ignore[arg-type]
     monkeypatch.setenv("E2B_API_KEY", KEY)
     monkeypatch.setenv("E2B_API_URL", f"http://{d.api}")
@@ -162,7 +166,7 @@ async def test_sync_sdk(daemon: E2bDaemon, tmp_path: Path) -> None:
     assert out["info"][0] == out["id"] and out["info"][1] == {"suite": "e2b-local", "flavour": "sync"}
     assert out["info"][2] == "base" and out["info"][3] == "running"
     assert out["metrics"] >= 1
-    assert out["paused"] is False and out["running"] is True
+    assert out["paused"] is True and out["running"] is False  # paused; connect resumed it
     assert out["connect"] == "again\n"
     assert out["kill"] is True and out["kill_again"] is False
     assert daemon.manager is not None and daemon.manager.list_sandboxes() == []
@@ -245,3 +249,100 @@ async def test_envd_needs_the_access_token(daemon: E2bDaemon) -> None:
             assert other.status_code == 502 and "port is not open" in other.json()["message"]
     finally:
         await sbx.kill()
+
+
+async def test_pause_list_connect(daemon: E2bDaemon, tmp_path: Path) -> None:
+    """pause (to disk) → listed as paused → commands refused → connect resumes it: a file
+    written before the pause is there, commands run, the timeout starts again."""
+    mgr = daemon.manager
+    assert mgr is not None
+    work = tmp_path / "work"
+    work.mkdir()
+    home = {"HOME": str(work)}  # the "guest" is this host: its login shells must not read our profile
+    sbx = await AsyncSandbox.create(timeout=120, metadata={"flavour": "pause"}, envs=home)
+    other = await AsyncSandbox.create(timeout=120, metadata={"flavour": "pause"}, envs=home)
+    try:
+        await sbx.files.write(str(work / "before.txt"), "kept")
+        assert await sbx.pause() is True
+        assert mgr.inspect_sandbox(sbx.sandbox_id).state == S.PAUSED
+        assert (mgr.data_dir / "sandboxes" / sbx.sandbox_id / "suspend").is_dir(), "paused to disk"
+        assert await AsyncSandbox.pause(sbx.sandbox_id) is False, "already paused: 409"
+        assert (await sbx.get_info()).state == SandboxState.PAUSED
+        assert (await other.get_info()).state == SandboxState.RUNNING
+
+        async def ids(*states: SandboxState) -> set[str]:
+            query = SandboxQuery(metadata={"flavour": "pause"}, state=list(states) if states else None)
+            return {s.sandbox_id for s in await AsyncSandbox.list(query=query).next_items()}
+
+        assert await ids(SandboxState.PAUSED) == {sbx.sandbox_id}
+        assert await ids(SandboxState.RUNNING) == {other.sandbox_id}
+        assert await ids(SandboxState.RUNNING, SandboxState.PAUSED) == {sbx.sandbox_id, other.sandbox_id}
+        assert await ids() == {sbx.sandbox_id, other.sandbox_id}
+
+        assert await sbx.is_running() is False
+        with pytest.raises(SandboxNotRunningException, match="paused"):
+            await sbx.commands.run("true")
+        with pytest.raises(SandboxNotRunningException):
+            await sbx.files.read(str(work / "before.txt"))
+
+        again = await AsyncSandbox.connect(sbx.sandbox_id, timeout=90)
+        assert mgr.inspect_sandbox(sbx.sandbox_id).state in (S.READY, S.RUNNING)
+        assert await again.files.read(str(work / "before.txt")) == "kept"
+        assert (await again.commands.run("echo resumed")).stdout == "resumed\n"
+        info = await again.get_info()
+        assert info.state == SandboxState.RUNNING
+        assert 60 < (info.end_at - dt_now()).total_seconds() <= 91, "connect gave it its timeout from now"
+        assert (await AsyncSandbox.connect(sbx.sandbox_id)).sandbox_id == sbx.sandbox_id  # running: as before
+    finally:
+        assert await sbx.kill() is True
+        assert await other.kill() is True
+
+
+async def test_pause_unknown_and_killing_a_paused_sandbox(daemon: E2bDaemon) -> None:
+    from e2b import NotFoundException
+
+    with pytest.raises(NotFoundException):
+        await AsyncSandbox.pause("no-such-sandbox")
+    with pytest.raises(NotFoundException):
+        await AsyncSandbox.connect("no-such-sandbox")
+    sbx = await AsyncSandbox.create(timeout=120)
+    assert await sbx.pause() is True
+    assert await sbx.kill() is True
+    assert daemon.manager is not None and daemon.manager.list_sandboxes() == []
+    assert await AsyncSandbox.kill(sbx.sandbox_id) is False
+
+
+async def test_auto_pause_at_the_timeout(daemon: E2bDaemon, tmp_path: Path) -> None:
+    """lifecycle on_timeout "pause" (autoPause): the timeout pauses it to disk instead of
+    removing it; connect resumes it with a fresh timeout."""
+    mgr = daemon.manager
+    assert mgr is not None
+    sbx = await AsyncSandbox.create(timeout=60, lifecycle={"on_timeout": "pause"}, envs={"HOME": str(tmp_path)})
+    await sbx.files.write(str(tmp_path / "auto.txt"), "still here")
+    assert mgr.inspect_sandbox(sbx.sandbox_id).on_ttl == "pause"
+    await sbx.set_timeout(1)
+    for _ in range(100):
+        if mgr.inspect_sandbox(sbx.sandbox_id).state == S.PAUSED:
+            break
+        await asyncio.sleep(0.1)
+    assert (await sbx.get_info()).state == SandboxState.PAUSED
+    await asyncio.sleep(0.5)
+    assert mgr.inspect_sandbox(sbx.sandbox_id).state == S.PAUSED, "it stays paused"
+    again = await AsyncSandbox.connect(sbx.sandbox_id)
+    try:
+        assert await again.files.read(str(tmp_path / "auto.txt")) == "still here"
+        assert (await again.commands.run("echo back")).stdout == "back\n"
+        await asyncio.sleep(2.5)
+        assert mgr.inspect_sandbox(sbx.sandbox_id).state in (S.READY, S.RUNNING), "not paused again at once"
+        end = (await again.get_info()).end_at
+        assert 250 < (end - dt_now()).total_seconds() <= 300, "the SDK's default timeout from the resume"
+    finally:
+        assert await again.kill() is True
+    with pytest.raises(Exception, match="autoResume"):
+        await AsyncSandbox.create(timeout=30, lifecycle={"on_timeout": "pause", "auto_resume": True})
+
+
+def dt_now():  # noqa: ANN201
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)

@@ -164,3 +164,32 @@ def test_get_host_port_and_the_egress_policy_in_a_vm(e2b_env) -> None:
         assert (net.egress, list(net.allow_out), list(net.deny_out)) == ("nat", [], ["8.8.0.0/16"])
     finally:
         assert sbx.kill() is True
+
+
+def test_pause_and_connect_in_a_vm(e2b_env) -> None:
+    """pause (to disk: the VMM stops) → listed paused → connect restores it: a file and a
+    background process survive, and the guest runs commands again."""
+    sbx = Sandbox.create(timeout=300, metadata={"suite": "e2b-vm-pause"})
+    try:
+        sbx.files.write("/home/user/kept.txt", "from before the pause")
+        ticker = sbx.commands.run("while :; do date +%s >> /tmp/ticks; sleep 0.2; done", background=True)
+        pid = ticker.pid
+        time.sleep(1)
+        assert sbx.pause() is True
+        assert Sandbox.pause(sbx.sandbox_id) is False
+        assert sbx.get_info().state.value == "paused"
+        query = SandboxQuery(metadata={"suite": "e2b-vm-pause"}, state=[e2b.SandboxState.PAUSED])
+        assert [s.sandbox_id for s in Sandbox.list(query=query).next_items()] == [sbx.sandbox_id]
+        assert sbx.is_running() is False
+        with pytest.raises(e2b.SandboxNotRunningException):
+            sbx.commands.run("true")
+
+        again = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        assert again.get_info().state.value == "running"
+        assert again.files.read("/home/user/kept.txt") == "from before the pause"
+        assert again.commands.run(f"kill -0 {pid} && echo alive").stdout == "alive\n"
+        n1 = int(again.commands.run("wc -l < /tmp/ticks").stdout)
+        time.sleep(1.5)
+        assert int(again.commands.run("wc -l < /tmp/ticks").stdout) > n1, "the background process runs on"
+    finally:
+        assert sbx.kill() is True

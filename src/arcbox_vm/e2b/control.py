@@ -2,10 +2,16 @@
 
 POST /v2/sandboxes, POST /v2/sandboxes/{id}/connect (and the v1 path), GET /v2/sandboxes
 (metadata/state filters, `x-next-token` paging), GET/DELETE /sandboxes/{id},
-POST /sandboxes/{id}/timeout, POST /sandboxes/{id}/pause (409: not supported — there are
-no snapshots yet; the SDK's `pause()` then returns False), GET /sandboxes/{id}/metrics,
+POST /sandboxes/{id}/timeout, POST /sandboxes/{id}/pause, GET /sandboxes/{id}/metrics,
 PUT /sandboxes/{id}/network (`update_network`). Create's `allow_internet_access` and
 `network` become the sandbox's egress policy (network.py).
+
+Pause is the manager's pause to disk (E2B's pause frees the sandbox's CPU and memory; it
+keeps its id, disk and network); 409 when already paused (the SDK's `pause()` is then
+False). Connect resumes a paused sandbox (201) and gives it `timeout` (default 300 s)
+from then; a running one answers 200, its timeout only ever extended. `autoPause` at
+create makes the timeout pause the sandbox instead of removing it (`on_ttl="pause"`).
+envd refuses a paused sandbox as the proxy does a gone one (502 "... was not found").
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ from arcbox_vm.errors import (
     ArcboxError,
     BootFailed,
     ConfigError,
+    SnapshotsUnsupported,
     InvalidArgument,
     InvalidState,
     ResourceExhausted,
     SandboxAlreadyExists,
     SandboxNotFound,
 )
-from arcbox_vm.models import SandboxSpec
+from arcbox_vm.models import SandboxSpec, SandboxState
 
 log = logging.getLogger("arcbox_vm.e2b.control")
 
@@ -60,6 +67,8 @@ def _status_of(exc: ArcboxError) -> int:
         return 404
     if isinstance(exc, SandboxAlreadyExists):
         return 409
+    if isinstance(exc, SnapshotsUnsupported):
+        return 501
     if isinstance(exc, (InvalidArgument, ConfigError)):
         return 400
     if isinstance(exc, InvalidState):
@@ -94,6 +103,14 @@ def _str_map(value: Any, what: str) -> dict[str, str]:
     return dict(value)
 
 
+def _flag(value: Any, what: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{what} must be true or false")
+    return value
+
+
 def _timeout(value: Any, ctx: E2bContext, default: int | None) -> int | None:
     if value is None:
         return default
@@ -123,9 +140,14 @@ class ControlPlane:
         net = network.egress_spec(body.get("allow_internet_access"), body.get("network"),
                                   mode=self.ctx.network_mode, secure=self.ctx.config.secure)
         labels = sandboxes.creation_labels(template, _str_map(body.get("metadata"), "metadata"))
+        on_ttl = "pause" if _flag(body.get("autoPause"), "autoPause") else "remove"
+        resume = body.get("autoResume")
+        if isinstance(resume, dict) and resume.get("enabled") is True:
+            raise ApiError(400, "autoResume is not supported by this server: connect to a paused sandbox "
+                                "(Sandbox.connect) to resume it")
         spec = SandboxSpec(id=sandboxes.new_id(), labels=labels, env=_str_map(body.get("envVars"), "envVars"),
                            ttl_seconds=_timeout(body.get("timeout"), self.ctx, DEFAULT_TIMEOUT_S) or 0,
-                           user=self.ctx.config.default_user, network=net)
+                           on_ttl=on_ttl, user=self.ctx.config.default_user, network=net)
         if template != sandboxes.BASE_TEMPLATE:  # another template: a root filesystem in [images] dir
             try:
                 spec = self.mgr.resolve_image_names(spec.model_copy(update={"rootfs": template}))
@@ -158,8 +180,22 @@ class ControlPlane:
     async def connect(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
         body = await _json(request, self._limit)
-        info = sandboxes.get_live(self.mgr, sid)
+        info = sandboxes.get_visible(self.mgr, sid)
         timeout = _timeout(body.get("timeout"), self.ctx, None)
+        if sandboxes.is_paused(info):
+            try:
+                await self.mgr.resume_sandbox(sid)
+            except InvalidState:  # resumed meanwhile by another connect; else stopped or removed
+                if sandboxes.get_visible(self.mgr, sid).state not in sandboxes.LIVE:
+                    raise
+            else:
+                log.info("e2b: resumed sandbox %s", sid)
+                # E2B: a resumed sandbox runs `timeout` seconds from now (the SDK's default if none)
+                self.mgr.set_ttl(sid, timeout or DEFAULT_TIMEOUT_S)
+                await self.mgr.wait_ready(sid, timeout=BOOT_WAIT_S)
+                info = self.mgr.inspect_sandbox(sid)
+                return JSONResponse(views.sandbox(info, self.ctx.access_token(sid), self.ctx.traffic_token(sid)),
+                                    status_code=201)
         if timeout:  # a running sandbox's timeout is only ever extended by connect
             end = views.end_at(info)
             remaining = end - time.time() if end else None
@@ -172,7 +208,7 @@ class ControlPlane:
 
     async def get(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
-        info = sandboxes.get_live(self.mgr, sid)
+        info = sandboxes.get_visible(self.mgr, sid)
         return JSONResponse(views.detail(info, self.ctx.workdir(sid)))
 
     async def kill(self, request: Request) -> Response:
@@ -185,7 +221,7 @@ class ControlPlane:
     async def set_timeout(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
         body = await _json(request, self._limit)
-        sandboxes.get_live(self.mgr, sid)
+        sandboxes.get_visible(self.mgr, sid)  # paused: its timeout counts once it runs again
         timeout = _timeout(body.get("timeout"), self.ctx, None)
         if timeout is None:
             raise ApiError(400, "timeout (seconds) is required")
@@ -193,14 +229,21 @@ class ControlPlane:
         return Response(status_code=204)
 
     async def pause(self, request: Request) -> Response:
-        sandboxes.get_live(self.mgr, request.path_params["sandbox_id"])
-        raise ApiError(409, "pausing is not supported by this server (no snapshots yet); the sandbox keeps running")
+        """Pause to disk: E2B's pause frees the sandbox's resources; 409 if already paused."""
+        sid = request.path_params["sandbox_id"]
+        await _json(request, self._limit)  # {memory, require_healthy_guest}: always a full snapshot here
+        if sandboxes.is_paused(sandboxes.get_visible(self.mgr, sid)):
+            raise ApiError(409, f"the sandbox {sid} is already paused")
+        await self.mgr.wait_ready(sid, timeout=BOOT_WAIT_S)  # a starting one is paused once it is up
+        await self.mgr.pause_sandbox(sid, to_disk=True)
+        log.info("e2b: paused sandbox %s", sid)
+        return Response(status_code=204)
 
     async def update_network(self, request: Request) -> Response:
         """Replace the egress policy (E2B: omitted fields are cleared)."""
         sid = request.path_params["sandbox_id"]
         body = await _json(request, self._limit)
-        info = sandboxes.get_live(self.mgr, sid)
+        info = sandboxes.get_visible(self.mgr, sid)
         if info.network is None:
             raise ApiError(409, f"the sandbox {sid} has no network ([e2b] network = \"none\"): it reaches nothing "
                                 "outside, and that cannot be changed")
@@ -211,7 +254,7 @@ class ControlPlane:
 
     async def metrics(self, request: Request) -> Response:
         sid = request.path_params["sandbox_id"]
-        info = sandboxes.get_live(self.mgr, sid)
+        info = sandboxes.get_visible(self.mgr, sid)
         return JSONResponse([views.metric(info, self.ctx.workdir(sid))])
 
     async def list(self, request: Request) -> Response:
@@ -222,14 +265,17 @@ class ControlPlane:
             raise ApiError(400, "state must be running and/or paused")
         limit = _int_param(q.get("limit"), "limit", MAX_PAGE) or MAX_PAGE
         template = q.get("template", "")
+        wanted = set(sandboxes.VISIBLE)
+        if states:
+            wanted = ((set(sandboxes.LIVE) if "running" in states else set())
+                      | ({SandboxState.PAUSED} if "paused" in states else set()))
         found = []
-        if not states or "running" in states:  # nothing here is ever paused
-            for s in self.mgr.list_sandboxes(labels=meta or None):
-                if not sandboxes.is_e2b(s.labels) or s.state not in sandboxes.LIVE:
-                    continue
-                if template and sandboxes.template_of(s.labels) != template:
-                    continue
-                found.append(s)
+        for s in self.mgr.list_sandboxes(labels=meta or None):
+            if not sandboxes.is_e2b(s.labels) or s.state not in wanted:
+                continue
+            if template and sandboxes.template_of(s.labels) != template:
+                continue
+            found.append(s)
         desc = q.get("order", "asc") == "desc"
         found.sort(key=lambda s: (s.created_at, s.id), reverse=desc)
         start = _int_param(q.get("nextToken"), "nextToken", 1 << 31) or 0

@@ -19,6 +19,7 @@ TEMPLATE = PREFIX + "template"
 
 BASE_TEMPLATE = "base"
 LIVE = (SandboxState.STARTING, SandboxState.READY, SandboxState.RUNNING)
+VISIBLE = (*LIVE, SandboxState.PAUSED)  # what the control plane shows: E2B's running and paused
 
 
 def new_id() -> str:
@@ -47,12 +48,25 @@ def creation_labels(template: str, meta: dict[str, str]) -> dict[str, str]:
 
 
 def get_live(manager: Any, sandbox_id: str) -> SandboxInfo:
-    """The E2B sandbox `sandbox_id` if it exists and is not stopped or failed; else
-    SandboxNotFound (E2B clients see only running sandboxes)."""
+    """The E2B sandbox `sandbox_id` if it is starting or running (what envd serves); else
+    SandboxNotFound."""
     info = get_any(manager, sandbox_id)
     if info.state not in LIVE:
         raise SandboxNotFound(sandbox_id)
     return info
+
+
+def get_visible(manager: Any, sandbox_id: str) -> SandboxInfo:
+    """The E2B sandbox `sandbox_id` if it is running or paused (what the control plane
+    shows); stopped or failed ones are gone for E2B clients: SandboxNotFound."""
+    info = get_any(manager, sandbox_id)
+    if info.state not in VISIBLE:
+        raise SandboxNotFound(sandbox_id)
+    return info
+
+
+def is_paused(info: SandboxInfo) -> bool:
+    return info.state == SandboxState.PAUSED
 
 
 def get_any(manager: Any, sandbox_id: str) -> SandboxInfo:

@@ -25,8 +25,11 @@ def started_at(info: SandboxInfo) -> float:
 
 
 def end_at(info: SandboxInfo) -> float | None:
-    """When the TTL removes it (TTL counts from ready), None if never."""
-    return started_at(info) + info.ttl_seconds if info.ttl_seconds else None
+    """When the TTL removes (or, autoPause, pauses) it, None if never: its TTL counts from
+    ready, time spent paused not included."""
+    if not info.ttl_seconds:
+        return None
+    return info.ttl_deadline or started_at(info) + info.ttl_seconds
 
 
 def sandbox(info: SandboxInfo, access_token: str | None, traffic_token: str | None = None) -> dict[str, Any]:
@@ -48,7 +51,8 @@ def detail(info: SandboxInfo, workdir: Path | None = None) -> dict[str, Any]:
         "templateID": sandboxes.template_of(info.labels), "sandboxID": info.id, "clientID": CLIENT_ID,
         "startedAt": iso(started_at(info)), "endAt": iso(end) if end else NO_END,
         "envdVersion": ENVD_VERSION, "cpuCount": info.vcpus, "memoryMB": info.memory_mib,
-        "diskSizeMB": disk_bytes(info, workdir)[1] >> 20, "state": "running",
+        "diskSizeMB": disk_bytes(info, workdir)[1] >> 20,
+        "state": "paused" if sandboxes.is_paused(info) else "running",
         "metadata": sandboxes.metadata(info.labels), "allowInternetAccess": internet, "network": net,
     }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from arcbox_vm.config import VmmConfig
@@ -41,6 +41,8 @@ class ManagerContext:
         self.closed = False
         self.keep_commands = False  # commands of dropped streams stay running (see keep_commands_running)
         self.boot_plan_hooks: list[BootPlanHook] = []
+        # what a TTL with on_ttl "pause" does (set by the manager: pausing imports lifecycle)
+        self.pause_to_disk: Callable[[SandboxRecord], Awaitable[None]] | None = None
         self.observers = Observers()
         self.execs = ExecBook(adapters.store, self.emit, lambda: self.closed, lambda: self.keep_commands,
                               observers=self.observers)

@@ -73,7 +73,7 @@ def new_record(ctx: ManagerContext, spec: SandboxSpec) -> SandboxRecord:
         rootfs=spec.rootfs or d.rootfs, initrd=spec.initrd or d.initrd,
         boot_args=spec.boot_args or d.boot_args, env=dict(spec.env), working_dir=spec.working_dir,
         user=spec.user, ttl_seconds=spec.ttl_seconds, network_mode=spec.network.mode,
-        workdir=ctx.data_dir / "sandboxes" / sid, ports=list(spec.ports),
+        workdir=ctx.data_dir / "sandboxes" / sid, ports=list(spec.ports), on_ttl=spec.on_ttl,
     )
     if sb.workdir.exists():
         raise SandboxAlreadyExists(sid)
@@ -194,11 +194,22 @@ async def watch_vmm(ctx: ManagerContext, sb: SandboxRecord) -> None:
 
 
 async def ttl(ctx: ManagerContext, sb: SandboxRecord) -> None:
-    """Remove the sandbox at its deadline (pausing cancels this task, resuming restarts it)."""
+    """Remove the sandbox at its deadline (pausing cancels this task, resuming restarts it);
+    with on_ttl "pause", pause it to disk instead and spend its TTL (removed if that fails)."""
     await asyncio.sleep(max(0.0, (sb.ttl_deadline() or time.time()) - time.time()))
-    if not sb.removed:
-        sb.tasks.pop("ttl", None)  # do not cancel ourselves
-        await remove(ctx, sb, reason="ttl")
+    if sb.removed:
+        return
+    sb.tasks.pop("ttl", None)  # do not cancel ourselves
+    if sb.on_ttl == "pause" and ctx.pause_to_disk is not None:
+        try:
+            await ctx.pause_to_disk(sb)
+        except ArcboxError as exc:
+            log.warning("sandbox %s: pausing it at its TTL failed (%s); removing it", sb.id, exc)
+        else:
+            sb.ttl_seconds = 0  # spent: resuming does not pause it again at once
+            ctx.save(sb)
+            return
+    await remove(ctx, sb, reason="ttl")
 
 
 def set_ttl(ctx: ManagerContext, sb: SandboxRecord, seconds: float) -> None:

@@ -89,6 +89,7 @@ class WarmPool:
         member.vm_name = member.vm_name or old
         member.id = rec.id
         member.labels, member.env, member.ttl_seconds = rec.labels, rec.env, rec.ttl_seconds
+        member.on_ttl = rec.on_ttl
         member.working_dir, member.user = rec.working_dir, rec.user
         member.created_at = member.ready_at = time.time()
         member.source = "pool"

@@ -69,11 +69,12 @@ class SandboxRecord:
     pool: bool = False  # a warm-pool VM not handed out yet (not listed)
     booted_kernel: str = ""  # the kernel and initrd the VM really runs (resolved at boot)
     booted_initrd: str = ""
+    on_ttl: str = "remove"  # what the TTL does: "remove", or "pause" (to disk)
 
     _SPEC_FIELDS = ("labels", "vcpus", "memory_mib", "kernel", "rootfs", "initrd", "boot_args", "env",
                     "working_dir", "user", "ttl_seconds", "network_mode")
     _EXTRA_FIELDS = ("restored_from", "vm_name", "paused_at", "paused_total", "suspended", "pool", "booted_kernel",
-                     "booted_initrd", "source")
+                     "booted_initrd", "source", "on_ttl")
 
     @property
     def launch_name(self) -> str:
@@ -138,6 +139,7 @@ class SandboxRecord:
             memory_mib=self.memory_mib, network=net, created_at=self.created_at, ready_at=self.ready_at,
             last_exited_at=self.last_exited_at, last_exit_code=self.last_exit_code, error=self.error,
             vmm=self.vmm, pid=pid, ttl_seconds=self.ttl_seconds, ports=tuple(self.ports),
+            ttl_deadline=self.ttl_deadline(), on_ttl=self.on_ttl,
         )
 
     def summary(self) -> SandboxSummary:

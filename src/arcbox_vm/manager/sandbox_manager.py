@@ -21,7 +21,7 @@ from arcbox_vm.agent.host import AgentConnection, FileReader
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import ArcboxError, BootFailed, ExecError, InvalidArgument, InvalidState, StateError
 from arcbox_vm.manager import files as _files
-from arcbox_vm.manager import lifecycle, network_policy, ports
+from arcbox_vm.manager import lifecycle, network_policy, pausing, ports
 from arcbox_vm.manager.background import ExecAttachment
 from arcbox_vm.manager.console import follow_console
 from arcbox_vm.manager.context import BootPlanHook, ManagerContext
@@ -71,6 +71,7 @@ class SandboxManager(SnapshotOperations):
 
             adapters = build_adapters(self.config, driver=driver)
         self._ctx = ManagerContext(self.config, adapters)
+        self._ctx.pause_to_disk = lambda sb: pausing.pause(self._ctx, sb, to_disk=True)  # on_ttl "pause"
         self.data_dir = self.config.data_dir
         self._lock = DataDirLock(self.data_dir)
         self._start_lock: asyncio.Lock | None = None

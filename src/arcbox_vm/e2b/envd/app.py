@@ -24,7 +24,7 @@ from arcbox_vm.e2b import sandboxes
 from arcbox_vm.e2b.context import E2bContext
 from arcbox_vm.e2b.envd import ports
 from arcbox_vm.e2b.envd.caller import PORT_HEADER, SANDBOX_HEADER, TOKEN_HEADER, TRAFFIC_TOKEN_HEADER
-from arcbox_vm.e2b.envd.errors import not_found_message
+from arcbox_vm.e2b.envd.errors import not_found_message, paused_message
 from arcbox_vm.e2b.envd.files_http import FilesApi
 from arcbox_vm.e2b.envd.fs_service import FilesystemService
 from arcbox_vm.e2b.envd.process_service import ProcessService
@@ -97,9 +97,12 @@ class EnvdApp:
             await _reply(send, 400, f"bad {PORT_HEADER}: {port[:20]!r}")
             return
         try:
-            sandboxes.get_live(self.ctx.manager, sid)
+            info = sandboxes.get_visible(self.ctx.manager, sid)
         except SandboxNotFound:
             await _reply(send, 502, not_found_message(sid))
+            return
+        if info.state not in sandboxes.LIVE:
+            await _reply(send, 502, paused_message(sid))
             return
         envd = int(port) == ENVD_PORT
         if self.ctx.config.secure and not self._authorized(sid, headers, envd):

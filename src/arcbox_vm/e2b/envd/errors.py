@@ -28,6 +28,11 @@ def not_found_message(sandbox_id: str) -> str:
     return f"The sandbox {sandbox_id} was not found"
 
 
+def paused_message(sandbox_id: str) -> str:
+    """The answer for a paused sandbox: the SDK takes it as not running (SandboxNotRunningException)."""
+    return f"The sandbox {sandbox_id} was not found running: it is paused (connecting to it resumes it)"
+
+
 def code_of(exc: ArcboxError) -> Code:
     if isinstance(exc, (SandboxNotFound, AgentDisconnected, InvalidState)):
         return Code.UNAVAILABLE
