@@ -109,7 +109,7 @@ class Env:
     nodes: dict[str, LocalNode]
 
 
-def until(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
+def until(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -138,7 +138,7 @@ def env() -> Iterator[Env]:
         cluster.wait_alive(list(IPS))
         for name, ip in IPS.items():
             nodes[name] = LocalNode(root, name, ip, cluster.address).start()
-        until("both nodes joined", lambda: {n.name for n in fleet.nodes() if n.alive} == set(IPS), 60)
+        until("both nodes joined", lambda: {n.name for n in fleet.nodes() if n.alive} == set(IPS), 120)
         yield Env(root, cluster, fleet, nodes)
     finally:
         for node in nodes.values():
@@ -282,7 +282,7 @@ def test_a_killed_daemon_makes_its_sandboxes_lost_until_it_is_back(env: Env) -> 
         assert {sb.node for sb in sbs} == {"n1", "n2"}
         on_n1 = next(sb for sb in sbs if sb.node == "n1")
         node.proc.kill9()
-        until("n1's sandbox is lost", lambda: _by_node(fleet, "kill").get("n1") == {(on_n1.id, "lost")}, 20)
+        until("n1's sandbox is lost", lambda: _by_node(fleet, "kill").get("n1") == {(on_n1.id, "lost")}, 60)
         [lost] = fleet.list(state="lost")
         assert lost.id == on_n1.id and lost.node == "n1"
         assert lost.last_state == "ready" and lost.labels["t"] == "kill"
@@ -292,7 +292,7 @@ def test_a_killed_daemon_makes_its_sandboxes_lost_until_it_is_back(env: Env) -> 
         new = fleet.create(network="none", labels={"t": "kill"}, timeout=30)
         assert new.node == "n2"
         node.start()  # re-adopts its sandboxes; the node service sees the daemon again
-        until("n1 is back", lambda: _by_node(fleet, "kill").get("n1") == {(on_n1.id, "ready")}, 30)
+        until("n1 is back", lambda: _by_node(fleet, "kill").get("n1") == {(on_n1.id, "ready")}, 120)
         assert on_n1.run(["echo", "back"]).stdout == b"back\n"
         until("n1 alive", lambda: {n.name: n.alive for n in fleet.nodes()} == {"n1": True, "n2": True})
     finally:
@@ -305,14 +305,14 @@ def test_a_stopped_ray_node_makes_its_sandboxes_lost_until_it_rejoins(env: Env) 
         sbs = [fleet.create(network="none", labels={"t": "ray"}, timeout=30) for _ in range(2)]
         on_n2 = next(sb for sb in sbs if sb.node == "n2")
         cluster.stop_node("n2")
-        until("n2's sandbox is lost", lambda: _by_node(fleet, "ray").get("n2") == {(on_n2.id, "lost")}, 20)
+        until("n2's sandbox is lost", lambda: _by_node(fleet, "ray").get("n2") == {(on_n2.id, "lost")}, 60)
         assert {n.name: n.ray_alive for n in fleet.nodes()} == {"n1": True, "n2": False}
         with pytest.raises(NodeUnavailable):
             on_n2.files.read("/etc/hostname")
         new = fleet.create(network="none", labels={"t": "ray"}, timeout=30)
         assert new.node == "n1"
         cluster.start_node("n2", IPS["n2"])  # the daemon kept running; its member process rejoins
-        until("n2 is back", lambda: _by_node(fleet, "ray").get("n2") == {(on_n2.id, "ready")}, 60, every=0.5)
+        until("n2 is back", lambda: _by_node(fleet, "ray").get("n2") == {(on_n2.id, "ready")}, 180, every=0.5)
         assert on_n2.run(["echo", "again"]).stdout == b"again\n"
     finally:
         cleanup(fleet, "ray")

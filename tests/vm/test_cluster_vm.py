@@ -83,7 +83,7 @@ refresh_s = 2
         return self
 
 
-def until(what: str, check, timeout: float = 60.0, every: float = 0.5):  # noqa: ANN001, ANN201
+def until(what: str, check, timeout: float = 120.0, every: float = 0.5):  # noqa: ANN001, ANN201
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -110,7 +110,7 @@ def fleet_env(guest_image: GuestImage) -> Iterator[tuple[Fleet, RayCluster, dict
         fleet = Fleet(cluster.address, node_ip=HEAD, placement_timeout=30)
         for name, (ip, cidr) in NODES.items():
             nodes[name] = VmNode(root, name, ip, cidr, guest_image, cluster.address).start()
-        until("both nodes joined", lambda: {n.name for n in fleet.nodes() if n.alive} == set(NODES), 90)
+        until("both nodes joined", lambda: {n.name for n in fleet.nodes() if n.alive} == set(NODES), 180)
         yield fleet, cluster, nodes, root
     finally:
         codes = {name: node.proc.stop(timeout=120) for name, node in nodes.items()}
@@ -158,7 +158,7 @@ def test_a_fleet_of_two_real_daemons(fleet_env) -> None:  # noqa: ANN001
     nodes["v2"].proc.kill9()
     cluster.stop_node("v2")
     until("v2's sandboxes are lost",
-          lambda: {e.id for e in fleet.list(state="lost")} == {sb.id for sb in on_v2}, 60)
+          lambda: {e.id for e in fleet.list(state="lost")} == {sb.id for sb in on_v2}, 120)
     assert {n.name: n.alive for n in fleet.nodes()} == {"v1": True, "v2": False}
     extra = fleet.create(network="none", labels={"t": "vm"}, timeout=300)
     assert extra.node == "v1" and extra.run(["true"]).ok
@@ -168,7 +168,7 @@ def test_a_fleet_of_two_real_daemons(fleet_env) -> None:  # noqa: ANN001
     nodes["v2"].start()
     until("v2's sandboxes are back",
           lambda: {(e.id, e.state) for e in fleet.list(labels={"t": "vm"}) if e.node == "v2"}
-          == {(sb.id, "ready") for sb in on_v2}, 120)
+          == {(sb.id, "ready") for sb in on_v2}, 240)
     for sb in on_v2:
         assert sb.run(["echo", "back"]).stdout == b"back\n"
     for sb in [*sbs, extra]:
