@@ -17,6 +17,9 @@ from arcbox_vm.client.types import FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound, InvalidArgument
 from arcbox_vm.models import ExecInfo, SandboxInfo
 
+# calls that change nothing: safe to repeat when Ray cancelled the first try
+_READS = frozenset({"inspect", "wait_ready", "list_execs", "stat", "list_dir", "stats"})
+
 if TYPE_CHECKING:
     from arcbox_vm.cluster.router import Router
 
@@ -189,11 +192,12 @@ class FleetSandbox:
 
     # -- routing --------------------------------------------------------------------------
 
-    def _call(self, fn: Any) -> Any:
-        return self.fleet._call(self.node, fn)
+    def _call(self, fn: Any, idempotent: bool = False) -> Any:
+        return self.fleet._call(self.node, fn, idempotent=idempotent)
 
     def _unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._call(lambda a: a.call.remote(method, self.id, *args, **kwargs))
+        return self._call(lambda a: a.call.remote(method, self.id, *args, **kwargs),
+                          idempotent=method in _READS)
 
     def _stream(self, fn: Any) -> Iterator[Any]:
         return self.fleet._stream(self.node, fn)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
 from arcbox_vm.client.errors import DaemonUnavailable
 from arcbox_vm.cluster import kv
@@ -96,12 +96,19 @@ class Router:
         self._actors[node] = fresh
         return fresh
 
-    def _call(self, node: str, fn: Callable[[Any], Any], timeout: float | None = None) -> Any:
-        """`fn(actor)` → an ObjectRef; its value, with errors mapped."""
+    def _call(self, node: str, fn: Callable[[Any], Any], timeout: float | None = None,
+              idempotent: bool = False) -> Any:
+        """`fn(actor)` → an ObjectRef; its value, with errors mapped. An `idempotent` call
+        (a read) that Ray cancelled on the node's service — its connection to the daemon
+        was being replaced — is tried once more."""
         actor = self._actor(node)
         for attempt in (1, 2):
             try:
                 return ray.get(fn(actor), timeout=timeout)
+            except TaskCancelledError as exc:
+                if not (idempotent and attempt == 1):
+                    raise _on_node(node, unwrap(exc)) from None
+                actor = self._replaced(node) or self._actor(node)
             except RayTaskError as exc:
                 raise _on_node(node, unwrap(exc)) from None
             except (RayActorError, GetTimeoutError) as exc:
