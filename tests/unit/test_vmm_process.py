@@ -7,18 +7,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
+from arcbox_vm.config.qemu import QemuConfig
 from arcbox_vm.errors import VmmError
 from arcbox_vm.ports import AdoptSpec, VmmProcess
 from arcbox_vm.vmm.process import TrackedProcess, exit_status_text
 from arcbox_vm.vmm.procfs import is_same_process, pid_alive, process_start_time
 from arcbox_vm.vmm.qemu.driver import QemuDriver
+from arcbox_vm.vmm.users import VmmUsers
 
 
 def orphan_sleep() -> int:
@@ -159,7 +164,8 @@ args = json.loads(sys.argv[1])
 
 
 async def main():
-    config = VmmConfig(backend="qemu", data_dir=args["dir"], qemu={"binary": args["qemu"], "accel": "tcg"})
+    config = VmmConfig(backend="qemu", data_dir=args["dir"],
+                       qemu={"binary": args["qemu"], "accel": "tcg", "sandbox": args["sandbox"]})
     driver = composition.build_adapters(config, one_shot=True).select_driver()
     workdir = Path(args["dir"])
     spec = MachineSpec(sandbox_id="sb-1", workdir=workdir, kernel=workdir / "bzImage",
@@ -173,14 +179,30 @@ asyncio.run(main())
 """
 
 
-def test_qemu_dies_with_a_one_shot_parent(tmp_path) -> None:
-    """`arcbox-vm run` under QEMU: SIGKILL the process that launched the VM, the VMM goes too."""
-    fake_qemu = tmp_path / "qemu"
-    fake_qemu.write_text("#!/bin/sh\nexec sleep 600\n")
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["confined", "unconfined"])
+def test_qemu_dies_with_a_one_shot_parent(tmp_path, sandbox) -> None:
+    """`arcbox-vm run` under QEMU: SIGKILL the process that launched the VM, the VMM goes too
+    — also when it was started unprivileged (die-with-parent is set after the uid change,
+    which would clear it)."""
+    base = tmp_path
+    if sandbox:  # a confined "QEMU" must be able to execute the script and reach its socket
+        base = Path(tempfile.mkdtemp(prefix="arcbox-t-", dir="/tmp"))
+        base.chmod(0o755)
+    fake_qemu = base / "qemu"
+    # answers the seccomp check (`-device help`) like a QEMU with seccomp; else "runs the VM"
+    fake_qemu.write_text('#!/bin/sh\ncase "$*" in *"-device help"*) exit 0;; esac\nexec sleep 600\n')
     fake_qemu.chmod(0o755)
-    (tmp_path / "bzImage").write_bytes(b"kernel")
-    (tmp_path / "rootfs.ext4").write_bytes(b"\0" * 4096)
-    args = {"dir": str(tmp_path), "qemu": str(fake_qemu)}
+    (base / "bzImage").write_bytes(b"kernel")
+    (base / "rootfs.ext4").write_bytes(b"\0" * 4096)
+    args = {"dir": str(base), "qemu": str(fake_qemu), "sandbox": sandbox}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(args)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -192,6 +214,15 @@ def test_qemu_dies_with_a_one_shot_parent(tmp_path) -> None:
         assert launched["driver"] == "QemuDriver"
         vm_pid = launched["pid"]
         assert pid_alive(vm_pid)
+        status = status_fields(vm_pid)
+        if sandbox:
+            uid = int(status["Uid"].split()[0])
+            assert uid >= QemuConfig().uids[0] and status["Uid"].split() == [str(uid)] * 4
+            assert status["Gid"].split() == [str(uid)] * 4 and status["Groups"] == ""
+            assert status["NoNewPrivs"] == "1" and status["CapEff"] == "0" * 16
+            assert os.readlink(f"/proc/{vm_pid}/ns/net") != os.readlink("/proc/self/ns/net"), "a network of its own"
+        else:
+            assert status["Uid"].split()[0] == str(os.getuid())
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
         assert wait_until(lambda: not pid_alive(vm_pid), 5), "the VMM outlived `arcbox-vm run`"
@@ -203,3 +234,6 @@ def test_qemu_dies_with_a_one_shot_parent(tmp_path) -> None:
         parent.stderr.close()
         if vm_pid is not None and pid_alive(vm_pid):
             os.kill(vm_pid, signal.SIGKILL)
+        if sandbox:
+            VmmUsers(*QemuConfig().uids).release(base)  # the killed parent could not
+            shutil.rmtree(base, ignore_errors=True)
