@@ -237,3 +237,22 @@ def test_qemu_dies_with_a_one_shot_parent(tmp_path, sandbox) -> None:
         if sandbox:
             VmmUsers(*QemuConfig().uids).release(base)  # the killed parent could not
             shutil.rmtree(base, ignore_errors=True)
+
+
+def test_log_tails_never_follow_a_symlink_or_block_on_a_fifo(tmp_path) -> None:
+    """A jailed VMM owns its jail: its log may have been replaced by a link to a host file,
+    or by a FIFO; error messages must not show the one nor hang on the other."""
+    from arcbox_vm.vmm.firecracker.process import exit_code_from_log
+    from arcbox_vm.vmm.process import tail
+
+    secret = tmp_path / "secret"
+    secret.write_text("exit_code=3\nroot's secret\n")
+    log = tmp_path / "firecracker.log"
+    log.symlink_to(secret)
+    assert tail(log) == "" and exit_code_from_log(log) is None
+    log.unlink()
+    os.mkfifo(log)
+    assert tail(log) == "" and exit_code_from_log(log) is None
+    log.unlink()
+    log.write_text("a\nb\nexit_code=0\n")
+    assert tail(log, lines=2) == "b\nexit_code=0" and exit_code_from_log(log) == 0

@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,12 +104,23 @@ class _ChildSetup:
             _die_with(self.parent, self.prctl)
 
 
+def open_log(path: Path) -> int:
+    """Open a log file a VMM writes for reading: never through a symlink (a jailed VMM owns
+    its jail and could point its log at a host file), never blocking on a FIFO, only a
+    regular file. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
 def tail(path: Path | None, lines: int = 15, max_bytes: int = 16384) -> str:
     """The last `lines` lines of the last `max_bytes` of a (log) file, or "" if unreadable."""
     if path is None:
         return ""
     try:
-        with open(path, "rb") as f:
+        with open(open_log(path), "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - max_bytes))
             data = f.read()

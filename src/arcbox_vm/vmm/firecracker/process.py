@@ -19,7 +19,7 @@ from arcbox_vm.config.firecracker import FirecrackerConfig
 from arcbox_vm.errors import VmmError
 from arcbox_vm.ports import VmSnapshot
 from arcbox_vm.vmm.cgroup import SandboxCgroup
-from arcbox_vm.vmm.process import TrackedProcess, tail
+from arcbox_vm.vmm.process import TrackedProcess, open_log, tail
 from arcbox_vm.vmm.users import VmmUsers
 
 from . import bodies, snapshots
@@ -36,7 +36,7 @@ _EXIT_CODE_RE = re.compile(rb"exit_code=(\d+)")
 def exit_code_from_log(path: Path) -> int | None:
     """Firecracker logs `exit_code=N` when it ends; how we learn it when it is not our child."""
     try:
-        with open(path, "rb") as f:
+        with open(open_log(path), "rb") as f:  # in the jail, which the jailed user owns
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 8192))
             matches = _EXIT_CODE_RE.findall(f.read())
