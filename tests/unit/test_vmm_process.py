@@ -256,3 +256,40 @@ def test_log_tails_never_follow_a_symlink_or_block_on_a_fifo(tmp_path) -> None:
     log.unlink()
     log.write_text("a\nb\nexit_code=0\n")
     assert tail(log, lines=2) == "b\nexit_code=0" and exit_code_from_log(log) == 0
+
+
+def run_confined(*args: str) -> subprocess.CompletedProcess:
+    from arcbox_vm.vmm.process import CONFINED_EXEC
+
+    return subprocess.run([sys.executable, "-I", "-S", str(CONFINED_EXEC), *args], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_confined_exec_drops_everything_then_execs_in_place() -> None:
+    """The helper a confined VMM starts as (no Python runs in a forked copy of the daemon)."""
+    from arcbox_vm.vmm.process import Confinement
+
+    argv = Confinement(uid=5003, gid=5004, groups=(5005,)).argv(["/bin/cat", "/proc/self/status"])
+    assert argv[:3] == [sys.executable, "-I", "-S"] and argv[-3:] == ["--", "/bin/cat", "/proc/self/status"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    status = dict(line.split(":", 1) for line in res.stdout.splitlines())
+    assert status["Uid"].split() == ["5003"] * 4 and status["Gid"].split() == ["5004"] * 4
+    assert status["Groups"].split() == ["5005"]
+    assert status["CapEff"].strip() == status["CapPrm"].strip() == "0" * 16
+    assert status["NoNewPrivs"].strip() == "1"
+    net = subprocess.run(Confinement(uid=5003, gid=5003).argv(["/bin/cat", "/proc/self/net/dev"]),
+                         capture_output=True, text=True, timeout=30, check=False)
+    devices = [line.split(":")[0].strip() for line in net.stdout.splitlines()[2:]]
+    assert devices == ["lo"], "a network namespace with nothing in it"
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--uid", "0", "--gid", "5", "--", "/bin/true"], "refusing to run a confined VMM as root"),
+    (["--uid", "5", "--gid", "5", "/bin/true"], "usage"),
+    (["--uid", "5", "--gid", "5", "--bogus", "--", "/bin/true"], "unknown option"),
+    (["--uid", "5", "--gid", "5", "--", "/no/such/vmm"], "No such file"),
+])
+def test_confined_exec_refuses_and_says_why(args, why) -> None:
+    res = run_confined(*args)
+    assert res.returncode == 126 and "cannot start the VMM confined" in res.stderr and why in res.stderr

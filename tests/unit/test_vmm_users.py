@@ -14,7 +14,7 @@ import pytest
 
 from arcbox_vm import ConfigError, VmmConfig
 from arcbox_vm.config.qemu import DEFAULT_UID_RANGE, parse_uid_range
-from arcbox_vm.errors import ResourceExhausted
+from arcbox_vm.errors import ResourceExhausted, VmmError
 from arcbox_vm.vmm.users import VmmUsers, running_uids
 
 
@@ -123,3 +123,10 @@ def test_uid_range_config():
         with pytest.raises(ConfigError, match="qemu.uid_range"):
             VmmConfig.from_dict({"qemu": {"uid_range": bad}})
     assert VmmConfig().qemu.sandbox is True, "confined unless turned off"
+
+
+def test_claims_that_cannot_be_written_fail_clearly(tmp_path):
+    (tmp_path / "claims").write_text("a file where the directory should be")
+    users = VmmUsers(5000, 5003, tmp_path / "claims")
+    with pytest.raises(VmmError, match="cannot claim a uid for a VMM in"):
+        users.claim(owner(tmp_path, "a"))

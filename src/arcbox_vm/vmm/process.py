@@ -5,8 +5,9 @@
   the VMM, so we can shut the guest down properly). `die_with_parent` also asks the kernel
   to SIGKILL it when we die, for one-shot runs that must never leave a VM behind.
   `confine` starts it unprivileged: in a new, empty network namespace, as another uid/gid
-  with no supplementary groups (so no capabilities), with no-new-privs (a `Confinement`);
-  `pass_fds` hands it open files.
+  with no supplementary groups (so no capabilities), with no-new-privs (a `Confinement`,
+  carried out by a helper exec'd in its place — no Python runs in a forked copy of the
+  daemon); `pass_fds` hands it open files.
 * `TrackedProcess.watch(pid)` follows a process that is not our child: the Firecracker a
   jailer started with `--new-pid-ns`, or a VMM adopted after a daemon restart. It is
   identified by pid *and* start time (a recycled pid is never taken for ours) and its exit
@@ -24,12 +25,13 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import select
 import signal
 import stat
-import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,24 +42,19 @@ from arcbox_vm.vmm.procfs import is_same_process, process_start_time
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
-CLONE_NEWNET = 0x40000000
+CONFINED_EXEC = Path(__file__).with_name("confined_exec.py")
 UNKNOWN_STATUS = -1  # returncode of a watched process whose exit status nobody told us
 _POLL_S = 0.05  # how often a pid is polled when no pidfd can be had
 _libc: ctypes.CDLL | None = None
 
 
-def _libc_fn(name: str) -> Callable[..., int]:
-    """A libc function, looked up in the parent: nothing but the calls themselves may run in
-    a child between fork and exec (the daemon has threads)."""
+def _prctl() -> Callable[..., int]:
+    """libc's prctl, looked up in the parent: nothing but the call itself may run in a child
+    between fork and exec (the daemon has threads)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return getattr(_libc, name)
-
-
-def _prctl() -> Callable[..., int]:
-    return _libc_fn("prctl")
+    return _libc.prctl
 
 
 def _die_with(parent: int, prctl: Callable[..., int]) -> None:  # runs in the child between fork and exec
@@ -68,40 +65,26 @@ def _die_with(parent: int, prctl: Callable[..., int]) -> None:  # runs in the ch
 
 @dataclass(frozen=True)
 class Confinement:
-    """How a child drops privileges before exec: a new, empty network namespace (while it
-    is still root), then `groups`, `gid`, `uid` (all of real/effective/saved; a uid other
-    than 0 leaves it no capabilities), then no-new-privs (nothing it execs can regain any)."""
+    """How a child drops privileges before it becomes the VMM: a new, empty network
+    namespace (while it is still root), then `groups`, `gid`, `uid` (all of real/effective/
+    saved; a uid other than 0 leaves it no capabilities), then no-new-privs (nothing it
+    execs can regain any). Done by `confined_exec.py`, exec'd in the VMM's place."""
 
     uid: int
     gid: int
     groups: tuple[int, ...] = field(default_factory=tuple)
     new_netns: bool = True
 
-
-class _ChildSetup:
-    """The function a child runs between fork and exec: confinement, then die-with-parent.
-
-    Only libc calls and os wrappers of single system calls; a failure raises, which ends
-    the child before exec and makes the parent's spawn fail."""
-
-    def __init__(self, confine: Confinement | None, die_with_parent: bool) -> None:
-        self.confine = confine
-        self.parent = os.getpid() if die_with_parent else None
-        self.prctl = _prctl()
-        self.unshare = _libc_fn("unshare") if confine is not None and confine.new_netns else None
-
-    def __call__(self) -> None:
-        c = self.confine
-        if c is not None:
-            if self.unshare is not None and self.unshare(CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
-            os.setgroups(list(c.groups))
-            os.setresgid(c.gid, c.gid, c.gid)
-            os.setresuid(c.uid, c.uid, c.uid)
-            if self.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if self.parent is not None:
-            _die_with(self.parent, self.prctl)
+    def argv(self, program: Sequence[str], die_with: int | None = None) -> list[str]:
+        """`program` run through the helper (which execs it in place: the pid stays)."""
+        helper = [sys.executable, "-I", "-S", str(CONFINED_EXEC), "--uid", str(self.uid), "--gid", str(self.gid)]
+        if self.groups:
+            helper += ["--groups", ",".join(str(g) for g in self.groups)]
+        if self.new_netns:
+            helper.append("--new-netns")
+        if die_with is not None:
+            helper += ["--die-with", str(die_with)]
+        return [*helper, "--", *program]
 
 
 def open_log(path: Path) -> int:
@@ -171,7 +154,12 @@ class TrackedProcess:
         with `truncate`), confined if asked, with `pass_fds` open in it (same numbers).
         Raises VmmError when it cannot be started."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
-        preexec = _ChildSetup(confine, die_with_parent) if confine is not None or die_with_parent else None
+        preexec = None
+        program = argv[0]
+        if confine is not None:  # the helper drops privileges and sets die-with-parent after
+            argv = confine.argv(argv, die_with=os.getpid() if die_with_parent else None)
+        elif die_with_parent:
+            preexec = functools.partial(_die_with, os.getpid(), _prctl())
         try:
             fd = os.open(log_path, flags, 0o640)
             try:
@@ -183,9 +171,7 @@ class TrackedProcess:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise VmmError(f"cannot start {name} ({argv[0]}): {exc.strerror or exc}") from exc
-        except subprocess.SubprocessError as exc:  # the child's set-up (confinement) failed
-            raise VmmError(f"cannot start {name} ({argv[0]}): dropping its privileges failed ({exc})") from exc
+            raise VmmError(f"cannot start {name} ({program}): {exc.strerror or exc}") from exc
         tracked = cls(proc.pid, name=name, log_path=log_path, child=proc, start_time=process_start_time(proc.pid))
         tracked._task = asyncio.create_task(tracked._reap(proc), name=f"wait-{proc.pid}")
         return tracked

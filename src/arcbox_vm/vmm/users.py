@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from arcbox_vm.errors import ResourceExhausted
+from arcbox_vm.errors import ResourceExhausted, VmmError
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,14 @@ class VmmUsers:
 
     def claim(self, owner: Path) -> int:
         """A uid for the VM whose socket directory is `owner` (the same one again if it has
-        one). Raises ResourceExhausted when every uid of the range is taken."""
-        owner = Path(owner).absolute()
+        one). Raises ResourceExhausted when every uid of the range is taken, VmmError when
+        the claims cannot be written."""
+        try:
+            return self._claim(Path(owner).absolute())
+        except OSError as exc:
+            raise VmmError(f"cannot claim a uid for a VMM in {self.claims_dir}: {exc.strerror or exc}") from exc
+
+    def _claim(self, owner: Path) -> int:
         with self._locked():
             claims = self._claims()
             for uid, who in claims.items():
