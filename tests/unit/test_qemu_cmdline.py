@@ -52,7 +52,8 @@ def test_files_are_descriptors_named_on_the_command_line():
     add_fd = [argv[i + 1] for i, a in enumerate(argv) if a == "-add-fd"]
     assert add_fd == ["fd=11,set=1,opaque=/w,,x/rootfs.ext4", "fd=12,set=1,opaque=/w,,x/rootfs.ext4",
                       "fd=13,set=2,opaque=/w/console.log"], "the disk read-write and read-only; the console"
-    assert argv[argv.index("-drive") + 1].startswith("id=root,file=/dev/fdset/1,format=raw,")
+    drive = argv[argv.index("-drive") + 1]
+    assert drive.startswith("id=root,file=/dev/fdset/1,format=raw,") and drive.endswith(",file.locking=off")
     assert argv[argv.index("-kernel") + 1] == "/proc/self/fd/10"
     assert argv[argv.index("-initrd") + 1] == "/proc/self/fd/14"
     assert FILES.all() == (10, 11, 12, 13, 14)

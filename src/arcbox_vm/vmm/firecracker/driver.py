@@ -126,6 +126,8 @@ class FirecrackerDriver:
         layout = layout_for(self.config, workdir)
         if layout.jail_root is not None:
             layout.jail_root.mkdir(parents=True, exist_ok=True)
+            assert layout.jail_dir is not None
+            os.chmod(layout.jail_dir, 0o700)  # no other user passes into a jail (Firecracker is chrooted below)
         return AgentEndpoint(
             listen_path=Path(f"{layout.vsock_uds}_{self.vsock_port}"),
             boot_arg=f"{CHANNEL_CMDLINE_KEY}=vsock:{self.vsock_port}",

@@ -104,7 +104,11 @@ def qemu_argv(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: QemuC
         "-serial", "chardev:console",
         "-kernel", f"{_FD_PATH}{files.kernel}",
         "-append", kernel_cmdline(spec, endpoint, accel, cfg),
-        "-drive", f"id=root,file=/dev/fdset/{DISK_FDSET},format=raw,if=none,cache=unsafe,discard=unmap",
+        # no image locking: the disk is this VM's own copy, and the fd set's read-only
+        # descriptor would keep a lock from QEMU's first (read-only) open alive — a VM
+        # migrated to a file could then not take its disk back ("Failed to get write lock")
+        "-drive", f"id=root,file=/dev/fdset/{DISK_FDSET},format=raw,if=none,cache=unsafe,discard=unmap,"
+                  "file.locking=off",
         "-device", f"{dev('blk')},drive=root",
         "-device", f"{dev('serial')},max_ports=2",
         "-chardev", f"socket,id=agent,path={_opt(endpoint.listen_path)},reconnect=1",
