@@ -107,8 +107,8 @@ def qemu_argv(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: QemuC
         # no image locking: the disk is this VM's own copy, and the fd set's read-only
         # descriptor would keep a lock from QEMU's first (read-only) open alive — a VM
         # migrated to a file could then not take its disk back ("Failed to get write lock")
-        "-drive", f"id=root,file=/dev/fdset/{DISK_FDSET},format=raw,if=none,cache=unsafe,discard=unmap,"
-                  "file.locking=off",
+        "-drive", (f"id=root,file=/dev/fdset/{DISK_FDSET},format=raw,if=none,cache=unsafe,discard=unmap,"
+                   "file.locking=off"),
         "-device", f"{dev('blk')},drive=root",
         "-device", f"{dev('serial')},max_ports=2",
         "-chardev", f"socket,id=agent,path={_opt(endpoint.listen_path)},reconnect=1",
@@ -123,8 +123,8 @@ def qemu_argv(spec: MachineSpec, endpoint: AgentEndpoint, accel: str, cfg: QemuC
     if memory is not None:
         assert files.memory is not None
         share = "on" if memory.shared else "off"
-        argv += ["-object", f"memory-backend-file,id=ram,size={spec.memory_mib}M,mem-path={_FD_PATH}{files.memory},"
-                            f"share={share},prealloc=off"]
+        argv += ["-object", (f"memory-backend-file,id=ram,size={spec.memory_mib}M,"
+                             f"mem-path={_FD_PATH}{files.memory},share={share},prealloc=off")]
     if files.qmp is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={files.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
     if incoming:
