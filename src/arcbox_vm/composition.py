@@ -54,7 +54,9 @@ def build_adapters(config: VmmConfig, *, driver: VmmDriver | None = None, one_sh
     if one_shot:
         cgroups = SandboxCgroups.off()
     else:
-        cgroups = SandboxCgroups.open(config.daemon.cgroup_parent, manager_tag(data_dir))
+        cgroups = SandboxCgroups.open(config.daemon.cgroup_parent, manager_tag(data_dir),
+                                      vmm_overhead_mib=config.limits.vmm_overhead_mib,
+                                      pids_max=config.limits.pids_max)
     if driver is not None and getattr(driver, "cgroups", None) is not None and not one_shot:
         current = driver.cgroups  # type: ignore[attr-defined]
         if not current.enabled:

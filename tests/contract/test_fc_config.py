@@ -110,3 +110,16 @@ def test_invalid_values_have_clear_errors(data, message) -> None:
     with pytest.raises(ValidationError) as info:
         FirecrackerConfig.model_validate(data)
     assert message in str(info.value)
+
+
+def test_jailer_uid_gid_pair_and_use_jailer() -> None:
+    from arcbox_vm import ConfigError, VmmConfig
+
+    assert FirecrackerConfig().use_jailer == "auto" and FirecrackerConfig().jailer is None
+    assert JailerConfig().uid is None and JailerConfig().uid_range == "2000000000-2000065535"
+    with pytest.raises(ValidationError, match="uid and gid go together"):
+        JailerConfig(uid=5)
+    with pytest.raises(ConfigError, match="use_jailer"):
+        VmmConfig.from_dict({"firecracker": {"use_jailer": "never", "jailer": {"uid": 1, "gid": 1}}})
+    with pytest.raises(ConfigError, match="firecracker.jailer.uid_range"):
+        VmmConfig.from_dict({"firecracker": {"jailer": {"uid_range": "9-1"}}})

@@ -337,3 +337,90 @@ async def test_failed_launch_under_jailer_keeps_only_the_endpoint(
 async def test_jailer_rejects_exec_file_without_firecracker_in_name(fake_env, short_dir) -> None:
     with pytest.raises(ValueError, match="must contain 'firecracker'"):
         FirecrackerConfig(binary="/usr/bin/fc", jailer=JailerConfig(uid=1, gid=1))
+
+
+# ---------------------------------------------------------------- the jailer by default
+
+
+@pytest.fixture
+def installed_jailer(monkeypatch, short_dir):
+    """A host where the jailer is installed (the fake one) and jails go under `short_dir`."""
+    from arcbox_vm.vmm.firecracker import layout
+
+    base = short_dir / "jail"
+    base.mkdir()
+    monkeypatch.setattr(layout, "DEFAULT_JAILER_BINARY", Path(FAKE_JAILER))
+    monkeypatch.setattr(layout, "DEFAULT_CHROOT_BASE_DIR", base)
+    return base
+
+
+async def test_the_jailer_is_used_by_default_with_a_uid_per_vm(fake_env, vm_files, short_dir, installed_jailer,
+                                                               agent_sink_factory, monkeypatch, tmp_path) -> None:
+    from arcbox_vm.vmm import tun
+    from arcbox_vm.vmm.users import VmmUsers
+
+    owners: list[tuple] = []
+
+    async def set_owner(netns, name, uid, gid):  # the TAP itself is not faked
+        owners.append((netns, name, uid, gid))
+
+    monkeypatch.setattr(tun, "set_owner", set_owner)
+    users = VmmUsers(7000, 7009, tmp_path / "claims")
+    d = FirecrackerDriver(FirecrackerConfig(binary=FAKE_FIRECRACKER, socket_timeout_secs=10), users=users)
+    assert d.config.jailer is not None and d.config.jailer.uid is None, "found, not configured"
+    assert not d.config.no_seccomp
+    ep = d.agent_endpoint(vm_files.workdir)
+    await agent_sink_factory(ep.listen_path)
+    proc = await d.launch(make_spec(vm_files, tap_name="tap0", guest_mac="06:00:ac:10:00:02"), ep)
+    jail_root = layout_for(d.config, vm_files.workdir).jail_root
+    try:
+        jargv = fake_env.jailer_argv()
+        assert jargv[jargv.index("--uid") + 1] == jargv[jargv.index("--gid") + 1] == "7000"
+        assert jail_root.is_relative_to(installed_jailer)
+        assert os.stat(jail_root / "rootfs").st_uid == 7000 == os.stat(jail_root / "rootfs").st_gid
+        assert "--no-seccomp" not in fake_env.argv(), "Firecracker's seccomp filter stays on"
+        assert owners == [("", "tap0", 7000, 7000)], "its TAP is given to its uid"
+        assert users.uid_of(vm_files.workdir) == 7000
+        # an adopting daemon finds the claim by the VM's socket directory and gives it back
+        from arcbox_vm.ports import AdoptSpec
+
+        adopted = await d.adopt(AdoptSpec("sb-1", vm_files.workdir, vm_files.workdir, proc.pid, proc.start_time))
+        await adopted.kill()
+        await adopted.cleanup()
+        assert users.uid_of(vm_files.workdir) is None
+    finally:
+        await proc.kill()
+        await proc.cleanup()
+    assert not jail_root.exists()
+
+
+def test_without_the_jailer_binary_firecracker_runs_directly_and_says_so(monkeypatch, tmp_path, caplog) -> None:
+    import logging
+
+    from arcbox_vm.vmm.firecracker import layout
+
+    monkeypatch.setattr(layout, "DEFAULT_JAILER_BINARY", tmp_path / "no-jailer")
+    with caplog.at_level(logging.WARNING, logger="arcbox_vm.vmm.firecracker.layout"):
+        assert FirecrackerDriver(FirecrackerConfig(binary=FAKE_FIRECRACKER)).config.jailer is None
+    assert "without the jailer (there is no jailer at" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="arcbox_vm.vmm.firecracker.layout"):
+        never = FirecrackerDriver(FirecrackerConfig(binary=FAKE_FIRECRACKER, use_jailer="never"))
+    assert never.config.jailer is None and caplog.text == "", "said so in the config: nothing to warn about"
+    always = FirecrackerDriver(FirecrackerConfig(binary=FAKE_FIRECRACKER, use_jailer="always"))
+    assert always.config.jailer is not None and always.config.jailer.binary == tmp_path / "no-jailer"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(layout, "DEFAULT_JAILER_BINARY", Path(FAKE_JAILER))
+    assert FirecrackerDriver(FirecrackerConfig(binary=FAKE_FIRECRACKER)).config.jailer is None, "not root"
+
+
+def test_a_configured_jailer_keeps_its_uid() -> None:
+    cfg = jail_cfg(Path("/srv/j"), uid=123, gid=456)
+    layout = layout_for(cfg, Path("/run/arcbox-vm/w"))
+    argv = jailer_argv(cfg, layout)
+    assert argv[argv.index("--uid") + 1] == "123" and argv[argv.index("--gid") + 1] == "456"
+    per_vm = jail_cfg(Path("/srv/j"), uid=None, gid=None)
+    with pytest.raises(VmmError, match="needs a uid and gid"):
+        jailer_argv(per_vm, layout)
+    argv = jailer_argv(per_vm, layout, uid=7001, gid=7001)
+    assert argv[argv.index("--uid") + 1] == "7001"

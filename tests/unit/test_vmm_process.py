@@ -7,18 +7,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
+from arcbox_vm.config.qemu import QemuConfig
 from arcbox_vm.errors import VmmError
 from arcbox_vm.ports import AdoptSpec, VmmProcess
 from arcbox_vm.vmm.process import TrackedProcess, exit_status_text
 from arcbox_vm.vmm.procfs import is_same_process, pid_alive, process_start_time
 from arcbox_vm.vmm.qemu.driver import QemuDriver
+from arcbox_vm.vmm.users import VmmUsers
 
 
 def orphan_sleep() -> int:
@@ -159,7 +164,8 @@ args = json.loads(sys.argv[1])
 
 
 async def main():
-    config = VmmConfig(backend="qemu", data_dir=args["dir"], qemu={"binary": args["qemu"], "accel": "tcg"})
+    config = VmmConfig(backend="qemu", data_dir=args["dir"],
+                       qemu={"binary": args["qemu"], "accel": "tcg", "sandbox": args["sandbox"]})
     driver = composition.build_adapters(config, one_shot=True).select_driver()
     workdir = Path(args["dir"])
     spec = MachineSpec(sandbox_id="sb-1", workdir=workdir, kernel=workdir / "bzImage",
@@ -173,14 +179,30 @@ asyncio.run(main())
 """
 
 
-def test_qemu_dies_with_a_one_shot_parent(tmp_path) -> None:
-    """`arcbox-vm run` under QEMU: SIGKILL the process that launched the VM, the VMM goes too."""
-    fake_qemu = tmp_path / "qemu"
-    fake_qemu.write_text("#!/bin/sh\nexec sleep 600\n")
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["confined", "unconfined"])
+def test_qemu_dies_with_a_one_shot_parent(tmp_path, sandbox) -> None:
+    """`arcbox-vm run` under QEMU: SIGKILL the process that launched the VM, the VMM goes too
+    — also when it was started unprivileged (die-with-parent is set after the uid change,
+    which would clear it)."""
+    base = tmp_path
+    if sandbox:  # a confined "QEMU" must be able to execute the script and reach its socket
+        base = Path(tempfile.mkdtemp(prefix="arcbox-t-", dir="/tmp"))
+        base.chmod(0o755)
+    fake_qemu = base / "qemu"
+    # answers the seccomp check (`-device help`) like a QEMU with seccomp; else "runs the VM"
+    fake_qemu.write_text('#!/bin/sh\ncase "$*" in *"-device help"*) exit 0;; esac\nexec sleep 600\n')
     fake_qemu.chmod(0o755)
-    (tmp_path / "bzImage").write_bytes(b"kernel")
-    (tmp_path / "rootfs.ext4").write_bytes(b"\0" * 4096)
-    args = {"dir": str(tmp_path), "qemu": str(fake_qemu)}
+    (base / "bzImage").write_bytes(b"kernel")
+    (base / "rootfs.ext4").write_bytes(b"\0" * 4096)
+    args = {"dir": str(base), "qemu": str(fake_qemu), "sandbox": sandbox}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(args)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -192,6 +214,15 @@ def test_qemu_dies_with_a_one_shot_parent(tmp_path) -> None:
         assert launched["driver"] == "QemuDriver"
         vm_pid = launched["pid"]
         assert pid_alive(vm_pid)
+        status = status_fields(vm_pid)
+        if sandbox:
+            uid = int(status["Uid"].split()[0])
+            assert uid >= QemuConfig().uids[0] and status["Uid"].split() == [str(uid)] * 4
+            assert status["Gid"].split() == [str(uid)] * 4 and status["Groups"] == ""
+            assert status["NoNewPrivs"] == "1" and status["CapEff"] == "0" * 16
+            assert os.readlink(f"/proc/{vm_pid}/ns/net") != os.readlink("/proc/self/ns/net"), "a network of its own"
+        else:
+            assert status["Uid"].split()[0] == str(os.getuid())
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
         assert wait_until(lambda: not pid_alive(vm_pid), 5), "the VMM outlived `arcbox-vm run`"
@@ -203,3 +234,62 @@ def test_qemu_dies_with_a_one_shot_parent(tmp_path) -> None:
         parent.stderr.close()
         if vm_pid is not None and pid_alive(vm_pid):
             os.kill(vm_pid, signal.SIGKILL)
+        if sandbox:
+            VmmUsers(*QemuConfig().uids).release(base)  # the killed parent could not
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_log_tails_never_follow_a_symlink_or_block_on_a_fifo(tmp_path) -> None:
+    """A jailed VMM owns its jail: its log may have been replaced by a link to a host file,
+    or by a FIFO; error messages must not show the one nor hang on the other."""
+    from arcbox_vm.vmm.firecracker.process import exit_code_from_log
+    from arcbox_vm.vmm.process import tail
+
+    secret = tmp_path / "secret"
+    secret.write_text("exit_code=3\nroot's secret\n")
+    log = tmp_path / "firecracker.log"
+    log.symlink_to(secret)
+    assert tail(log) == "" and exit_code_from_log(log) is None
+    log.unlink()
+    os.mkfifo(log)
+    assert tail(log) == "" and exit_code_from_log(log) is None
+    log.unlink()
+    log.write_text("a\nb\nexit_code=0\n")
+    assert tail(log, lines=2) == "b\nexit_code=0" and exit_code_from_log(log) == 0
+
+
+def run_confined(*args: str) -> subprocess.CompletedProcess:
+    from arcbox_vm.vmm.process import CONFINED_EXEC
+
+    return subprocess.run([sys.executable, "-I", "-S", str(CONFINED_EXEC), *args], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_confined_exec_drops_everything_then_execs_in_place() -> None:
+    """The helper a confined VMM starts as (no Python runs in a forked copy of the daemon)."""
+    from arcbox_vm.vmm.process import Confinement
+
+    argv = Confinement(uid=5003, gid=5004, groups=(5005,)).argv(["/bin/cat", "/proc/self/status"])
+    assert argv[:3] == [sys.executable, "-I", "-S"] and argv[-3:] == ["--", "/bin/cat", "/proc/self/status"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    status = dict(line.split(":", 1) for line in res.stdout.splitlines())
+    assert status["Uid"].split() == ["5003"] * 4 and status["Gid"].split() == ["5004"] * 4
+    assert status["Groups"].split() == ["5005"]
+    assert status["CapEff"].strip() == status["CapPrm"].strip() == "0" * 16
+    assert status["NoNewPrivs"].strip() == "1"
+    net = subprocess.run(Confinement(uid=5003, gid=5003).argv(["/bin/cat", "/proc/self/net/dev"]),
+                         capture_output=True, text=True, timeout=30, check=False)
+    devices = [line.split(":")[0].strip() for line in net.stdout.splitlines()[2:]]
+    assert devices == ["lo"], "a network namespace with nothing in it"
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--uid", "0", "--gid", "5", "--", "/bin/true"], "refusing to run a confined VMM as root"),
+    (["--uid", "5", "--gid", "5", "/bin/true"], "usage"),
+    (["--uid", "5", "--gid", "5", "--bogus", "--", "/bin/true"], "unknown option"),
+    (["--uid", "5", "--gid", "5", "--", "/no/such/vmm"], "No such file"),
+])
+def test_confined_exec_refuses_and_says_why(args, why) -> None:
+    res = run_confined(*args)
+    assert res.returncode == 126 and "cannot start the VMM confined" in res.stderr and why in res.stderr

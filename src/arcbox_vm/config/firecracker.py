@@ -4,6 +4,10 @@ Mirrors the original arcbox-vm `FirecrackerConfig` / `JailerConfig` field for fi
 fixes: the Firecracker options (log level, seccomp, payload limits) now apply in jailer mode
 too, and every value is checked up front so a typo fails at load time with a message that
 names the key and the accepted values instead of failing inside Firecracker.
+
+The jailer is used by default (`use_jailer = "auto"`) where its binary exists and the daemon
+is root, with `[firecracker.jailer]`'s settings or its defaults; without `uid`/`gid` each VM
+runs as a uid of its own from `uid_range`, like a confined QEMU.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from arcbox_vm.config.qemu import DEFAULT_UID_RANGE, parse_uid_range
 
 LogLevel = Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"]
 
@@ -42,8 +48,9 @@ class JailerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     binary: Path = Field(default=DEFAULT_JAILER_BINARY, description="jailer executable")
-    uid: int = Field(description="user id Firecracker runs as after the jailer drops privileges")
-    gid: int = Field(description="group id Firecracker runs as after the jailer drops privileges")
+    uid: int | None = Field(default=None, description="user id Firecracker runs as; unset = one per VM from uid_range")
+    gid: int | None = Field(default=None, description="group id Firecracker runs as (with uid)")
+    uid_range: str = Field(DEFAULT_UID_RANGE, description="uids (gid = uid) claimed one per VM when uid is unset")
     chroot_base_dir: Path = Field(
         default=DEFAULT_CHROOT_BASE_DIR,
         description="jails live in <chroot_base_dir>/<firecracker file name>/<id>/root",
@@ -65,10 +72,23 @@ class JailerConfig(BaseModel):
 
     @field_validator("uid", "gid")
     @classmethod
-    def _id_range(cls, v: int, info) -> int:  # type: ignore[no-untyped-def]
-        if not 0 <= v < _MAX_U32:
+    def _id_range(cls, v: int | None, info) -> int | None:  # type: ignore[no-untyped-def]
+        if v is not None and not 0 <= v < _MAX_U32:
             raise ValueError(f"firecracker.jailer.{info.field_name} must be between 0 and {_MAX_U32 - 1}, got {v}")
         return v
+
+    @field_validator("uid_range")
+    @classmethod
+    def _uid_range(cls, v: str) -> str:
+        parse_uid_range(v)
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _uid_and_gid(self) -> JailerConfig:
+        if (self.uid is None) != (self.gid is None):
+            raise ValueError("firecracker.jailer.uid and gid go together: set both (one user for every VM) "
+                             "or neither (a uid of its own per VM from uid_range)")
+        return self
 
     @field_validator("binary", "chroot_base_dir")
     @classmethod
@@ -136,7 +156,9 @@ class FirecrackerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     binary: Path = Field(default=DEFAULT_FIRECRACKER_BINARY, description="firecracker executable")
-    jailer: JailerConfig | None = Field(default=None, description="when set, Firecracker runs under the jailer")
+    jailer: JailerConfig | None = Field(default=None, description="the jailer's settings (implies the jailer)")
+    use_jailer: Literal["auto", "always", "never"] = Field(
+        default="auto", description='"auto": the jailer when its binary exists and we are root; "never": direct')
     data_dir: Path | None = Field(
         default=None, description="root for sandboxes/snapshots; None = arcbox_vm.paths.data_dir()"
     )
@@ -186,6 +208,9 @@ class FirecrackerConfig(BaseModel):
                 "firecracker.no_seccomp and firecracker.seccomp_filter are mutually exclusive "
                 "(Firecracker refuses --no-seccomp together with --seccomp-filter); set only one"
             )
+        if self.jailer is not None and self.use_jailer == "never":
+            raise ValueError('firecracker.use_jailer = "never" contradicts a [firecracker.jailer] section; '
+                             "remove one of them")
         if self.jailer is not None and "firecracker" not in self.binary.name:
             raise ValueError(
                 "with firecracker.jailer set, the file name of firecracker.binary must contain "

@@ -87,7 +87,8 @@ class NetworkConfig(_Section):
     blocked_except: CIDRs inside `blocked` that sandboxes may reach after all — when their
       own policy allows them (e.g. an internal package mirror). Only the operator can
       open a blocked range; a sandbox's allow_out cannot.
-    netns: named network namespace for the TAPs, routes, rules and VMM processes;
+    netns: named network namespace for the TAPs, routes, rules and VMM processes (a
+      confined QEMU gets an empty one of its own and its TAP as a descriptor);
       "" = the host's. Created if missing (and then removed when the manager closes).
 
     Firewall rules (nftables, table `arcbox_vm_<tag>`, family inet) are ours: installed at
@@ -215,6 +216,8 @@ class DaemonConfig(_Section):
       cgroup, so stopping or restarting the daemon's service does not kill the VMs, and
       removing a sandbox kills everything it started. A relative path; "" = off. Without a
       writable cgroup2 hierarchy (not root, read-only) VMMs stay in the daemon's cgroup.
+      The VMM's `[limits]` are written there (or, where cgroup2 has no controllers, in
+      per-sandbox v1 cgroups at the same relative path under each controller's mount).
     """
 
     on_shutdown: Literal["leave", "remove"] = "leave"

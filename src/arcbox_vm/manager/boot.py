@@ -169,7 +169,8 @@ class BootPlan:
                         self.listener, self.timings)
 
     async def _make_workdir(self) -> None:
-        self.req.workdir.mkdir(parents=True, exist_ok=False)
+        # private: the VM's disk copy is in it (a confined VMM gets its files as descriptors)
+        self.req.workdir.mkdir(parents=True, exist_ok=False, mode=0o700)
 
     async def _remove_workdir(self) -> None:
         shutil.rmtree(self.req.workdir, ignore_errors=True)

@@ -180,6 +180,7 @@ async def create(ctx: ManagerContext, sb: SandboxRecord, name: str, *, hidden: b
             (part / "meta.json").write_text(json.dumps(ck.to_row(), indent=1))
             ck.size_bytes = _size(part)
             root(ctx).mkdir(parents=True, exist_ok=True)
+            root(ctx).chmod(0o700)  # VMs' memory and disks: nobody else's to read (a VMM runs as its own uid)
             os.rename(part, final)
         except BaseException:
             shutil.rmtree(part, ignore_errors=True)

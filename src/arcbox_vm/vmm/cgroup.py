@@ -8,6 +8,10 @@ and `<tag>` names the data dir (as in TAP names), so daemons on different data d
 touch each other's cgroups. A sandbox's cgroup also counts every process it owns exactly
 and can be killed without racing forks (`cgroup.kill`).
 
+Each sandbox cgroup is also where its VMM's memory, CPU and process limits are written
+(`cgroup_limits.py`): in the cgroup2 directory where the hierarchy has the controllers,
+else in per-sandbox cgroup v1 directories beside it, made and removed together with it.
+
 Nothing here is required for a VM to run: without a writable cgroup2 hierarchy (not
 root, read-only, not mounted) this is "off" after one log line, and a failed move leaves
 the VM running in the daemon's cgroup. Only plain file operations are used (the daemon
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from arcbox_vm.config.sections import check_cgroup_parent
+from arcbox_vm.vmm.cgroup_limits import CgroupLimits, LimitPlan
 from arcbox_vm.vmm.procfs import MOUNTINFO, Mount, mounts, pid_alive
 
 log = logging.getLogger(__name__)
@@ -94,22 +99,26 @@ class SandboxCgroups:
 
     Build it with `SandboxCgroups.open(parent, tag)`; `SandboxCgroups.off()` does nothing.
     `root` itself is created with the first sandbox cgroup and removed with the last.
+    With `limits` (a `LimitPlan`) each sandbox cgroup made for a VM of known size gets its
+    memory, CPU and pids limits.
     """
 
     def __init__(self, root: Path | None, mount: Path | None = None,
-                 origin: tuple[str, str] | None = None) -> None:
+                 origin: tuple[str, str] | None = None, limits: LimitPlan | None = None) -> None:
         self.root = root
         self.mount = mount
         self.origin = origin  # (parent, tag) it was opened for, also when that made it "off"
+        self.limits = limits if root is not None else None
 
     @classmethod
     def off(cls) -> SandboxCgroups:
         return cls(None)
 
     @classmethod
-    def open(cls, parent: str, tag: str, *, mountinfo: Path = MOUNTINFO,
-             self_cgroup: Path = SELF_CGROUP) -> SandboxCgroups:
-        """`<cgroup2 mount>/<parent>/<tag>`, or off (with one log line saying why)."""
+    def open(cls, parent: str, tag: str, *, mountinfo: Path = MOUNTINFO, self_cgroup: Path = SELF_CGROUP,
+             vmm_overhead_mib: int | None = None, pids_max: int | None = None) -> SandboxCgroups:
+        """`<cgroup2 mount>/<parent>/<tag>`, or off (with one log line saying why). With
+        `vmm_overhead_mib` and `pids_max` (`[limits]`) VMM cgroups get limits."""
         origin = (parent, tag)
         if not parent:
             log.info("per-sandbox cgroups are off (daemon.cgroup_parent is empty)")
@@ -141,7 +150,11 @@ class SandboxCgroups:
                 root.rmdir()
         except OSError as exc:
             return cls._off_because(f"cannot create {root}: {exc.strerror or exc}", origin)
-        return cls(root, mount.path, origin)
+        plan = None
+        if vmm_overhead_mib is not None and pids_max is not None:
+            plan = LimitPlan.detect(mount.path, parent, tag, overhead_mib=vmm_overhead_mib, pids_max=pids_max,
+                                    mountinfo=mountinfo)
+        return cls(root, mount.path, origin, plan)
 
     @classmethod
     def _off_because(cls, why: str, origin: tuple[str, str]) -> SandboxCgroups:
@@ -164,32 +177,49 @@ class SandboxCgroups:
             return None
         return str(PurePosixPath(path.relative_to(self.mount)))
 
-    def sandbox(self, sandbox_id: str) -> SandboxCgroup | None:
-        """A handle on one sandbox's cgroup (None when off, or for an id no cgroup can be named after)."""
+    def sandbox(self, sandbox_id: str, *, vcpus: int | None = None,
+                memory_mib: int | None = None) -> SandboxCgroup | None:
+        """A handle on one sandbox's cgroup (None when off, or for an id no cgroup can be
+        named after); with the VM's size it carries the limits its cgroup is made with."""
         if not self.enabled:
             return None
         try:
-            return SandboxCgroup(self, check_name(sandbox_id))
+            name = check_name(sandbox_id)
         except ValueError as exc:
             log.warning("%s; its VMM stays in the daemon's cgroup", exc)
             return None
+        limits = None
+        if self.limits is not None and vcpus is not None and memory_mib is not None:
+            limits = self.limits.limits_for(vcpus, memory_mib)
+        return SandboxCgroup(self, name, limits)
 
     def list(self) -> list[str]:
-        """Sandbox ids that have a cgroup under our root."""
+        """Sandbox ids that have a cgroup under our root (cgroup2 or one of our v1 roots)."""
         if self.root is None:
             return []
-        try:
-            return sorted(e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False))
-        except OSError:
-            return []
+        ids: set[str] = set()
+        with contextlib.suppress(OSError):
+            ids.update(e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False))
+        if self.limits is not None:
+            ids |= self.limits.v1_ids()
+        return sorted(ids)
+
+    def _v1_dirs(self, sandbox_id: str) -> list[Path]:
+        return list(self.limits.v1_dirs(check_name(sandbox_id)).values()) if self.limits is not None else []
 
     def pids(self, sandbox_id: str) -> list[int]:
-        """Every process in the sandbox's cgroup (and cgroups below it)."""
+        """Every process in the sandbox's cgroup (and cgroups below it), v1 ones included."""
         path = self.path(sandbox_id)
-        return _pids(path) if path is not None else []
+        if path is None:
+            return []
+        found = _pids(path)
+        for extra in self._v1_dirs(sandbox_id):
+            found += [pid for pid in _pids(extra) if pid not in found]
+        return found
 
-    def create(self, sandbox_id: str) -> Path | None:
-        """mkdir `<root>/<sandbox-id>`; None (logged) if that fails or we are off."""
+    def create(self, sandbox_id: str, limits: CgroupLimits | None = None) -> Path | None:
+        """mkdir `<root>/<sandbox-id>` (and its v1 companions), `limits` written if given;
+        None (logged) if that fails or we are off. A limit that cannot be set is only logged."""
         path = self.path(sandbox_id)
         if path is None:
             return None
@@ -199,22 +229,32 @@ class SandboxCgroups:
             log.warning("cannot create cgroup %s (%s); the VM runs in the daemon's cgroup", path,
                         exc.strerror or exc)
             return None
+        if self.limits is not None:
+            if limits is not None:
+                assert self.mount is not None and self.root is not None
+                self.limits.enable_v2(self.mount, self.root)
+                self.limits.write_v2(path, limits)
+            self.limits.create_v1(sandbox_id, limits)
         return path
 
-    def place(self, sandbox_id: str, pid: int) -> bool:
-        """Move `pid` (all its threads) into the sandbox's cgroup. False (logged) if it could
-        not be moved: the cgroup is removed again and the VM keeps running where it is."""
-        path = self.create(sandbox_id)
+    def place(self, sandbox_id: str, pid: int, limits: CgroupLimits | None = None) -> bool:
+        """Move `pid` (all its threads) into the sandbox's cgroup(s), made with `limits` if
+        new. False (logged) if it could not be moved: the cgroups are removed again and the
+        VM keeps running where it is."""
+        path = self.create(sandbox_id, limits)
         if path is None:
             return False
         try:
             _write(path / "cgroup.procs", str(pid))
+            if self.limits is not None:
+                self.limits.place_v1(sandbox_id, pid)
             return True
         except OSError as exc:
             log.warning("cannot move pid %d into cgroup %s (%s); it stays in the daemon's cgroup",
                         pid, path, exc.strerror or exc)
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        for cg in (path, *self._v1_dirs(sandbox_id)):
+            with contextlib.suppress(OSError):
+                cg.rmdir()
         self._remove_root_if_empty()
         return False
 
@@ -225,8 +265,11 @@ class SandboxCgroups:
         without it get SIGKILL for every listed pid, repeated until none is left. True
         when the cgroup is gone (or never existed)."""
         path = self.path(sandbox_id)
-        if path is None or not path.is_dir():
+        if path is None:
             return True
+        v1 = [d for d in self._v1_dirs(sandbox_id) if d.is_dir()]
+        if not path.is_dir():
+            return await self._kill_v1(v1, timeout) if v1 else True
         if os.getpid() in _pids(path):  # never: the daemon is checked at open; never kill ourselves
             log.error("refusing to kill cgroup %s: the daemon itself is in it", path)
             return False
@@ -248,13 +291,36 @@ class SandboxCgroups:
                 return False
             await asyncio.sleep(_POLL_S)
         removed = _rmdir_tree(path)
+        if v1:  # the same processes: gone now, so only the directories are left
+            removed = await self._kill_v1(v1, max(0.5, deadline - loop.time())) and removed
         self._remove_root_if_empty()
         return removed
+
+    async def _kill_v1(self, dirs: list[Path], timeout: float) -> bool:
+        """SIGKILL what is in our v1 cgroups of one sandbox (no cgroup.kill there) and remove them."""
+        if os.getpid() in [pid for d in dirs for pid in _pids(d)]:
+            log.error("refusing to kill cgroups %s: the daemon itself is in one", dirs)
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ok = True
+        for d in dirs:
+            while any(pid_alive(pid) for pid in _pids(d)):
+                _sigkill_all(d)
+                if loop.time() >= deadline:
+                    log.warning("cgroup %s still has processes %s after SIGKILL", d, _pids(d))
+                    return False
+                await asyncio.sleep(_POLL_S)
+            ok = _rmdir_tree(d) and ok
+        self._remove_root_if_empty()
+        return ok
 
     def _remove_root_if_empty(self) -> None:
         if self.root is not None:
             with contextlib.suppress(OSError):
                 self.root.rmdir()  # ours alone (the tag names our data dir); busy = still used
+        if self.limits is not None:
+            self.limits.remove_v1_roots_if_empty()
 
 
 @dataclass(frozen=True)
@@ -263,6 +329,7 @@ class SandboxCgroup:
 
     cgroups: SandboxCgroups
     sandbox_id: str
+    limits: CgroupLimits | None = None  # written when the cgroup is made
 
     @property
     def path(self) -> Path:
@@ -277,9 +344,11 @@ class SandboxCgroup:
         return rel
 
     def create(self) -> bool:
-        return self.cgroups.create(self.sandbox_id) is not None
+        return self.cgroups.create(self.sandbox_id, self.limits) is not None
 
     def place(self, pid: int) -> bool:
+        if self.limits is not None:
+            self.cgroups.create(self.sandbox_id, self.limits)  # new: made with its limits
         return self.cgroups.place(self.sandbox_id, pid)
 
     def pids(self) -> list[int]:

@@ -4,6 +4,10 @@
   stdout+stderr into a log file, in its own session (a terminal's Ctrl-C reaches us, not
   the VMM, so we can shut the guest down properly). `die_with_parent` also asks the kernel
   to SIGKILL it when we die, for one-shot runs that must never leave a VM behind.
+  `confine` starts it unprivileged: in a new, empty network namespace, as another uid/gid
+  with no supplementary groups (so no capabilities), with no-new-privs (a `Confinement`,
+  carried out by a helper exec'd in its place — no Python runs in a forked copy of the
+  daemon); `pass_fds` hands it open files.
 * `TrackedProcess.watch(pid)` follows a process that is not our child: the Firecracker a
   jailer started with `--new-pid-ns`, or a VMM adopted after a daemon restart. It is
   identified by pid *and* start time (a recycled pid is never taken for ours) and its exit
@@ -26,7 +30,10 @@ import logging
 import os
 import select
 import signal
+import stat
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from arcbox_vm.errors import VmmError
@@ -35,6 +42,7 @@ from arcbox_vm.vmm.procfs import is_same_process, process_start_time
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+CONFINED_EXEC = Path(__file__).with_name("confined_exec.py")
 UNKNOWN_STATUS = -1  # returncode of a watched process whose exit status nobody told us
 _POLL_S = 0.05  # how often a pid is polled when no pidfd can be had
 _libc: ctypes.CDLL | None = None
@@ -55,12 +63,47 @@ def _die_with(parent: int, prctl: Callable[..., int]) -> None:  # runs in the ch
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class Confinement:
+    """How a child drops privileges before it becomes the VMM: a new, empty network
+    namespace (while it is still root), then `groups`, `gid`, `uid` (all of real/effective/
+    saved; a uid other than 0 leaves it no capabilities), then no-new-privs (nothing it
+    execs can regain any). Done by `confined_exec.py`, exec'd in the VMM's place."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = field(default_factory=tuple)
+    new_netns: bool = True
+
+    def argv(self, program: Sequence[str], die_with: int | None = None) -> list[str]:
+        """`program` run through the helper (which execs it in place: the pid stays)."""
+        helper = [sys.executable, "-I", "-S", str(CONFINED_EXEC), "--uid", str(self.uid), "--gid", str(self.gid)]
+        if self.groups:
+            helper += ["--groups", ",".join(str(g) for g in self.groups)]
+        if self.new_netns:
+            helper.append("--new-netns")
+        if die_with is not None:
+            helper += ["--die-with", str(die_with)]
+        return [*helper, "--", *program]
+
+
+def open_log(path: Path) -> int:
+    """Open a log file a VMM writes for reading: never through a symlink (a jailed VMM owns
+    its jail and could point its log at a host file), never blocking on a FIFO, only a
+    regular file. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
 def tail(path: Path | None, lines: int = 15, max_bytes: int = 16384) -> str:
     """The last `lines` lines of the last `max_bytes` of a (log) file, or "" if unreadable."""
     if path is None:
         return ""
     try:
-        with open(path, "rb") as f:
+        with open(open_log(path), "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - max_bytes))
             data = f.read()
@@ -105,22 +148,30 @@ class TrackedProcess:
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], log_path: Path, *, name: str, die_with_parent: bool = False,
-                    truncate: bool = False, cwd: Path | None = None) -> TrackedProcess:
+                    truncate: bool = False, cwd: Path | None = None, confine: Confinement | None = None,
+                    pass_fds: Sequence[int] = ()) -> TrackedProcess:
         """Start `argv` as our child with stdout+stderr appended to `log_path` (emptied first
-        with `truncate`). Raises VmmError when it cannot be started."""
+        with `truncate`), confined if asked, with `pass_fds` open in it (same numbers).
+        Raises VmmError when it cannot be started."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
-        preexec = functools.partial(_die_with, os.getpid(), _prctl()) if die_with_parent else None
+        preexec = None
+        program = argv[0]
+        if confine is not None:  # the helper drops privileges and sets die-with-parent after
+            argv = confine.argv(argv, die_with=os.getpid() if die_with_parent else None)
+        elif die_with_parent:
+            preexec = functools.partial(_die_with, os.getpid(), _prctl())
         try:
             fd = os.open(log_path, flags, 0o640)
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
                     start_new_session=True, cwd=str(cwd) if cwd else None, preexec_fn=preexec,
+                    pass_fds=tuple(pass_fds),
                 )
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise VmmError(f"cannot start {name} ({argv[0]}): {exc.strerror or exc}") from exc
+            raise VmmError(f"cannot start {name} ({program}): {exc.strerror or exc}") from exc
         tracked = cls(proc.pid, name=name, log_path=log_path, child=proc, start_time=process_start_time(proc.pid))
         tracked._task = asyncio.create_task(tracked._reap(proc), name=f"wait-{proc.pid}")
         return tracked

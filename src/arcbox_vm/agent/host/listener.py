@@ -108,7 +108,15 @@ class AgentListener:
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.path),
                                                        limit=READ_SIZE * 2)
-        os.chmod(self.path, 0o600)
+        # The socket takes its directory's group: a directory given to a VMM's group (a
+        # confined QEMU's, a jailed Firecracker's) lets that VMM, and only it, connect —
+        # also to a listener bound again after a daemon restart.
+        group = os.stat(self.path.parent).st_gid
+        if group != os.getegid():
+            os.chown(self.path, -1, group)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         live = self._live

@@ -80,8 +80,12 @@ def jailer_argv(
     firecracker_binary: Path | None = None,
     netns_name: str = "",
     join_cgroup: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> list[str]:
     """`jailer --id --exec-file --uid --gid [opts] -- --api-sock /run/firecracker.socket [fc opts]`.
+
+    `uid`/`gid`: the VM's own (claimed per VM) when `firecracker.jailer` sets none.
 
     The jailer passes `--id` to Firecracker itself, so it is not repeated after `--`
     (Firecracker rejects duplicate arguments). `netns_name` (a named namespace, from
@@ -92,6 +96,10 @@ def jailer_argv(
     """
     jailer = config.jailer
     assert jailer is not None and layout.jail_id is not None
+    uid = jailer.uid if uid is None else uid
+    gid = jailer.gid if gid is None else gid
+    if uid is None or gid is None:
+        raise VmmError("the jailer needs a uid and gid: firecracker.jailer sets none and none was claimed")
     argv = [
         str(jailer_binary or jailer.binary),
         "--id",
@@ -99,9 +107,9 @@ def jailer_argv(
         "--exec-file",
         str(firecracker_binary or config.binary),
         "--uid",
-        str(jailer.uid),
+        str(uid),
         "--gid",
-        str(jailer.gid),
+        str(gid),
     ]
     if jailer.chroot_base_dir != DEFAULT_CHROOT_BASE_DIR:
         argv += ["--chroot-base-dir", str(jailer.chroot_base_dir)]

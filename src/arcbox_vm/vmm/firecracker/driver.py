@@ -32,16 +32,29 @@ from pathlib import Path
 
 from arcbox_vm.agent.protocol import CHANNEL_CMDLINE_KEY, VSOCK_PORT
 from arcbox_vm.config.firecracker import FirecrackerConfig
+from arcbox_vm.config.qemu import DEFAULT_UID_RANGE, parse_uid_range
 from arcbox_vm.errors import BootFailed, FirecrackerApiError, VmmError
 from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec, MemoryUse, VmSnapshot
+from arcbox_vm.vmm import tun
 from arcbox_vm.vmm.cgroup import SandboxCgroups
 from arcbox_vm.vmm.process import TrackedProcess
+from arcbox_vm.vmm.users import VmmUsers
 
 from . import bodies, snapshots
 from .api import DEFAULT_REQUEST_TIMEOUT, FirecrackerApi
 from .bodies import ApiRequest
 from .cmdline import firecracker_argv, jailer_argv, jailer_netns, jailer_sets_cgroups
-from .layout import JAIL_INITRD, JAIL_KERNEL, JAIL_ROOTFS, JAIL_SECCOMP, Layout, instance_id, layout_for, resolve_binary
+from .layout import (
+    JAIL_INITRD,
+    JAIL_KERNEL,
+    JAIL_ROOTFS,
+    JAIL_SECCOMP,
+    Layout,
+    instance_id,
+    layout_for,
+    resolve_binary,
+    with_jailer,
+)
 from .process import FirecrackerProcess, diagnostics, exit_code_from_log
 from .staging import clear_jail, create_empty_file, discard, stage_file, unlink_quiet
 from .waits import wait_for_api_socket, wait_for_pid_file
@@ -79,7 +92,7 @@ def check_cmdline_length(boot_args: str, devices: int) -> None:
 
 
 class FirecrackerDriver:
-    """Boots VMs with Firecracker (directly, or under the jailer when `config.jailer` is set)."""
+    """Boots VMs with Firecracker: under the jailer (configured, or found: `use_jailer`), or directly."""
 
     name = "firecracker"
 
@@ -93,8 +106,12 @@ class FirecrackerDriver:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         die_with_parent: bool = False,
         cgroups: SandboxCgroups | None = None,
+        users: VmmUsers | None = None,
     ) -> None:
-        self.config = config or FirecrackerConfig()
+        self.config = with_jailer(config or FirecrackerConfig())
+        jailer = self.config.jailer
+        # also without a jailer: VMs a jailing earlier daemon started give their uids back
+        self.users = users or VmmUsers(*parse_uid_range(jailer.uid_range if jailer is not None else DEFAULT_UID_RANGE))
         self.die_with_parent = die_with_parent
         self.cgroups = cgroups or SandboxCgroups.off()  # where each VMM is moved right after spawn
         self.guest_cid = guest_cid
@@ -109,6 +126,8 @@ class FirecrackerDriver:
         layout = layout_for(self.config, workdir)
         if layout.jail_root is not None:
             layout.jail_root.mkdir(parents=True, exist_ok=True)
+            assert layout.jail_dir is not None
+            os.chmod(layout.jail_dir, 0o700)  # no other user passes into a jail (Firecracker is chrooted below)
         return AgentEndpoint(
             listen_path=Path(f"{layout.vsock_uds}_{self.vsock_port}"),
             boot_arg=f"{CHANNEL_CMDLINE_KEY}=vsock:{self.vsock_port}",
@@ -128,7 +147,7 @@ class FirecrackerDriver:
                                       start_time=spec.start_time, exit_status=lambda: exit_code_from_log(layout.log))
         cgroup = None if jailer_sets_cgroups(cfg) else self.cgroups.sandbox(spec.sandbox_id)
         api = FirecrackerApi(layout.api_socket, timeout=self.request_timeout)
-        return FirecrackerProcess(handle, api, layout, cfg, cgroup)
+        return FirecrackerProcess(handle, api, layout, cfg, cgroup, users=self.users, owner=spec.sockdir)
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> FirecrackerProcess:
         layout = layout_for(self.config, spec.socket_dir, spec.workdir)
@@ -170,16 +189,21 @@ class FirecrackerDriver:
         handle: TrackedProcess | None = None
         api: FirecrackerApi | None = None
         keep = endpoint.listen_path if layout.jailed else None
-        cgroup = None if jailer_sets_cgroups(cfg) else self.cgroups.sandbox(spec.sandbox_id)
+        cgroup = None if jailer_sets_cgroups(cfg) else self.cgroups.sandbox(
+            spec.sandbox_id, vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+        claimed = cfg.jailer is not None and cfg.jailer.uid is None
 
         def diag() -> str:
             return diagnostics(layout.log, layout.console_log)
 
         try:
-            self._prepare_files(spec, layout, uds_host, endpoint)
+            uid, gid = await self._jail_ids(spec)
+            self._prepare_files(spec, layout, uds_host, endpoint, uid, gid)
             for name, src in (stage or {}).items():
                 assert cfg.jailer is not None
-                stage_file(src, layout.jail_file(name), uid=cfg.jailer.uid, gid=cfg.jailer.gid, writable=False)
+                stage_file(src, layout.jail_file(name), uid=uid, gid=gid, writable=False)
+            if cfg.jailer is not None and spec.tap_name:  # the jailed Firecracker opens it by name
+                await tun.set_owner(netns, spec.tap_name, uid, gid)
             if cfg.jailer is None:
                 argv = firecracker_argv(cfg, layout, instance_id(spec.sandbox_id), binary=fc_binary, netns_name=netns)
             else:
@@ -187,7 +211,7 @@ class FirecrackerDriver:
                     cgroup = None
                 argv = jailer_argv(
                     cfg, layout, jailer_binary=jailer_binary, firecracker_binary=fc_binary, netns_name=netns,
-                    join_cgroup=cgroup.relative if cgroup is not None else None,
+                    join_cgroup=cgroup.relative if cgroup is not None else None, uid=uid, gid=gid,
                 )
             log.debug("starting %s", " ".join(argv))
             new_pid_ns = cfg.jailer is not None and cfg.jailer.new_pid_ns
@@ -215,6 +239,8 @@ class FirecrackerDriver:
             await self._abort(handle, api, layout, keep)
             if cgroup is not None:
                 await cgroup.remove()
+            if claimed:
+                await asyncio.to_thread(self.users.release, spec.socket_dir)
             if isinstance(exc, VmmError):
                 if details and details not in str(exc):
                     exc.add_note(details.strip())
@@ -222,7 +248,18 @@ class FirecrackerDriver:
             if isinstance(exc, OSError):
                 raise VmmError(f"could not launch Firecracker for {spec.sandbox_id}: {exc}{details}") from exc
             raise
-        return FirecrackerProcess(handle, api, layout, cfg, cgroup)
+        return FirecrackerProcess(handle, api, layout, cfg, cgroup, users=self.users, owner=spec.socket_dir)
+
+    async def _jail_ids(self, spec: MachineSpec) -> tuple[int, int]:
+        """The uid/gid the jailer drops to: the configured ones, else one claimed for this VM
+        (its socket directory owns the claim). (-1, -1) without a jailer."""
+        jailer = self.config.jailer
+        if jailer is None:
+            return -1, -1
+        if jailer.uid is not None and jailer.gid is not None:
+            return jailer.uid, jailer.gid
+        uid = await asyncio.to_thread(self.users.claim, spec.socket_dir)
+        return uid, uid
 
     # ------------------------------------------------------------------ helpers (public for tests/tools)
 
@@ -291,7 +328,8 @@ class FirecrackerDriver:
         if not os.access(spec.rootfs, os.W_OK):
             raise VmmError(f"the rootfs {spec.rootfs} is not writable (it is attached read-write)")
 
-    def _prepare_files(self, spec: MachineSpec, layout: Layout, uds_host: Path, endpoint: AgentEndpoint) -> None:
+    def _prepare_files(self, spec: MachineSpec, layout: Layout, uds_host: Path, endpoint: AgentEndpoint,
+                       uid: int, gid: int) -> None:
         cfg = self.config
         layout.workdir.mkdir(parents=True, exist_ok=True)
         if cfg.jailer is None:
@@ -302,7 +340,6 @@ class FirecrackerDriver:
             create_empty_file(layout.log)
             create_empty_file(layout.metrics)
             return
-        uid, gid = cfg.jailer.uid, cfg.jailer.gid
         root = layout.jail_root
         assert root is not None
         root.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from arcbox_vm.config.firecracker import FirecrackerConfig
+from arcbox_vm.config.firecracker import (
+    DEFAULT_CHROOT_BASE_DIR,
+    DEFAULT_JAILER_BINARY,
+    FirecrackerConfig,
+    JailerConfig,
+)
 from arcbox_vm.errors import VmmError
+
+log = logging.getLogger(__name__)
 
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 JAIL_API_SOCKET = "/run/firecracker.socket"
@@ -67,6 +75,30 @@ def resolve_binary(binary: Path | str, what: str = "firecracker") -> Path:
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise VmmError(f"{what} binary {binary} is not an executable file")
     return binary.absolute()
+
+
+def with_jailer(config: FirecrackerConfig) -> FirecrackerConfig:
+    """The config a driver runs with, `use_jailer` resolved into `jailer`: a configured
+    jailer is used; "always" uses the default one; "auto" uses it where its binary exists,
+    the daemon is root and Firecracker's file name lets the jailer run it — else Firecracker
+    runs directly, as the daemon's user (said once, as a warning)."""
+    if config.jailer is not None or config.use_jailer == "never":
+        return config
+    jailer = JailerConfig(binary=DEFAULT_JAILER_BINARY, chroot_base_dir=DEFAULT_CHROOT_BASE_DIR)
+    if config.use_jailer == "auto":
+        why = ""
+        if not (jailer.binary.is_file() and os.access(jailer.binary, os.X_OK)):
+            why = f"there is no jailer at {jailer.binary}"
+        elif os.geteuid() != 0:
+            why = "the jailer needs a root daemon"
+        elif "firecracker" not in exec_file_name(config.binary):
+            why = f"the jailer only runs files named *firecracker*, not {config.binary}"
+        if why:
+            log.warning("Firecracker runs without the jailer (%s): unconfined, as the daemon's user; install "
+                        "the jailer or set firecracker.use_jailer = \"never\" to say so", why)
+            return config
+    log.info("Firecracker runs under the jailer %s (a uid of its own per VM, chroot, seccomp)", jailer.binary)
+    return config.model_copy(update={"jailer": jailer})
 
 
 @dataclass(frozen=True)

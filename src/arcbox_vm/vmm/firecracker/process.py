@@ -19,7 +19,8 @@ from arcbox_vm.config.firecracker import FirecrackerConfig
 from arcbox_vm.errors import VmmError
 from arcbox_vm.ports import VmSnapshot
 from arcbox_vm.vmm.cgroup import SandboxCgroup
-from arcbox_vm.vmm.process import TrackedProcess, tail
+from arcbox_vm.vmm.process import TrackedProcess, open_log, tail
+from arcbox_vm.vmm.users import VmmUsers
 
 from . import bodies, snapshots
 from .api import FirecrackerApi
@@ -35,7 +36,7 @@ _EXIT_CODE_RE = re.compile(rb"exit_code=(\d+)")
 def exit_code_from_log(path: Path) -> int | None:
     """Firecracker logs `exit_code=N` when it ends; how we learn it when it is not our child."""
     try:
-        with open(path, "rb") as f:
+        with open(open_log(path), "rb") as f:  # in the jail, which the jailed user owns
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 8192))
             matches = _EXIT_CODE_RE.findall(f.read())
@@ -66,8 +67,13 @@ class FirecrackerProcess:
         layout: Layout,
         config: FirecrackerConfig,
         cgroup: SandboxCgroup | None = None,
+        *,
+        users: VmmUsers | None = None,
+        owner: Path | None = None,
     ) -> None:
         self._handle = handle
+        self._users = users  # the uid claimed for the jailed VM (owned by `owner`) is given back
+        self._owner = owner
         self._api = api
         self.layout = layout
         self._config = config
@@ -139,8 +145,8 @@ class FirecrackerProcess:
             raise VmmError(f"Firecracker process {self.pid} did not exit within {timeout:g}s of SIGKILL")
 
     async def cleanup(self) -> None:
-        """Remove sockets, log/metrics/console files, the jail and the sandbox's cgroup;
-        kills the VMM if still running."""
+        """Remove sockets, log/metrics/console files, the jail and the sandbox's cgroup, and
+        give its uid back; kills the VMM if still running."""
         if self._cleaned:
             return
         if self.returncode is None:
@@ -149,4 +155,6 @@ class FirecrackerProcess:
         discard(self.layout, self._config)
         if self.cgroup is not None:
             await self.cgroup.remove()
+        if self._users is not None and self._owner is not None:
+            await asyncio.to_thread(self._users.release, self._owner)
         self._cleaned = True

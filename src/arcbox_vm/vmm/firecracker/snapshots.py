@@ -63,6 +63,10 @@ def collect(layout: Layout, dest: Path, details: dict) -> VmSnapshot:
                 os.replace(src, dest / name)
             except OSError:  # another file system
                 shutil.move(src, dest / name)
+            # written by the jailed uid, which a later VM may get: the snapshot is the daemon's,
+            # readable (restores link it into their jails; checkpoints live in a 0700 directory)
+            os.chown(dest / name, os.getuid(), os.getgid())
+            os.chmod(dest / name, 0o644)
     return VmSnapshot(state=dest / STATE_FILE, memory=dest / MEMORY_FILE, vmm="firecracker", details=details)
 
 

@@ -50,6 +50,8 @@ def stage_file(src: Path, dst: Path, *, uid: int, gid: int, writable: bool) -> s
         os.chmod(dst, 0o600 if writable else 0o400)
     if writable or how == "copy":
         os.chown(dst, uid, gid)
+    if writable:
+        os.chmod(dst, 0o600)  # the VM's own disk: its uid's alone
     return how
 
 

@@ -1,9 +1,19 @@
-"""QEMU driver: `-machine microvm`, KVM when it can run the guest, else TCG."""
+"""QEMU driver: `-machine microvm`, KVM when it can run the guest, else TCG.
+
+Confinement (`[qemu] sandbox`, on by default; see `confine.py`): each QEMU is started
+already unprivileged — its own uid and gid from `[qemu] uid_range`, no supplementary
+groups, no capabilities, no-new-privs, a network namespace of its own with nothing in it —
+and runs under its seccomp filter. (QEMU's own `-runas` cannot be combined with
+`elevateprivileges=deny`: the filter is in place before QEMU drops to the user, and the
+drop itself is then a forbidden system call.) Whatever it needs is handed over open
+(`handover.py`); snapshots stream through descriptors too (`snapshot.py`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -15,9 +25,12 @@ from arcbox_vm.ports import AdoptSpec, AgentEndpoint, MachineSpec, MemoryUse, Vm
 from arcbox_vm.vmm.cgroup import SandboxCgroup, SandboxCgroups
 from arcbox_vm.vmm.kvm import probe_kvm
 from arcbox_vm.vmm.process import TrackedProcess
+from arcbox_vm.vmm.qemu import confine
 from arcbox_vm.vmm.qemu import snapshot as snap
-from arcbox_vm.vmm.qemu.cmdline import MemoryFile, memory_from_argv, qemu_argv
+from arcbox_vm.vmm.qemu.cmdline import MemoryFile, fd_of, memory_from_argv, qemu_argv
+from arcbox_vm.vmm.qemu.handover import open_for
 from arcbox_vm.vmm.qemu.qmp import QMP_SOCKET
+from arcbox_vm.vmm.users import VmmUsers
 
 # How long QEMU must stay alive after exec before we call the launch good; a bad
 # kernel path, a busy TAP or a bad option makes it exit well within this.
@@ -31,11 +44,14 @@ class QemuProcess:
     """A QEMU VM, launched or adopted; implements `arcbox_vm.ports.VmmProcess`.
 
     QEMU makes nothing of its own outside the workdir (which is the manager's): cleaning up
-    removes the sandbox's cgroup, killing whatever is left in it."""
+    removes the sandbox's cgroup, killing whatever is left in it, and gives its uid back."""
 
     def __init__(self, process: TrackedProcess, console_log: Path, accel: str | None,
                  cgroup: SandboxCgroup | None = None, *, qmp: Path | None = None,
-                 memory: MemoryFile | None = None) -> None:
+                 memory: MemoryFile | None = None, users: VmmUsers | None = None,
+                 sockdir: Path | None = None) -> None:
+        self._users = users
+        self._sockdir = sockdir
         self._process = process
         self._console_log = console_log
         self.accel = accel  # None: adopted, started by an earlier daemon
@@ -105,12 +121,16 @@ class QemuProcess:
             return await snap.save_state(self._monitor(), self.memory, dest)
 
     async def cleanup(self) -> None:
-        """Remove the VM's cgroup (killing anything left in it); kills QEMU first if it
-        still runs. The workdir (console and QEMU logs, agent socket) is its owner's."""
+        """Remove the VM's cgroup (killing anything left in it) and give its uid back;
+        kills QEMU first if it still runs. The workdir (console and QEMU logs) and the socket
+        directory are their owner's; the latter is closed to the uid before it is reused."""
         if self.returncode is None:
             await self.kill()
         if self.cgroup is not None:
             await self.cgroup.remove()
+        if self._users is not None and self._sockdir is not None:
+            confine.take_back(self._sockdir)
+            await asyncio.to_thread(self._users.release, self._sockdir)
 
 
 class QemuDriver:
@@ -119,11 +139,14 @@ class QemuDriver:
     name = "qemu"
 
     def __init__(self, config: QemuConfig | None = None, *, die_with_parent: bool = False,
-                 cgroups: SandboxCgroups | None = None) -> None:
+                 cgroups: SandboxCgroups | None = None, users: VmmUsers | None = None) -> None:
         self.config = config or QemuConfig()
         self.die_with_parent = die_with_parent
         self.cgroups = cgroups or SandboxCgroups.off()  # where each VMM is moved right after spawn
+        # also with sandbox off: VMs a confined earlier daemon started give their uids back
+        self.users = users or VmmUsers(*self.config.uids)
         self._accel: str | None = None
+        self._sandbox_ok: str | None = None  # the binary whose -sandbox was checked
 
     def accel(self) -> str:
         """The accelerator this driver uses (probed once for "auto")."""
@@ -147,14 +170,26 @@ class QemuDriver:
                            "apt-get install -y qemu-system-x86")
         return path
 
+    async def check_sandbox(self, binary: str) -> None:
+        """Raise VmmError (saying how to fix it) when QEMU cannot be confined here."""
+        confine.check_privileges()
+        if self._sandbox_ok != binary:
+            await confine.check_seccomp(binary)
+            self._sandbox_ok = binary
+
     async def adopt(self, spec: AdoptSpec) -> QemuProcess:
         """A QEMU an earlier daemon started (pid + start time), watched through a pidfd;
-        already exited if it is gone. Its cgroup is ours to remove."""
+        already exited if it is gone. Its cgroup and its uid are ours to give back."""
         process = TrackedProcess.watch(spec.pid, name="QEMU", log_path=spec.workdir / VMM_LOG,
                                        start_time=spec.start_time)
         qmp = spec.sockdir / QMP_SOCKET
+        memory = memory_from_argv(_cmdline(spec.pid)) if process.returncode is None else None
+        if memory is not None and fd_of(memory.path) is not None:  # the file QEMU was handed
+            real = _fd_target(spec.pid, fd_of(memory.path))
+            memory = memory._replace(path=real) if real is not None else None
         return QemuProcess(process, spec.workdir / CONSOLE_LOG, None, self.cgroups.sandbox(spec.sandbox_id),
-                           qmp=qmp if qmp.exists() else None, memory=memory_from_argv(_cmdline(spec.pid)))
+                           qmp=qmp if qmp.exists() else None, memory=memory, users=self.users,
+                           sockdir=spec.sockdir)
 
     def snapshot_support(self) -> str | None:
         return None
@@ -174,21 +209,49 @@ class QemuDriver:
     async def _start(self, spec: MachineSpec, endpoint: AgentEndpoint, memory: MemoryFile | None,
                      incoming: bool) -> QemuProcess:
         accel = self.accel()
+        binary = self.binary()
+        sandboxed = self.config.sandbox
+        if sandboxed:
+            await self.check_sandbox(binary)
         console_log = spec.workdir / CONSOLE_LOG
-        console_log.touch()
-        qmp = spec.socket_dir / QMP_SOCKET
+        sockdir = spec.socket_dir
         cfg = self.config
         if accel == "tcg" and not cfg.tsc_khz:
             cfg = cfg.model_copy(update={"tsc_khz": host_tsc_khz()})
-        argv = qemu_argv(spec, endpoint, accel, cfg, console_log, qmp_socket=qmp, memory=memory, incoming=incoming)
-        argv[0] = self.binary()
-        argv = exec_prefix(spec.netns) + argv
-        cgroup = self.cgroups.sandbox(spec.sandbox_id)
-        child = await TrackedProcess.spawn(argv, spec.workdir / VMM_LOG, name="QEMU",
-                                           die_with_parent=self.die_with_parent)
+        cgroup = self.cgroups.sandbox(spec.sandbox_id, vcpus=spec.vcpus, memory_mib=spec.memory_mib)
+        handover = None
+        claimed = False
+        try:
+            confinement = None
+            if sandboxed:
+                uid = await asyncio.to_thread(self.users.claim, sockdir)
+                claimed = True
+                confinement = confine.confinement(uid, accel)
+                confine.check_access(uid, spec, endpoint)
+                confine.give_socket(sockdir, endpoint.listen_path, uid)
+            handover = await open_for(spec, console_log, memory, sockdir / QMP_SOCKET,
+                                      confinement.uid if confinement is not None else None)
+            assert handover.files is not None
+            argv = qemu_argv(spec, endpoint, accel, cfg, console_log, handover.files, memory=memory,
+                             incoming=incoming)
+            argv[0] = binary
+            if not sandboxed:
+                argv = exec_prefix(spec.netns) + argv
+            child = await TrackedProcess.spawn(argv, spec.workdir / VMM_LOG, name="QEMU",
+                                               die_with_parent=self.die_with_parent, confine=confinement,
+                                               pass_fds=handover.files.all())
+        except BaseException:
+            if handover is not None:
+                handover.discard()
+            if claimed:
+                confine.take_back(sockdir)
+                await asyncio.to_thread(self.users.release, sockdir)
+            raise
+        handover.close()
         if cgroup is not None and not cgroup.place(child.pid):
             cgroup = None  # logged; the VM runs on in our cgroup
-        return QemuProcess(child, console_log, accel, cgroup, qmp=qmp, memory=memory)
+        return QemuProcess(child, console_log, accel, cgroup, qmp=sockdir / QMP_SOCKET, memory=memory,
+                           users=self.users, sockdir=sockdir)
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
         self._check_files(spec)
@@ -215,6 +278,14 @@ class QemuDriver:
         self._check_files(spec)
         if snapshot.memory is not None:
             ram: MemoryFile | None = MemoryFile(snapshot.memory, shared=memory == "own")
+            if memory == "cow" and self.config.sandbox and spec.memdir is not None:
+                # A confined QEMU cannot map a shared snapshot copy-on-write: QEMU (before 8.2)
+                # opens a private mapping's file read-write, and the snapshot is every
+                # clone's. It gets a (sparse) copy as its own memory instead.
+                own = self._own_memory(spec)
+                assert own is not None
+                await snap.copy_sparse(snapshot.memory, own.path)
+                ram = own
         else:
             ram = self._own_memory(spec)
         proc = await self._start(spec, endpoint, ram, incoming=True)
@@ -243,6 +314,14 @@ def host_tsc_khz(default: int = 2_000_000) -> int:
             if line.startswith("cpu MHz"):
                 return int(float(line.split(":", 1)[1]) * 1000)
     return default
+
+
+def _fd_target(pid: int, fd: int | None) -> Path | None:
+    """The file behind descriptor `fd` of process `pid` (None if it cannot be read)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def _cmdline(pid: int | None) -> list[str]:

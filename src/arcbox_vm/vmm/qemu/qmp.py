@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +83,45 @@ class Qmp:
 
     async def execute(self, command: str, timeout: float = COMMAND_TIMEOUT_S, **arguments: Any) -> Any:
         """Run one command; returns its `return` value or raises QmpError."""
+        ident, data = self._message(command, arguments)
+        self._writer.write(data)
+        await self._writer.drain()
+        return await self._reply(command, ident, timeout)
+
+    async def pass_fd(self, name: str, fd: int, timeout: float = COMMAND_TIMEOUT_S) -> None:
+        """Hand QEMU a descriptor under `name` (`getfd`, the descriptor in the message's
+        SCM_RIGHTS), e.g. for `migrate "fd:<name>"`: QEMU writes or reads it without
+        opening any file itself."""
+        ident, data = self._message("getfd", {"fdname": name})
+        await self._writer.drain()  # nothing of ours may be queued ahead of this message
+        transport_sock = self._writer.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(transport_sock.fileno()))  # the same connection
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    sent = socket.send_fds(sock, [data], [fd])
+                    break
+                except BlockingIOError:
+                    if loop.time() > deadline:
+                        raise VmmError("QEMU's monitor does not take the descriptor") from None
+                    await asyncio.sleep(0.01)
+            if sent != len(data):  # a short write of a few dozen bytes: finish it without the fd
+                self._writer.write(data[sent:])
+                await self._writer.drain()
+        finally:
+            sock.close()
+        await self._reply("getfd", ident, timeout)
+
+    def _message(self, command: str, arguments: dict[str, Any]) -> tuple[int, bytes]:
         ident = next(self._ids)
         msg: dict[str, Any] = {"execute": command, "id": ident}
         if arguments:
             msg["arguments"] = arguments
-        self._writer.write(json.dumps(msg).encode() + b"\n")
-        await self._writer.drain()
+        return ident, json.dumps(msg).encode() + b"\n"
+
+    async def _reply(self, command: str, ident: int, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:

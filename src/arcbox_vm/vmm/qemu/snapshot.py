@@ -1,15 +1,17 @@
 """Pause, resume, save and load a QEMU VM through its monitor (QMP).
 
-Saving is QEMU's migration to a file (`migrate "exec:cat > FILE"`) of a *stopped* VM.
-When the guest's RAM is a shared file (`memory-backend-file,share=on`, see cmdline.py),
-the migration capability `x-ignore-shared` leaves the RAM out of the stream (the state
-is then some 60 KB) and the memory file is copied next to it instead: the VM is paused
-only for that copy. A VM whose RAM is private (one restored copy-on-write from a
-snapshot) streams its RAM into the state file.
+Saving is QEMU's migration of a *stopped* VM into a file we opened and handed it over the
+monitor (`getfd`, then `migrate "fd:<name>"`): QEMU opens nothing and starts no program
+(a confined QEMU may do neither). When the guest's RAM is a shared file
+(`memory-backend-file,share=on`, see cmdline.py), the migration capability
+`x-ignore-shared` leaves the RAM out of the stream (the state is then some 60 KB) and the
+memory file is copied next to it instead: the VM is paused only for that copy. A VM whose
+RAM is private (one restored copy-on-write from a snapshot) streams its RAM into the
+state file.
 
 Loading starts QEMU with `-incoming defer` and the same devices, sets the same
-capability, runs `migrate-incoming "exec:cat FILE"` and `cont`: a VM saved while stopped
-restores stopped.
+capability, hands it the state file and runs `migrate-incoming "fd:<name>"` and `cont`: a
+VM saved while stopped restores stopped.
 
 The monitor of a VM started before it had one (an older daemon's) cannot be reached:
 those operations fail with a VmmError saying so.
@@ -18,7 +20,7 @@ those operations fail with a VmmError saying so.
 from __future__ import annotations
 
 import asyncio
-import shlex
+import os
 from pathlib import Path
 
 from arcbox_vm.errors import VmmError
@@ -30,6 +32,7 @@ STATE_FILE = "state"  # in a snapshot directory: QEMU's migration stream
 MEMORY_FILE = "mem"  # in a snapshot directory: the guest RAM (when it is kept apart)
 SAVE_TIMEOUT_S = 600.0  # streaming a big guest's RAM under emulation takes a while
 MONITOR_WAIT_S = 15.0
+MIGRATION_FD = "migration"  # the name the state file's descriptor is handed to QEMU under
 
 
 async def pause(qmp_path: Path) -> None:
@@ -64,7 +67,12 @@ async def save_state(qmp_path: Path, memory: MemoryFile | None, dest: Path) -> V
         if run_state == "running":
             raise VmmError("the VM must be paused before its state is saved")
         await _capabilities(qmp, ignore_shared)
-        await qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await qmp.pass_fd(MIGRATION_FD, fd)
+        finally:
+            os.close(fd)  # QEMU has its own copy, and closes it when the stream is written
+        await qmp.execute("migrate", uri=f"fd:{MIGRATION_FD}")
         await qmp.wait_migration(SAVE_TIMEOUT_S)
     mem = None
     if ignore_shared:
@@ -78,7 +86,12 @@ async def load_state(qmp_path: Path, snapshot: VmSnapshot) -> None:
     """Feed the saved state to a QEMU started with `-incoming defer` and run it."""
     async with Qmp.connect(qmp_path) as qmp:
         await _capabilities(qmp, bool(snapshot.details.get("ignore_shared")))
-        await qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot.state))}")
+        fd = os.open(snapshot.state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await qmp.pass_fd(MIGRATION_FD, fd)
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate-incoming", uri=f"fd:{MIGRATION_FD}")
         await qmp.wait_migration(SAVE_TIMEOUT_S, poll=0.01)
         await qmp.execute("cont")
 
