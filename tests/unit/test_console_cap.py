@@ -38,7 +38,7 @@ async def test_logs_show_the_rotated_part_then_the_live_one(tmp_path):
     assert log.stat().st_size == 0
     append(log, b"b" * 10)
     chunks = [c async for c in follow_console(log, follow=False, alive=lambda: True)]
-    assert b"".join(chunks) == b"a" * 64 + b"b" * 10
+    assert b"".join(chunks) == b"a" * 32 + b"b" * 10
 
 
 async def test_a_follower_survives_a_rotation(tmp_path):

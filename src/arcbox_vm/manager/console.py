@@ -3,8 +3,8 @@
 The console is attacker-controlled output (the guest is root in its VM and may print
 forever), so it never grows without bound: the VMM writes `console.log` with O_APPEND
 (QEMU's file chardev `append=on`; Firecracker's stdout), and `cap_console`, run per live
-sandbox, moves the newest half of the cap into `console.log.1` and truncates
-`console.log` once it passes a quarter of the cap. Together they hold at most 3/4 of the
+sandbox, moves the newest quarter of the cap into `console.log.1` and truncates
+`console.log` once it passes a quarter of the cap. Together they hold at most half the
 cap plus what the guest writes between two checks: every half second while the console
 is quiet, every 20 ms while it fills up (a guest's UART writes a few hundred KiB/s under
 emulation). `arcbox-vm logs` shows `console.log.1` then `console.log`. Bytes written
@@ -34,7 +34,7 @@ def rotated(path: Path) -> Path:
 def cap_console(path: Path, max_bytes: int) -> int:
     """Keep `path` + its rotated part under `max_bytes`; returns the live file's size
     before any rotation (0 if there is none)."""
-    keep = max(1, max_bytes // 2)
+    keep = max(1, max_bytes // 4)  # half the cap is left for what arrives while a check is late
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
