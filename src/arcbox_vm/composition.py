@@ -20,7 +20,7 @@ from arcbox_vm.images.store import BuiltImageStore
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.paths import manager_tag
 from arcbox_vm.ports import Adapters, VmmDriver
-from arcbox_vm.storage.disks import clone_disk
+from arcbox_vm.storage.disks import clone_disk, grow_disk
 from arcbox_vm.storage.state import StateStore
 from arcbox_vm.vmm.cgroup import SandboxCgroups
 from arcbox_vm.vmm.usage import VmmUsageReader
@@ -71,5 +71,6 @@ def build_adapters(config: VmmConfig, *, driver: VmmDriver | None = None, one_sh
         images=BuiltImageStore(data_dir),
         cgroups=cgroups,
         clone_disk=clone_disk,
+        grow_disk=grow_disk,
         usage=VmmUsageReader(cgroups),
     )

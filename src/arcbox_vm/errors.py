@@ -104,6 +104,28 @@ class CheckpointNotFound(SandboxError):
                          "`arcbox-vm snapshot ls`")
 
 
+class TemplateNotFound(ArcboxError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no template named {name!r}; list them with list_templates() / `arcbox-vm template ls`, "
+                         "build one with `arcbox-vm template build`")
+
+
+class TemplateBuildFailed(ArcboxError):
+    """A template build failed at one step: `step` (1-based) of the Dockerfile, the
+    instruction `instruction`, the failing command's `exit_code` (None when it was not a
+    command) and the end of its `output`. Nothing of the template was kept."""
+
+    def __init__(self, step: int, instruction: str, reason: str, exit_code: int | None = None,
+                 output: str = "") -> None:
+        self.step = step
+        self.instruction = instruction
+        self.exit_code = exit_code
+        self.output = output
+        code = f" (exit code {exit_code})" if exit_code is not None else ""
+        super().__init__(f"step {step} `{instruction}` failed{code}: {reason}")
+
+
 class SnapshotsUnsupported(VmmError):
     """The VMM (or this VM) cannot pause, checkpoint or restore (message says why)."""
 

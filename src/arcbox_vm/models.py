@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from arcbox_vm.templates.models import check_template_name
+
 Stream = Literal["stdout", "stderr", "exit", "error"]
 
 # Caller-chosen sandbox ids: used in paths, TAP bookkeeping, VMM ids (Firecracker allows
@@ -240,6 +242,14 @@ class SandboxSpec(BaseModel):
     working_dir: str = ""
     user: str = ""
     ports: list[PortMapping] = Field(default_factory=list)
+    template: str = ""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        """A template's name (`arcbox-vm template ls`): the sandbox is a restore of its
+        checkpoint, so kernel, rootfs, vCPUs, memory and ports come from the template."""
+        return check_template_name(v) if v else ""
 
     @field_validator("ports", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (e.GuestFileNotFound, grpc.StatusCode.NOT_FOUND),
     (e.ExecNotFound, grpc.StatusCode.NOT_FOUND),
     (e.CheckpointNotFound, grpc.StatusCode.NOT_FOUND),
+    (e.TemplateNotFound, grpc.StatusCode.NOT_FOUND),
     (e.ExecNotAttachable, grpc.StatusCode.FAILED_PRECONDITION),
     (e.GuestNoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.SandboxAlreadyExists, grpc.StatusCode.ALREADY_EXISTS),

@@ -33,6 +33,7 @@ from arcbox_vm.config.sections import (
     MetricsConfig,
     NetworkConfig,
     PoolConfig,
+    TemplatesConfig,
     _Section,
 )
 from arcbox_vm.errors import ConfigError
@@ -59,6 +60,7 @@ __all__ = [
     "NetworkConfig",
     "PoolConfig",
     "QemuConfig",
+    "TemplatesConfig",
     "VmmConfig",
 ]
 
@@ -80,6 +82,7 @@ class VmmConfig(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     e2b: E2bConfig = Field(default_factory=E2bConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property

@@ -279,6 +279,18 @@ class PoolConfig(_Section):
     parallel: int = Field(2, ge=1, le=16, description="restores running at once while it fills")
 
 
+class TemplatesConfig(_Section):
+    """Template builds (`arcbox-vm template build`).
+
+    build_egress: the most network a build's RUN steps may have — "none" (the default:
+    nothing leaves the build sandbox) or "nat" (a build may then ask for it; API clients
+    cannot go beyond this). max_context_mib: the largest build context a client may send.
+    """
+
+    build_egress: Literal["none", "nat"] = "none"
+    max_context_mib: int = Field(256, ge=1, le=16384)
+
+
 class ImagesConfig(_Section):
     """Images that API clients may boot, by name.
 

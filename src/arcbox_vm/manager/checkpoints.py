@@ -137,8 +137,10 @@ def _size(d: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in d.iterdir() if p.is_file())
 
 
-async def create(ctx: ManagerContext, sb: SandboxRecord, name: str, *, hidden: bool = False) -> Checkpoint:
-    """Checkpoint a live sandbox (READY, RUNNING or PAUSED in memory); it keeps its state."""
+async def create(ctx: ManagerContext, sb: SandboxRecord, name: str, *, hidden: bool = False,
+                 owner: str = "") -> Checkpoint:
+    """Checkpoint a live sandbox (READY, RUNNING or PAUSED in memory); it keeps its state.
+    `owner` (hidden ones only, e.g. "template:NAME"): kept across restarts, deleted by its owner."""
     if not isinstance(name, str) or len(name) > MAX_NAME or "\x00" in name:
         raise InvalidArgument(f"a checkpoint name is a string of at most {MAX_NAME} characters")
     async with sb.lock:
@@ -176,6 +178,7 @@ async def create(ctx: ManagerContext, sb: SandboxRecord, name: str, *, hidden: b
                 "execs": [{"channel": r["channel"], "argv": json.loads(r["argv"])}
                           for r in ctx.store.execs(sb.id, status=("running", "detached"))],
                 "paused_s": round(paused_s, 4),
+                **({"owner": owner} if owner else {}),
             }, hidden)
             (part / "meta.json").write_text(json.dumps(ck.to_row(), indent=1))
             ck.size_bytes = _size(part)
@@ -224,10 +227,11 @@ def delete(ctx: ManagerContext, snapshot_id: str, *, hidden_ok: bool = False) ->
 
 def reconcile(ctx: ManagerContext) -> None:
     """At start: hidden checkpoints (of an interrupted fork, of the warm pool) are
-    deleted; directories no record owns (a crash mid-checkpoint) are removed."""
+    deleted — not those with an owner (a template's: see manager/templates/records.py);
+    directories no record owns (a crash mid-checkpoint) are removed."""
     rows = ctx.store.checkpoints()
     for row in rows:
-        if row["hidden"]:
+        if row["hidden"] and not json.loads(row["meta"]).get("owner"):
             with contextlib.suppress(ArcboxError):
                 delete(ctx, row["id"], hidden_ok=True)
     for sb in ctx.sandboxes.values():

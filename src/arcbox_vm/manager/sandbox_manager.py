@@ -34,6 +34,9 @@ from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.manager.pausing import require_live, stop_paused
 from arcbox_vm.manager.recovery import recover
 from arcbox_vm.manager.snapshot_facade import SnapshotOperations
+from arcbox_vm.manager.templates import create as _from_template
+from arcbox_vm.manager.templates import records as _templates
+from arcbox_vm.manager.templates.facade import TemplateOperations
 from arcbox_vm.manager.stats import read_stats
 from arcbox_vm.models import (
     ExecInfo,
@@ -53,7 +56,7 @@ S = SandboxState
 _LIVE = lifecycle.LIVE
 
 
-class SandboxManager(SnapshotOperations):
+class SandboxManager(SnapshotOperations, TemplateOperations):
     """Creates, runs commands in, checkpoints, restores, pauses, stops and removes sandboxes (microVMs).
 
     The constructor touches nothing slow; the first call that needs it takes the data
@@ -118,12 +121,21 @@ class SandboxManager(SnapshotOperations):
             try:
                 self._ctx.open_events()
                 await recover(self._ctx)
+                await self._remove_build_sandboxes()
+                _templates.reconcile(self._ctx)
                 self._start_pool()
             except BaseException:
                 self._ctx.store.close()
                 self._lock.release()
                 raise
             self._started = True
+
+    async def _remove_build_sandboxes(self) -> None:
+        """Build sandboxes a crashed manager left (a build never outlives its manager)."""
+        for sb in list(self._ctx.sandboxes.values()):
+            if _templates.BUILD_LABEL in sb.labels:
+                with contextlib.suppress(Exception):
+                    await lifecycle.remove(self._ctx, sb, reason="template_build_interrupted")
 
     async def start(self) -> None:
         """Open the state, adopt surviving VMs, clean up orphans (done lazily otherwise)."""
@@ -216,6 +228,8 @@ class SandboxManager(SnapshotOperations):
         if not isinstance(spec, SandboxSpec):
             raise InvalidArgument("create_sandbox takes a SandboxSpec")
         await self._ensure_started()
+        if spec.template:  # a restore of the template's checkpoint: its service already runs
+            return await _from_template.create(self._ctx, spec)
         return self._take_from_pool(spec) or await lifecycle.create(self._ctx, spec)
 
     def resolve_image_names(self, spec: SandboxSpec) -> SandboxSpec:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from arcbox_vm.ports.cgroups import SandboxCgroupSet
 from arcbox_vm.ports.images import ImageStore
 from arcbox_vm.ports.network import Network
-from arcbox_vm.ports.storage import DiskCloner, StateStore
+from arcbox_vm.ports.storage import DiskCloner, DiskGrower, StateStore
 from arcbox_vm.ports.usage import UsageReader
 from arcbox_vm.ports.vmm import VmmDriver
 
@@ -27,6 +27,7 @@ class Adapters:
     cgroups: SandboxCgroupSet
     clone_disk: DiskCloner
     usage: UsageReader | None = None  # None: no resource usage is read (stats are empty)
+    grow_disk: DiskGrower | None = None  # None: templates cannot grow their disk (--disk-size)
     _driver: VmmDriver | None = field(default=None, repr=False)
 
     @property

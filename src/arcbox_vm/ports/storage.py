@@ -18,7 +18,8 @@ class StoredEvent:
 
 
 class StateStore(Protocol):
-    """Durable state: sandbox records, IP leases, exec sessions, checkpoints, the event log.
+    """Durable state: sandbox records, IP leases, exec sessions, checkpoints, templates and
+    their layer cache, the event log.
 
     Every write either commits or raises `StateError` (nothing half-written)."""
 
@@ -40,6 +41,20 @@ class StateStore(Protocol):
     def checkpoints(self) -> list[dict[str, Any]]: ...
 
     def sandboxes(self) -> list[dict[str, Any]]: ...
+
+    def put_template(self, row: dict[str, Any]) -> None: ...
+
+    def delete_template(self, name: str) -> None: ...
+
+    def templates(self) -> list[dict[str, Any]]: ...
+
+    def put_layer(self, row: dict[str, Any]) -> None: ...
+
+    def touch_layer(self, key: str) -> None: ...
+
+    def delete_layer(self, key: str) -> None: ...
+
+    def layers(self) -> list[dict[str, Any]]: ...
 
     def append_event(self, sandbox_id: str, action: str, attributes: dict[str, str],
                      keep: int | None = None) -> StoredEvent: ...
@@ -66,3 +81,6 @@ class StateStore(Protocol):
 
 # Makes `dst` a private, writable copy of the base image `src` (never writes `src`).
 DiskCloner = Callable[[Path, Path], Awaitable[None]]
+
+# Grows an ext4 image (not in use) and its file system to a size in MiB (never shrinks).
+DiskGrower = Callable[[Path, int], Awaitable[None]]

@@ -20,7 +20,7 @@ from arcbox_vm.ports.storage import StoredEvent
 
 __all__ = ["StateCorrupt", "StateError", "StateStore", "StoredEvent"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version i to i+1 (index i). Append only.
 MIGRATIONS: list[str] = [
@@ -77,6 +77,26 @@ MIGRATIONS: list[str] = [
         hidden INTEGER NOT NULL DEFAULT 0  -- made for a fork or the warm pool: not listed
     );
     ALTER TABLE sandboxes ADD COLUMN extra TEXT;
+    """,
+    # 3: templates (a checkpoint of a sandbox booted from a built root disk) and the layer
+    # cache they are built from (one root disk image per Dockerfile step, keyed by content)
+    """
+    CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        key TEXT NOT NULL,               -- content key: the last layer's + START + READY + defaults
+        checkpoint_id TEXT NOT NULL,     -- a hidden checkpoint owned by the template
+        created_at REAL NOT NULL,
+        meta TEXT NOT NULL               -- JSON: base, steps, layers, defaults, machine, build time
+    );
+    CREATE TABLE template_layers (
+        key TEXT PRIMARY KEY,            -- sha256 of the parent's key, the step and its inputs
+        parent TEXT NOT NULL,
+        step TEXT NOT NULL,
+        path TEXT NOT NULL,              -- <data dir>/templates/layers/<key>.ext4
+        size_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        used_at REAL NOT NULL
+    );
     """,
 ]
 
@@ -230,6 +250,40 @@ class StateStore:
 
     def checkpoints(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM checkpoints ORDER BY created_at")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    # -- templates and their layer cache ------------------------------------------------
+
+    def put_template(self, row: dict[str, Any]) -> None:
+        """Insert or replace (a rebuild) the template `row["name"]`."""
+        cols = ("name", "key", "checkpoint_id", "created_at", "meta")
+        self._write(lambda db: db.execute(
+            f"INSERT OR REPLACE INTO templates ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            [row[c] for c in cols]))
+
+    def delete_template(self, name: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM templates WHERE name = ?", (name,)))
+
+    def templates(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM templates ORDER BY created_at")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def put_layer(self, row: dict[str, Any]) -> None:
+        cols = ("key", "parent", "step", "path", "size_bytes", "created_at", "used_at")
+        self._write(lambda db: db.execute(
+            f"INSERT OR REPLACE INTO template_layers ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            [row[c] for c in cols]))
+
+    def touch_layer(self, key: str) -> None:
+        self._write(lambda db: db.execute("UPDATE template_layers SET used_at = ? WHERE key = ?", (time.time(), key)))
+
+    def delete_layer(self, key: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM template_layers WHERE key = ?", (key,)))
+
+    def layers(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM template_layers ORDER BY created_at")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
