@@ -199,14 +199,14 @@ class TemplateBuild:
             self.progress(BuildProgress("done", total, total, spec.name, cached=True))
             return existing.info(ctx)
 
-        self.progress(BuildProgress("step", 1, total, texts[0]))
         disk, resume = first_disk, 0
-        if size_layer:
-            disk = await self._sized_disk(size_layer, base, tmp)
         if not spec.no_cache:
             for i, p in enumerate(steps):
                 if p.makes_layer and (found := layers.find(ctx, p.key)) is not None:
                     disk, resume = found, i + 1
+        self.progress(BuildProgress("cached" if resume else "step", 1, total, texts[0]))
+        if size_layer and not resume:
+            disk = await self._sized_disk(size_layer, base, tmp)
         chain = [size_layer] if size_layer else []
         box = self._sandbox()
         try:
