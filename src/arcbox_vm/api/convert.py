@@ -37,6 +37,7 @@ def spec_from_create(req: pb.CreateSandboxRequest) -> SandboxSpec:
         boot_args=req.boot_args, vcpus=req.limits.vcpus, memory_mib=req.limits.memory_mib,
         network=network_spec(req.network), ttl_seconds=req.ttl_seconds, env=dict(req.env),
         working_dir=req.working_dir, user=req.user, ports=[port_mapping(m) for m in req.ports],
+        template=req.template,
     )
 
 

@@ -77,6 +77,8 @@ def create(
         help="Forward a host port to the guest's 127.0.0.1:GUESTPORT (repeatable; Docker's -p). ADDR defaults "
              "to 127.0.0.1 (0.0.0.0 exposes the guest port to every network); HOSTPORT 0 or empty picks a free "
              "one (see `arcbox-vm port ID`). Works with --network none."),
+    template: str = typer.Option("", "--template", "-t", help="Make it from this template (`template ls`): "
+                                                             "ready with the template's service running."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it is ready (else return at once)."),
     timeout: float = typer.Option(120.0, "--timeout", min=0, help="With --wait: give up after S seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print {id, state, ip_address} as JSON."),
@@ -93,6 +95,8 @@ def create(
     if egress is not None and egress not in ("none", "nat"):
         fail(f"--egress {egress!r}: expected none or nat")
     ports = parse_ports(publish)
+    if cluster and template:
+        fail("--template is not supported with --cluster yet")
     if cluster:
         from arcbox_vm.cli.cluster_cmds import fleet_create
 
@@ -114,7 +118,8 @@ def create(
                     rootfs=rootfs, initrd=initrd, boot_args=boot_args,
                     network=network,  # type: ignore[arg-type]
                     egress=egress, allow_out=allow_out, deny_out=deny_out,  # type: ignore[arg-type]
-                    ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user, ports=ports)
+                    ttl_seconds=ttl, env=parse_env(env), working_dir=workdir, user=user, ports=ports,
+                    template=template)
             except BaseException:
                 if waiter is not None:
                     waiter.close()

@@ -11,6 +11,7 @@ from arcbox_vm.cli.run import run_command
 from arcbox_vm.cli.serve import serve_command
 from arcbox_vm.cli.snapshot_cmds import register as register_snapshot_commands
 from arcbox_vm.cli.stats_cmd import register as register_stats_commands
+from arcbox_vm.cli.template_cmds import register as register_template_commands
 
 app = typer.Typer(
     name="arcbox-vm",
@@ -26,6 +27,7 @@ register_daemon_commands(app)
 app.add_typer(cluster_app, name="cluster", help="A fleet of arcbox-vm nodes on Ray: its nodes and sandboxes.")
 register_stats_commands(app)
 register_snapshot_commands(app)
+register_template_commands(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

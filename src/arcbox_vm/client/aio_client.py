@@ -27,6 +27,7 @@ import grpc
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2 as pb
 from arcbox_vm.api.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from arcbox_vm.client.aio_snapshots import SnapshotCalls
+from arcbox_vm.client.aio_templates import TemplateCalls
 from arcbox_vm.client.aio_exec import AsyncExecSession
 from arcbox_vm.client.collect import OutputCollector
 from arcbox_vm.client.connection import Target, resolve_target
@@ -60,7 +61,7 @@ __all__ = ["AsyncClient"]
 T = TypeVar("T")
 
 
-class AsyncClient(SnapshotCalls):
+class AsyncClient(SnapshotCalls, TemplateCalls):
     """A connection to the arcbox-vm daemon. Cheap to create; the channel opens on first
     use, inside the event loop that uses it (grpc.aio channels are bound to one loop)."""
 
@@ -126,19 +127,23 @@ class AsyncClient(SnapshotCalls):
                      boot_args: str = "", network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                      env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
                      egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
-                     deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None) -> Created:
+                     deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None,
+                     template: str = "") -> Created:
         """Register a sandbox and start booting it; returns at once (state "starting").
         Zero / empty values take the daemon's defaults. Use `wait_ready` to wait for boot.
         egress "none" reaches only `allow_out` (IPv4 CIDRs), "nat" anything through NAT
         (None = the daemon's default); `deny_out` wins over both.
         `ports`: guest TCP ports to forward from the host, as PortMapping or Docker's `-p`
-        strings ("8080:80", "127.0.0.1::80"); `inspect(...).ports` shows the host ports chosen."""
+        strings ("8080:80", "127.0.0.1::80"); `inspect(...).ports` shows the host ports chosen.
+        `template`: a template's name (`build_template`): the sandbox is a restore of it, its
+        service already running (leave vcpus, memory, kernel, rootfs and ports unset)."""
         request = pb.CreateSandboxRequest(
             id=id or "", labels=str_map(labels), kernel=os.fspath(kernel), rootfs=os.fspath(rootfs),
             initrd=os.fspath(initrd), boot_args=boot_args,
             limits=pb.ResourceLimits(vcpus=vcpus, memory_mib=memory_mib), env=str_map(env),
             working_dir=working_dir, user=user, ttl_seconds=ttl_seconds,
             network=network_spec_to_pb(network, egress, allow_out, deny_out), ports=ports_to_pb(ports),
+            template=template,
         )
         return created_from_pb(await self._unary(self._stub.Create, request, sandbox_id=id or ""))
 

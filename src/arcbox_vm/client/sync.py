@@ -25,6 +25,7 @@ from arcbox_vm.client.loop import LoopThread
 from arcbox_vm.client.options import Command, ConnectArgs, exec_spec
 from arcbox_vm.client.sources import WriteSource
 from arcbox_vm.client.sync_snapshots import SyncSnapshotCalls
+from arcbox_vm.client.sync_templates import SyncTemplateCalls
 from arcbox_vm.client.types import Created, FileStat, Output, OutputCallback, RunResult
 from arcbox_vm.errors import GuestFileNotFound
 from arcbox_vm.models import (ExecInfo, ExecSpec, PortMapping, SandboxEvent, SandboxInfo, SandboxState, SandboxStats,
@@ -33,7 +34,7 @@ from arcbox_vm.models import (ExecInfo, ExecSpec, PortMapping, SandboxEvent, San
 __all__ = ["Client", "ExecSession", "Files", "Sandbox"]
 
 
-class Client(SyncSnapshotCalls):
+class Client(SyncSnapshotCalls, SyncTemplateCalls):
     """Blocking counterpart of AsyncClient (same methods, same arguments)."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, host: str | None = None, *,
@@ -64,11 +65,12 @@ class Client(SyncSnapshotCalls):
                network: Literal["tap", "none"] | None = None, ttl_seconds: int = 0,
                env: Mapping[str, str] | None = None, working_dir: str = "", user: str = "",
                egress: Literal["none", "nat"] | None = None, allow_out: Sequence[str] = (),
-               deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None) -> Created:
+               deny_out: Sequence[str] = (), ports: Sequence[PortMapping | str] | None = None,
+               template: str = "") -> Created:
         return self._loop.run(self.aio.create(
             id=id, labels=labels, vcpus=vcpus, memory_mib=memory_mib, kernel=kernel, rootfs=rootfs, initrd=initrd,
             boot_args=boot_args, network=network, ttl_seconds=ttl_seconds, env=env, working_dir=working_dir,
-            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out, ports=ports))
+            user=user, egress=egress, allow_out=allow_out, deny_out=deny_out, ports=ports, template=template))
 
     def update_network(self, sandbox_id: str, *, egress: Literal["none", "nat"] | None = None,
                        allow_out: Sequence[str] | None = None, deny_out: Sequence[str] | None = None) -> SandboxInfo:

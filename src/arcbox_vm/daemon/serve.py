@@ -27,6 +27,7 @@ import grpc
 
 from arcbox_vm.api.auth import BearerTokenInterceptor, read_token, server_credentials
 from arcbox_vm.api.registration import generic_handler
+from arcbox_vm.api.template_server import TemplateServicer
 from arcbox_vm.api.snapshot_server import SnapshotServicer
 from arcbox_vm.api.server import SandboxServicer
 from arcbox_vm.config import VmmConfig
@@ -86,7 +87,8 @@ async def serve(cfg: VmmConfig, *, insecure_tcp: bool = False, ready: asyncio.Ev
         await _stop_metrics(metrics)
         raise
     servicer = SandboxServicer(manager, max_file_bytes=cfg.daemon.max_file_mib << 20)
-    handlers = (generic_handler(servicer), generic_handler(SnapshotServicer(manager), "SandboxSnapshotService"))
+    handlers = (generic_handler(servicer), generic_handler(SnapshotServicer(manager), "SandboxSnapshotService"),
+                generic_handler(TemplateServicer(manager), "TemplateService"))
     health = DaemonHealth()
     await health.starting()
     servers: list[grpc.aio.Server] = []

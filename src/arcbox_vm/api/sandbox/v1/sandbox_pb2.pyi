@@ -71,7 +71,7 @@ class PortMapping(_message.Message):
     def __init__(self, host_addr: _Optional[str] = ..., host_port: _Optional[int] = ..., guest_port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
-    __slots__ = ("id", "labels", "kernel", "rootfs", "boot_args", "limits", "image", "cmd", "env", "working_dir", "user", "mounts", "network", "ttl_seconds", "ssh_public_key", "initrd", "ports")
+    __slots__ = ("id", "labels", "kernel", "rootfs", "boot_args", "limits", "image", "cmd", "env", "working_dir", "user", "mounts", "network", "ttl_seconds", "ssh_public_key", "initrd", "ports", "template")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class CreateSandboxRequest(_message.Message):
     SSH_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     INITRD_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     labels: _containers.ScalarMap[str, str]
     kernel: str
@@ -120,7 +121,8 @@ class CreateSandboxRequest(_message.Message):
     ssh_public_key: str
     initrd: str
     ports: _containers.RepeatedCompositeFieldContainer[PortMapping]
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel: _Optional[str] = ..., rootfs: _Optional[str] = ..., boot_args: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., image: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., ssh_public_key: _Optional[str] = ..., initrd: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ...) -> None: ...
+    template: str
+    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel: _Optional[str] = ..., rootfs: _Optional[str] = ..., boot_args: _Optional[str] = ..., limits: _Optional[_Union[ResourceLimits, _Mapping]] = ..., image: _Optional[str] = ..., cmd: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., network: _Optional[_Union[NetworkSpec, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., ssh_public_key: _Optional[str] = ..., initrd: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortMapping, _Mapping]]] = ..., template: _Optional[str] = ...) -> None: ...
 
 class CreateSandboxResponse(_message.Message):
     __slots__ = ("id", "ip_address", "state")
@@ -761,3 +763,145 @@ class ResumeRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class TemplateBuildHeader(_message.Message):
+    __slots__ = ("name", "dockerfile", "disk_size_mib", "memory_mib", "vcpus", "build_args", "egress", "ready_timeout_seconds", "no_cache", "has_context")
+    class BuildArgsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCKERFILE_FIELD_NUMBER: _ClassVar[int]
+    DISK_SIZE_MIB_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_ARGS_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_FIELD_NUMBER: _ClassVar[int]
+    READY_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    HAS_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dockerfile: str
+    disk_size_mib: int
+    memory_mib: int
+    vcpus: int
+    build_args: _containers.ScalarMap[str, str]
+    egress: str
+    ready_timeout_seconds: float
+    no_cache: bool
+    has_context: bool
+    def __init__(self, name: _Optional[str] = ..., dockerfile: _Optional[str] = ..., disk_size_mib: _Optional[int] = ..., memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., build_args: _Optional[_Mapping[str, str]] = ..., egress: _Optional[str] = ..., ready_timeout_seconds: _Optional[float] = ..., no_cache: _Optional[bool] = ..., has_context: _Optional[bool] = ...) -> None: ...
+
+class BuildTemplateRequest(_message.Message):
+    __slots__ = ("header", "context_chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: TemplateBuildHeader
+    context_chunk: bytes
+    def __init__(self, header: _Optional[_Union[TemplateBuildHeader, _Mapping]] = ..., context_chunk: _Optional[bytes] = ...) -> None: ...
+
+class TemplateInfo(_message.Message):
+    __slots__ = ("name", "key", "created_at", "base", "size_bytes", "memory_mib", "vcpus", "env", "working_dir", "user", "start", "ready", "steps", "build_seconds", "in_use")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    created_at: str
+    base: str
+    size_bytes: int
+    memory_mib: int
+    vcpus: int
+    env: _containers.ScalarMap[str, str]
+    working_dir: str
+    user: str
+    start: str
+    ready: str
+    steps: _containers.RepeatedScalarFieldContainer[str]
+    build_seconds: float
+    in_use: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., created_at: _Optional[str] = ..., base: _Optional[str] = ..., size_bytes: _Optional[int] = ..., memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., start: _Optional[str] = ..., ready: _Optional[str] = ..., steps: _Optional[_Iterable[str]] = ..., build_seconds: _Optional[float] = ..., in_use: _Optional[int] = ...) -> None: ...
+
+class BuildTemplateEvent(_message.Message):
+    __slots__ = ("kind", "step", "total", "text", "data", "stream", "exit_code", "cached", "template")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    step: int
+    total: int
+    text: str
+    data: bytes
+    stream: str
+    exit_code: int
+    cached: bool
+    template: TemplateInfo
+    def __init__(self, kind: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., text: _Optional[str] = ..., data: _Optional[bytes] = ..., stream: _Optional[str] = ..., exit_code: _Optional[int] = ..., cached: _Optional[bool] = ..., template: _Optional[_Union[TemplateInfo, _Mapping]] = ...) -> None: ...
+
+class ListTemplatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTemplatesResponse(_message.Message):
+    __slots__ = ("templates",)
+    TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    templates: _containers.RepeatedCompositeFieldContainer[TemplateInfo]
+    def __init__(self, templates: _Optional[_Iterable[_Union[TemplateInfo, _Mapping]]] = ...) -> None: ...
+
+class InspectTemplateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveTemplateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveTemplateResponse(_message.Message):
+    __slots__ = ("in_use",)
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    in_use: int
+    def __init__(self, in_use: _Optional[int] = ...) -> None: ...
+
+class PruneTemplatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PruneTemplatesResponse(_message.Message):
+    __slots__ = ("layers", "bytes_freed")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    layers: int
+    bytes_freed: int
+    def __init__(self, layers: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...

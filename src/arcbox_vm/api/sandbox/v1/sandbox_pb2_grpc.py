@@ -1247,3 +1247,261 @@ class SandboxSnapshotService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TemplateServiceStub:
+    """Templates: sandbox images built in the daemon from a Dockerfile subset (FROM, RUN, COPY,
+    ADD, ENV, WORKDIR, USER, ARG, START, READY) and a build context the client sends; a
+    sandbox is made from one with Create { template }. Clients name templates, never paths.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.BuildTemplate = channel.stream_stream(
+                '/sandbox.v1.TemplateService/BuildTemplate',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.BuildTemplateRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.BuildTemplateEvent.FromString,
+                _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/sandbox.v1.TemplateService/ListTemplates',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
+        self.InspectTemplate = channel.unary_unary(
+                '/sandbox.v1.TemplateService/InspectTemplate',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.InspectTemplateRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.TemplateInfo.FromString,
+                _registered_method=True)
+        self.RemoveTemplate = channel.unary_unary(
+                '/sandbox.v1.TemplateService/RemoveTemplate',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RemoveTemplateRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RemoveTemplateResponse.FromString,
+                _registered_method=True)
+        self.PruneTemplates = channel.unary_unary(
+                '/sandbox.v1.TemplateService/PruneTemplates',
+                request_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PruneTemplatesRequest.SerializeToString,
+                response_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PruneTemplatesResponse.FromString,
+                _registered_method=True)
+
+
+class TemplateServiceServicer:
+    """Templates: sandbox images built in the daemon from a Dockerfile subset (FROM, RUN, COPY,
+    ADD, ENV, WORKDIR, USER, ARG, START, READY) and a build context the client sends; a
+    sandbox is made from one with Create { template }. Clients name templates, never paths.
+    """
+
+    def BuildTemplate(self, request_iterator, context):
+        """The client sends one header, then the build context (a tar) in chunks, then closes its
+        side; the server streams progress and output, and "done" with the template last. A
+        failed build ends with an "error" event (step, exit code) and FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InspectTemplate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTemplate(self, request, context):
+        """Sandboxes made from it run on (they hold the files they use); NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneTemplates(self, request, context):
+        """Removes cached layers no template is built from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TemplateServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'BuildTemplate': grpc.stream_stream_rpc_method_handler(
+                    servicer.BuildTemplate,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.BuildTemplateRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.BuildTemplateEvent.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'InspectTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectTemplate,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.InspectTemplateRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.TemplateInfo.SerializeToString,
+            ),
+            'RemoveTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTemplate,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RemoveTemplateRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RemoveTemplateResponse.SerializeToString,
+            ),
+            'PruneTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneTemplates,
+                    request_deserializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PruneTemplatesRequest.FromString,
+                    response_serializer=arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PruneTemplatesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sandbox.v1.TemplateService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sandbox.v1.TemplateService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TemplateService:
+    """Templates: sandbox images built in the daemon from a Dockerfile subset (FROM, RUN, COPY,
+    ADD, ENV, WORKDIR, USER, ARG, START, READY) and a build context the client sends; a
+    sandbox is made from one with Create { template }. Clients name templates, never paths.
+    """
+
+    @staticmethod
+    def BuildTemplate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sandbox.v1.TemplateService/BuildTemplate',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.BuildTemplateRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.BuildTemplateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.TemplateService/ListTemplates',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListTemplatesRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.TemplateService/InspectTemplate',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.InspectTemplateRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.TemplateInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.TemplateService/RemoveTemplate',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RemoveTemplateRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.RemoveTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.TemplateService/PruneTemplates',
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PruneTemplatesRequest.SerializeToString,
+            arcbox__vm_dot_api_dot_sandbox_dot_v1_dot_sandbox__pb2.PruneTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
