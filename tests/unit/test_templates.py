@@ -259,3 +259,33 @@ def test_template_and_layer_rows(tmp_path: Path):
     st.delete_template("t")
     assert st.layers() == [] and st.templates() == []
     st.close()
+
+
+# -- the E2B API's templateID ------------------------------------------------------------------
+
+
+def test_e2b_template_id_names_our_template_when_one_exists():
+    from arcbox_vm.config.e2b import E2bConfig
+    from arcbox_vm.e2b.context import E2bContext
+    from arcbox_vm.e2b.control import ApiError, ControlPlane
+    from arcbox_vm.e2b.keys import AccessTokens, ApiKeys
+    from arcbox_vm.errors import InvalidArgument, TemplateNotFound
+    from arcbox_vm.templates.models import TemplateInfo
+
+    class Mgr:
+        def inspect_template(self, name: str) -> TemplateInfo:
+            if name != "webapp":
+                raise TemplateNotFound(name)
+            return TemplateInfo("webapp", "k", 0.0, "arcbox:base", 0, 256, 1, {}, "/app", "app", "", "")
+
+        def resolve_image_names(self, spec):  # noqa: ANN001, ANN201
+            raise InvalidArgument("no such image")
+
+    cfg = E2bConfig()
+    plane = ControlPlane(E2bContext(manager=Mgr(), config=cfg, api_keys=ApiKeys([]), tokens=AccessTokens(b"s" * 32)))
+    spec = plane._spec({"templateID": "webapp", "metadata": {"m": "1"}})
+    assert spec.template == "webapp" and spec.user == "app" and spec.labels["m"] == "1"
+    assert plane._spec({}).template == ""  # base: the built image
+    with pytest.raises(ApiError) as err:
+        plane._spec({"templateID": "other"})
+    assert err.value.status == 404

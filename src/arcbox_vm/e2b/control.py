@@ -41,8 +41,10 @@ from arcbox_vm.errors import (
     ResourceExhausted,
     SandboxAlreadyExists,
     SandboxNotFound,
+    TemplateNotFound,
 )
 from arcbox_vm.models import SandboxSpec, SandboxState
+from arcbox_vm.templates.models import TemplateInfo
 
 log = logging.getLogger("arcbox_vm.e2b.control")
 
@@ -148,6 +150,10 @@ class ControlPlane:
         spec = SandboxSpec(id=sandboxes.new_id(), labels=labels, env=_str_map(body.get("envVars"), "envVars"),
                            ttl_seconds=_timeout(body.get("timeout"), self.ctx, DEFAULT_TIMEOUT_S) or 0,
                            on_ttl=on_ttl, user=self.ctx.config.default_user, network=net)
+        if template != sandboxes.BASE_TEMPLATE and (built := self._built_template(template)) is not None:
+            # one of our templates (`arcbox-vm template build`): a restore, its service already running;
+            # its USER wins over the E2B default user when it set one
+            return spec.model_copy(update={"template": template, "user": built.user or spec.user})
         if template != sandboxes.BASE_TEMPLATE:  # another template: a root filesystem in [images] dir
             try:
                 spec = self.mgr.resolve_image_names(spec.model_copy(update={"rootfs": template}))
@@ -155,6 +161,12 @@ class ControlPlane:
                 raise ApiError(404, f"template {template!r} not found (templates other than 'base' are root "
                                     "filesystem images in the daemon's images directory)") from None
         return spec
+
+    def _built_template(self, name: str) -> TemplateInfo | None:
+        try:
+            return self.mgr.inspect_template(name)
+        except (TemplateNotFound, InvalidArgument):  # not a template name: maybe an image's
+            return None
 
     # -- handlers ------------------------------------------------------------------
 
