@@ -165,7 +165,7 @@ async def main() -> None:
     ap.add_argument("--execs", type=int, default=100)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
-    ap.add_argument("--only", choices=["channel", "manager", "daemon", "snapshots"], help="run one section only")
+    ap.add_argument("--only", choices=["channel", "manager", "daemon", "snapshots", "templates"], help="run one section only")
     ap.add_argument("--file-mib", type=int, default=256, help="file size for the daemon's upload/download")
     args = ap.parse_args()
     ddir = data_dir()
@@ -189,6 +189,14 @@ async def main() -> None:
         for name, a, b, r in await snapshot_run(image, driver.name):
             print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
         if args.only == "snapshots":
+            return
+    if args.only in (None, "templates") and driver.name == "qemu":
+        from bench.template_bench import run as template_run
+
+        print(f"\n{'templates':38} {'template':>14} {'cold / other':>14} {'ratio':>7}")
+        for name, a, b, r in await template_run(image, driver.name):
+            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+        if args.only == "templates":
             return
     raw_rate = None
     if args.only in (None, "channel"):

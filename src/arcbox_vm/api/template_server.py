@@ -49,7 +49,7 @@ def _spec(h: pb.TemplateBuildHeader, context: bytes | None) -> TemplateBuildSpec
         return TemplateBuildSpec(name=h.name, dockerfile=h.dockerfile, context=context, disk_size_mib=h.disk_size_mib,
                                  memory_mib=h.memory_mib, vcpus=h.vcpus, build_args=dict(h.build_args),
                                  egress=h.egress or None, ready_timeout_s=h.ready_timeout_seconds or 120.0,  # type: ignore[arg-type]
-                                 no_cache=h.no_cache)
+                                 no_cache=h.no_cache, network=h.network or "tap")  # type: ignore[arg-type]
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
 

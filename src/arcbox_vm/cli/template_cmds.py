@@ -85,6 +85,7 @@ def build(
     egress: Optional[str] = typer.Option(None, "--egress", metavar="none|nat",
                                          help="The build's network (nat only if the daemon allows it)."),
     ready_timeout: float = typer.Option(120.0, "--ready-timeout", min=1, help="Seconds READY may take."),
+    network: str = typer.Option("tap", "--network", help="tap, or none: its sandboxes have no network."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild every step."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Steps only, not the commands' output."),
     *, conn: ConnectOptions,
@@ -98,6 +99,8 @@ def build(
         size = parse_size_mib(disk_size) if disk_size else 0
     except ValueError as exc:
         fail(f"--disk-size: {exc}")
+    if network not in ("tap", "none"):
+        fail(f"--network {network!r}: expected tap or none")
     if egress is not None and egress not in ("none", "nat"):
         fail(f"--egress {egress!r}: expected none or nat")
     ctx_dir = context if context is not None else file.resolve().parent
@@ -108,7 +111,7 @@ def build(
             return await client.build_template(
                 name, dockerfile, ctx_dir, disk_size_mib=size, memory_mib=memory, vcpus=vcpus,
                 build_args=parse_labels(build_arg), egress=egress, ready_timeout_s=ready_timeout,  # type: ignore[arg-type]
-                no_cache=no_cache, on_progress=progress)
+                no_cache=no_cache, network=network, on_progress=progress)  # type: ignore[arg-type]
 
     info = asyncio.run(main())
     progress.err.print(f"template [bold]{info.name}[/bold] ready ({info.build_seconds:.1f} s build)")

@@ -70,6 +70,7 @@ class TemplateCalls:
                              *, disk_size_mib: int = 0, memory_mib: int = 0, vcpus: int = 0,
                              build_args: Mapping[str, str] | None = None, egress: Literal["none", "nat"] | None = None,
                              ready_timeout_s: float = 0, no_cache: bool = False,
+                             network: Literal["tap", "none"] = "tap",
                              on_progress: Callable[[BuildProgress], None] | None = None) -> TemplateInfo:
         """Build template `name` in the daemon. `context`: a local directory (packed here as a
         tar, .dockerignore honoured) or the tar's bytes. `on_progress` gets every step,
@@ -82,7 +83,7 @@ class TemplateCalls:
         header = pb.TemplateBuildHeader(name=name, dockerfile=dockerfile, disk_size_mib=disk_size_mib,
                                         memory_mib=memory_mib, vcpus=vcpus, build_args=str_map(build_args),
                                         egress=egress or "", ready_timeout_seconds=ready_timeout_s,
-                                        no_cache=no_cache, has_context=context is not None)
+                                        no_cache=no_cache, has_context=context is not None, network=network)
 
         async def requests() -> AsyncIterator[pb.BuildTemplateRequest]:
             yield pb.BuildTemplateRequest(header=header)

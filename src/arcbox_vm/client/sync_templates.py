@@ -19,12 +19,13 @@ class SyncTemplateCalls:
                        *, disk_size_mib: int = 0, memory_mib: int = 0, vcpus: int = 0,
                        build_args: Mapping[str, str] | None = None, egress: Literal["none", "nat"] | None = None,
                        ready_timeout_s: float = 0, no_cache: bool = False,
+                       network: Literal["tap", "none"] = "tap",
                        on_progress: Callable[[BuildProgress], None] | None = None) -> TemplateInfo:
         """See AsyncClient.build_template."""
         return self._loop.run(self.aio.build_template(
             name, dockerfile, context, disk_size_mib=disk_size_mib, memory_mib=memory_mib, vcpus=vcpus,
             build_args=build_args, egress=egress, ready_timeout_s=ready_timeout_s, no_cache=no_cache,
-            on_progress=on_progress))
+            network=network, on_progress=on_progress))
 
     def list_templates(self) -> list[TemplateInfo]:
         return self._loop.run(self.aio.list_templates())

@@ -34,7 +34,8 @@ class TemplateBuildSpec:
     .dockerignore is honoured) or the bytes of a tar of it (what API clients send).
     disk_size_mib: grow the root disk to this size (0 = the base's size). memory_mib /
     vcpus: the build sandbox's and every sandbox made from the template (0 = defaults).
-    build_args: values for ARG. egress: the build sandbox's network — "none" (the default:
+    build_args: values for ARG. network: the network device of the template's sandboxes
+    ("tap", or "none": no network at all; a restore has the device its checkpoint had). egress: the build sandbox's network — "none" (the default:
     no network; only the operator's `[templates] build_egress` may allow "nat").
     ready_timeout_s: how long READY is polled before the build fails.
     """
@@ -47,6 +48,7 @@ class TemplateBuildSpec:
     vcpus: int = 0
     build_args: dict[str, str] = field(default_factory=dict)
     egress: Literal["none", "nat"] | None = None
+    network: Literal["tap", "none"] = "tap"
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
     no_cache: bool = False
 
@@ -64,6 +66,8 @@ class TemplateBuildSpec:
             raise ValueError("ready_timeout_s must be more than 0 and at most 3600")
         if self.egress not in (None, "none", "nat"):
             raise ValueError("egress must be 'none' or 'nat'")
+        if self.network not in ("tap", "none") or (self.network == "none" and self.egress == "nat"):
+            raise ValueError("network must be 'tap' or 'none' (and egress 'nat' needs 'tap')")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.build_args.items()):
             raise ValueError("build_args must map strings to strings")
 

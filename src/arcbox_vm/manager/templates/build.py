@@ -188,7 +188,7 @@ class TemplateBuild:
         last_key = steps[-1].key if steps else first_key
         machine = {"start": df.start.text if df.start else "", "ready": df.ready.text if df.ready else "",
                    "env": env, "working_dir": wd, "user": user, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
-                   "network_mode": "tap"}
+                   "network_mode": spec.network}
         final_key = layers.step_key(last_key, "FINISH", content=json.dumps(machine, sort_keys=True))
         texts = [f"FROM {df.base}", *(p.step.text for p in steps)]
         total = len(texts) + (1 if df.start else 0) + (1 if df.ready else 0)
@@ -234,7 +234,7 @@ class TemplateBuild:
 
     def _sandbox(self) -> BuildSandbox:
         return BuildSandbox(self.ctx, self.ops, self.spec.name, memory_mib=self.memory_mib, vcpus=self.vcpus,
-                            network_mode="tap", egress=self.egress, progress=self.progress)
+                            network_mode=self.spec.network, egress=self.egress, progress=self.progress)
 
     async def _sized_disk(self, key: str, base: Base, tmp: Path) -> Path:
         found = layers.find(self.ctx, key)
@@ -304,7 +304,7 @@ class TemplateBuild:
         meta = {"base": df.base, "steps": [*texts, *(s.text for s in (df.start, df.ready) if s is not None)],
                 "layers": chain, "disk_key": last_key, "disk_path": str(disk), "env": env, "working_dir": wd,
                 "user": user, "start": df.start.text if df.start else "", "ready": df.ready.text if df.ready else "",
-                "memory_mib": self.memory_mib, "vcpus": self.vcpus, "network_mode": "tap",
+                "memory_mib": self.memory_mib, "vcpus": self.vcpus, "network_mode": spec.network,
                 "build_seconds": round(time.monotonic() - t0, 2), "checkpoint_bytes": ck.size_bytes}
         rec = records.TemplateRecord(spec.name, final_key, ck.id, time.time(), meta)
         try:

@@ -13,7 +13,7 @@ from arcbox_vm.errors import InvalidArgument
 from arcbox_vm.manager import restore as _restore
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager.templates import records
-from arcbox_vm.models import RestoreSandboxSpec, SandboxSpec
+from arcbox_vm.models import RestoreSandboxSpec, SandboxNetworkSpec, SandboxSpec
 
 
 def _check_machine(spec: SandboxSpec, rec: records.TemplateRecord) -> None:
@@ -34,6 +34,8 @@ def _check_machine(spec: SandboxSpec, rec: records.TemplateRecord) -> None:
 async def create(ctx: ManagerContext, spec: SandboxSpec) -> tuple[str, str]:
     """Register the sandbox and start restoring it; returns (id, ip) at once."""
     rec = records.load(ctx, spec.template)
+    if rec.network_mode == "none" and spec.network == SandboxNetworkSpec():
+        spec = spec.model_copy(update={"network": SandboxNetworkSpec(mode="none")})  # the default: the template's
     _check_machine(spec, rec)
     rspec = RestoreSandboxSpec(snapshot_id=rec.checkpoint_id, id=spec.id, labels={records.TEMPLATE_LABEL: rec.name,
                                                                                   **spec.labels},

@@ -765,7 +765,7 @@ class ResumeRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class TemplateBuildHeader(_message.Message):
-    __slots__ = ("name", "dockerfile", "disk_size_mib", "memory_mib", "vcpus", "build_args", "egress", "ready_timeout_seconds", "no_cache", "has_context")
+    __slots__ = ("name", "dockerfile", "disk_size_mib", "memory_mib", "vcpus", "build_args", "egress", "ready_timeout_seconds", "no_cache", "has_context", "network")
     class BuildArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -783,6 +783,7 @@ class TemplateBuildHeader(_message.Message):
     READY_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     HAS_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     name: str
     dockerfile: str
     disk_size_mib: int
@@ -793,7 +794,8 @@ class TemplateBuildHeader(_message.Message):
     ready_timeout_seconds: float
     no_cache: bool
     has_context: bool
-    def __init__(self, name: _Optional[str] = ..., dockerfile: _Optional[str] = ..., disk_size_mib: _Optional[int] = ..., memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., build_args: _Optional[_Mapping[str, str]] = ..., egress: _Optional[str] = ..., ready_timeout_seconds: _Optional[float] = ..., no_cache: _Optional[bool] = ..., has_context: _Optional[bool] = ...) -> None: ...
+    network: str
+    def __init__(self, name: _Optional[str] = ..., dockerfile: _Optional[str] = ..., disk_size_mib: _Optional[int] = ..., memory_mib: _Optional[int] = ..., vcpus: _Optional[int] = ..., build_args: _Optional[_Mapping[str, str]] = ..., egress: _Optional[str] = ..., ready_timeout_seconds: _Optional[float] = ..., no_cache: _Optional[bool] = ..., has_context: _Optional[bool] = ..., network: _Optional[str] = ...) -> None: ...
 
 class BuildTemplateRequest(_message.Message):
     __slots__ = ("header", "context_chunk")
