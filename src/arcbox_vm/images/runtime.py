@@ -28,10 +28,11 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from arcbox_vm.agent.bundle import LAUNCHER_PATH
+from arcbox_vm.agent.bundle import GUEST_LIB_DIR, LAUNCHER_PATH, agent_files
 from arcbox_vm.errors import ImageError
 from arcbox_vm.images import tools
 
@@ -143,6 +144,28 @@ def _copy(src: str | Path, dest: Path, mode: int) -> int:
     return dest.stat().st_size
 
 
+def stdlib_modules(py: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(stdlib dir, "3.X", [(file, path relative to the stdlib)]) the agent can import on `py`.
+
+    modulefinder runs on the agent's files as a guest has them (agent_files(), written to a
+    temporary directory: the host package's own __init__ would pull in the daemon's imports).
+    """
+    with tempfile.TemporaryDirectory(prefix="arcbox-agent-") as tmp:
+        for guest, (data, _mode) in agent_files().items():
+            if guest.startswith(GUEST_LIB_DIR + "/"):
+                dest = Path(tmp) / guest[len(GUEST_LIB_DIR) + 1:]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+        res = subprocess.run([py, "-I", "-S", "-c", _FIND_SCRIPT, tmp], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise ImageError(f"{py} could not list the agent's modules: {res.stderr.strip()[-2000:]}")
+    found = json.loads(res.stdout)
+    std = found["stdlib"]
+    modules = [(f, os.path.relpath(f, std)) for f in found["files"]]
+    return std, found["version"], [(f, rel) for f, rel in modules if not _excluded(rel)]
+
+
 def install_runtime(tree: Path, agent_paths: dict[str, Path] | None = None, python: str | None = None) -> RuntimeInfo:
     """Put the runtime under `tree`/.arcbox/runtime and byte-compile the agent for it.
 
@@ -153,15 +176,7 @@ def install_runtime(tree: Path, agent_paths: dict[str, Path] | None = None, pyth
     would follow the image's absolute symlinks on the host).
     """
     py = python or source_python()
-    agent_src = str(Path(__file__).resolve().parents[2])  # the directory holding arcbox_vm/
-    res = subprocess.run([py, "-I", "-S", "-c", _FIND_SCRIPT, agent_src], stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise ImageError(f"{py} could not list the agent's modules: {res.stderr.strip()[-2000:]}")
-    found = json.loads(res.stdout)
-    std, version = found["stdlib"], found["version"]
-    modules = [(f, os.path.relpath(f, std)) for f in found["files"]]
-    modules = [(f, rel) for f, rel in modules if not _excluded(rel)]
+    std, version, modules = stdlib_modules(py)
 
     top = tree / ".arcbox"
     if top.is_symlink() or top.exists():
