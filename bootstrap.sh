@@ -13,6 +13,7 @@ APT_PACKAGES=(
   busybox-static    # the guest initramfs
   mmdebstrap        # builds the guest rootfs from Debian packages
   e2fsprogs         # mke2fs -d / debugfs: ext4 images without mounting
+  skopeo umoci      # image import-oci: read docker-save / OCI archives, apply their layers
   lz4 cpio kmod file dpkg   # kernel extraction, initramfs packing, module deps
   iproute2 nftables iputils-ping   # TAP networking, NAT, network tests
   python3-venv      # the project's virtual environment

@@ -22,9 +22,9 @@ import pytest_asyncio
 from arcbox_vm import SandboxManager, VmmConfig
 from arcbox_vm.client import AsyncClient, AsyncSandbox, Sandbox
 from arcbox_vm.config import AgentConfig, DaemonConfig, DefaultVmConfig, GrpcConfig
-from arcbox_vm.daemon.serve import serve
 from arcbox_vm.errors import SandboxNotFound
 from arcbox_vm.models import SandboxEvent
+from tests.support.local_daemon import Serving
 from tests.support.local_vmm import LocalDriver, NoImageBuild, alive, descendants
 
 
@@ -42,8 +42,7 @@ class Daemon:
             daemon=DaemonConfig(cgroup_parent="", on_shutdown=on_shutdown),  # type: ignore[arg-type]
             agent=AgentConfig(hello_timeout_s=15, keepalive_interval_s=0.5, keepalive_timeout_s=5),
         )
-        self.task: asyncio.Task | None = None
-        self.stop_event = asyncio.Event()
+        self.serving = Serving()
         self.manager: SandboxManager | None = None
         self.images = NoImageBuild()
         self.pids: set[int] = set()  # every sandbox process seen (the teardown checks they are gone)
@@ -52,24 +51,12 @@ class Daemon:
         self.manager = SandboxManager(self.config, driver=LocalDriver())
         self.images = NoImageBuild()
         self.manager.adapters.images = self.images
-        self.stop_event = asyncio.Event()
-        ready = asyncio.Event()
-        self.task = asyncio.create_task(serve(self.config, ready=ready, manager=self.manager, stop=self.stop_event))
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({waiter, self.task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.is_set():
-            waiter.cancel()
-            if self.task.done():
-                self.task.result()  # raises what went wrong
-            raise AssertionError("the daemon did not come up")
+        await self.serving.start(self.config, self.manager)
         return self
 
     async def stop(self) -> None:
         """What SIGTERM does: no new calls, a grace period, then leave or remove the sandboxes."""
-        if self.task is not None:
-            self.stop_event.set()
-            await asyncio.wait_for(self.task, 30)
-            self.task = None
+        await self.serving.stop()
 
     def tree(self, sid: str) -> list[int]:
         assert self.manager is not None

@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,8 +22,7 @@ e2b = pytest.importorskip("e2b")
 
 from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery  # noqa: E402
 from e2b import SandboxNotRunningException, SandboxState  # noqa: E402
-from e2b.exceptions import AuthenticationException, TimeoutException  # noqa: E402
-from e2b.sandbox.commands.command_handle import PtySize  # noqa: E402
+from e2b.exceptions import AuthenticationException  # noqa: E402
 
 from arcbox_vm import SandboxManager, VmmConfig  # noqa: E402
 from arcbox_vm.config import (  # noqa: E402
@@ -36,18 +33,13 @@ from arcbox_vm.config import (  # noqa: E402
     GrpcConfig,
     LimitsConfig,
 )
-from arcbox_vm.daemon.serve import serve  # noqa: E402
 from arcbox_vm.models import SandboxState as S  # noqa: E402
 from tests.support.local_snapshots import SnapshotLocalDriver  # noqa: E402
+from tests.support.local_daemon import Serving, free_port  # noqa: E402
 from tests.support.local_vmm import NoImageBuild  # noqa: E402
 
 KEY = "e2b_test_key"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class E2bDaemon:
@@ -73,30 +65,18 @@ class E2bDaemon:
         self.network = network
         self.images = NoImageBuild()
         self.manager: SandboxManager | None = None
-        self.task: asyncio.Task | None = None
-        self.stop_event = asyncio.Event()
+        self.serving = Serving()
 
     async def start(self) -> "E2bDaemon":
         self.manager = SandboxManager(self.config, driver=SnapshotLocalDriver())  # can pause (fakes a save)
         self.manager.adapters.images = self.images
         if self.network is not None:
             self.manager.adapters.network = self.network  # type: ignore[assignment]
-        ready = asyncio.Event()
-        self.task = asyncio.create_task(serve(self.config, ready=ready, manager=self.manager, stop=self.stop_event))
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({waiter, self.task}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.is_set():
-            waiter.cancel()
-            if self.task.done():
-                self.task.result()
-            raise AssertionError("the daemon did not come up")
+        await self.serving.start(self.config, self.manager)
         return self
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.stop_event.set()
-            await asyncio.wait_for(self.task, 30)
-            self.task = None
+        await self.serving.stop()
 
 
 @contextlib.asynccontextmanager

@@ -38,11 +38,11 @@ import arcbox_vm
 from arcbox_vm import SandboxManager, VmmConfig
 from arcbox_vm.client import AsyncClient
 from arcbox_vm.config import AgentConfig, DaemonConfig, DefaultVmConfig, GrpcConfig, MetricsConfig
-from arcbox_vm.daemon.serve import serve
 from arcbox_vm.errors import BootFailed, ConfigError, ExecError, SandboxNotFound
 from arcbox_vm.logctx import JsonFormatter, LogfmtFormatter, SandboxIdFilter
 from arcbox_vm.vmm.cgroup import SandboxCgroups, find_cgroup2_mount
 from arcbox_vm.vmm.usage import VmmUsageReader
+from tests.support.local_daemon import Serving, free_port
 from tests.support.local_vmm import LocalDriver, NoImageBuild, alive, descendants
 
 SOURCE_ROOT = Path(arcbox_vm.__file__).resolve().parents[1]
@@ -50,11 +50,6 @@ STATES = ("starting", "ready", "running", "stopping", "stopped", "failed")
 ACTIONS = ("created", "ready", "running", "idle", "stopping", "stopped", "failed", "removed")
 BUSY = ["sh", "-c", "while :; do :; done"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ListHandler(logging.Handler):
@@ -89,27 +84,15 @@ class MetricsDaemon:
         self.manager = SandboxManager(self.config, driver=LocalDriver())
         self.images = NoImageBuild()
         self.manager.adapters.images = self.images
-        self.stop_event = asyncio.Event()
-        self.task: asyncio.Task | None = None
+        self.serving = Serving()
         self.pids: set[int] = set()
 
     async def start(self) -> "MetricsDaemon":
-        ready = asyncio.Event()
-        self.task = asyncio.create_task(serve(self.config, ready=ready, manager=self.manager, stop=self.stop_event))
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({waiter, self.task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.is_set():
-            waiter.cancel()
-            if self.task.done():
-                self.task.result()
-            raise AssertionError("the daemon did not come up")
+        await self.serving.start(self.config, self.manager)
         return self
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.stop_event.set()
-            await asyncio.wait_for(self.task, 30)
-            self.task = None
+        await self.serving.stop()
 
     def client(self) -> AsyncClient:
         return AsyncClient(socket=self.socket)
@@ -352,7 +335,7 @@ async def test_health_is_serving_then_not_serving_on_shutdown(daemon) -> None:
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.SERVING
-        d.stop_event.set()  # SIGTERM
+        d.serving.stop_event.set()  # SIGTERM
         assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
     await d.stop()

@@ -52,6 +52,14 @@ async def run(mgr: SandboxManager, sid: str, cmd: str) -> str:
     return out.decode().strip()
 
 
+def sealed_memory_inode(pid: int) -> int | None:
+    """The inode of the sealed snapshot memory QEMU `pid` maps (None: it maps none)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "/memfd:arcbox-snapshot-memory" in line:
+            return int(line.split()[4])
+    return None
+
+
 async def counter_advances(mgr: SandboxManager, sid: str) -> None:
     first = int(await run(mgr, sid, "cat /tmp/counter"))
     await asyncio.sleep(1.0)
@@ -93,6 +101,8 @@ async def test_checkpoint_restore_two_readdressed_then_delete(cfg, netns):
             mgr.restore_sandbox(RestoreSandboxSpec(snapshot_id=info.snapshot_id, id="clone-b")))
         await asyncio.gather(mgr.wait_ready(a), mgr.wait_ready(b))
         assert len({src_ip, ip_a, ip_b}) == 3
+        shared = {sealed_memory_inode(mgr.inspect_sandbox(sid).pid) for sid in (a, b)}
+        assert len(shared) == 1 and None not in shared, f"the clones do not map one sealed memory: {shared}"
         seeds = set()
         for sid, ip in ((a, ip_a), (b, ip_b)):
             lease = mgr.inspect_sandbox(sid).network

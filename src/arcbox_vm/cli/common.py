@@ -13,7 +13,7 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Optional, TypeVar
 
@@ -24,7 +24,7 @@ from arcbox_vm.errors import ArcboxError
 if TYPE_CHECKING:
     from arcbox_vm.client.aio import AsyncClient
 
-__all__ = ["ConnectOptions", "EXIT_ERROR", "EXIT_INTERRUPTED", "daemon_command", "fail", "one_line",
+__all__ = ["ConnectOptions", "EXIT_ERROR", "EXIT_INTERRUPTED", "daemon_command", "fail", "for_each", "one_line",
            "run_async"]
 
 EXIT_ERROR = 1
@@ -137,3 +137,18 @@ def _silence_stdout() -> None:
     except OSError:
         pass
 
+
+async def for_each(ids: list[str], action: str, conn: ConnectOptions,
+                call: "Callable[[AsyncClient, str], Awaitable[None]]") -> int:
+    """Apply `call(client, id)` to every id: print each id done, report each failure; 1 if any failed."""
+    code = 0
+    async with conn.client() as client:
+        for sandbox_id in ids:
+            try:
+                await call(client, sandbox_id)
+            except ArcboxError as exc:
+                sys.stderr.write(f"arcbox-vm: {action} {sandbox_id}: {one_line(exc)}\n")
+                code = EXIT_ERROR
+            else:
+                print(sandbox_id, flush=True)
+    return code

@@ -22,18 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-from arcbox_vm.cli.common import EXIT_ERROR, ConnectOptions, daemon_command, fail, one_line
+from arcbox_vm.cli.common import ConnectOptions, daemon_command, fail, for_each
 from arcbox_vm.cli.parsing import parse_env, parse_labels, parse_ports
-from arcbox_vm.errors import ArcboxError
-
-if TYPE_CHECKING:
-    from arcbox_vm.client.aio import AsyncClient
 
 # The client (and with it grpc) is imported inside the commands that use it, so that
 # `arcbox-vm run` and `--help` do not pay for it.
@@ -336,22 +331,6 @@ def cp(
     asyncio.run(main())
 
 
-async def _each(ids: list[str], action: str, conn: ConnectOptions,
-                call: "Callable[[AsyncClient, str], Awaitable[None]]") -> int:
-    """Apply `call(client, id)` to every id: print each id done, report each failure; 1 if any failed."""
-    code = 0
-    async with conn.client() as client:
-        for sandbox_id in ids:
-            try:
-                await call(client, sandbox_id)
-            except ArcboxError as exc:
-                sys.stderr.write(f"arcbox-vm: {action} {sandbox_id}: {one_line(exc)}\n")
-                code = EXIT_ERROR
-            else:
-                print(sandbox_id, flush=True)
-    return code
-
-
 @daemon_command
 def stop(
     ids: list[str] = typer.Argument(..., metavar="ID..."),
@@ -360,7 +339,7 @@ def stop(
     *, conn: ConnectOptions,
 ) -> None:
     """Stop sandboxes: the guest halts, then the VM is killed; prints each id stopped."""
-    raise typer.Exit(asyncio.run(_each(ids, "stop", conn, lambda c, i: c.stop(i, timeout))))
+    raise typer.Exit(asyncio.run(for_each(ids, "stop", conn, lambda c, i: c.stop(i, timeout))))
 
 
 @daemon_command
@@ -375,7 +354,7 @@ def rm(
         from arcbox_vm.cli.cluster_cmds import fleet_rm
 
         raise typer.Exit(fleet_rm(cluster, ids, force))
-    raise typer.Exit(asyncio.run(_each(ids, "rm", conn, lambda c, i: c.remove(i, force))))
+    raise typer.Exit(asyncio.run(for_each(ids, "rm", conn, lambda c, i: c.remove(i, force))))
 
 
 @daemon_command

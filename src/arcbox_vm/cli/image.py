@@ -1,4 +1,4 @@
-"""`arcbox-vm image build` and `arcbox-vm image inject-agent ROOTFS`."""
+"""`arcbox-vm image build`, `image inject-agent ROOTFS` and `image import-oci ARCHIVE NAME`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.markup import escape
 from arcbox_vm.agent.bundle import agent_digest, agent_files
 from arcbox_vm.errors import ArcboxError
 from arcbox_vm.images import build_image, inject_agent
+from arcbox_vm.images.oci_rootfs import build_rootfs_from_oci
 from arcbox_vm.paths import data_dir as default_data_dir
 
 image_app = typer.Typer(
@@ -119,3 +120,41 @@ def inject(rootfs: Path = typer.Argument(..., help="An ext4 filesystem image (e.
     for w in warnings:
         err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
     typer.echo(f"agent injected into {rootfs} ({len(agent_files())} files, digest {agent_digest()[:12]})")
+
+
+@image_app.command("import-oci")
+def import_oci(
+    archive: Path = typer.Argument(..., help="A `docker save` archive or an OCI image layout tarball."),
+    name: str = typer.Argument(..., help="Name of the rootfs in the images directory (\\[images] dir)."),
+    disk_size: Optional[str] = typer.Option(None, "--disk-size", help="Size of the ext4 image (e.g. 1G) "
+                                            "\\[default: the files + 1 GiB]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Daemon config file, for \\[images] dir and "
+                                          "\\[limits] image_unpack_max_bytes (env ARCBOX_VM_CONFIG)."),
+) -> None:
+    """Turn an OCI image archive into a rootfs that `create --rootfs NAME` boots.
+
+    The image needs no python3 of its own: the agent brings its runtime. Its env, working
+    directory and user become the defaults of sandboxes booting it. Run it where the daemon
+    runs (it writes into the daemon's images directory).
+    """
+    from arcbox_vm.config import VmmConfig
+    from arcbox_vm.manager.images import named_image_path
+
+    err = Console(stderr=True, soft_wrap=True)
+    t0 = time.monotonic()
+    try:
+        cfg = VmmConfig.discover(config)
+        out = named_image_path(cfg.named_images_dir, name)
+        size = parse_size(disk_size) if disk_size else None
+        image_config = build_rootfs_from_oci(archive, out, size, cfg.limits.image_unpack_max_bytes)
+    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
+        raise _fail(err, e) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    err.print(f"[dim]imported in {time.monotonic() - t0:.1f} s[/]", highlight=False)
+    typer.echo(f"{'rootfs:':16}{out}")
+    typer.echo(f"{'name:':16}{name}")
+    for label, value in (("env", " ".join(image_config.env_list)), ("working_dir", image_config.working_dir),
+                         ("user", image_config.user)):
+        typer.echo(f"{label + ':':16}{value}")

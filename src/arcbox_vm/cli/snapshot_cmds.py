@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from arcbox_vm.cli.common import ConnectOptions, daemon_command
+from arcbox_vm.cli.common import ConnectOptions, daemon_command, for_each
 from arcbox_vm.cli.parsing import parse_env, parse_labels
 
 __all__ = ["register"]
@@ -159,9 +159,7 @@ def snapshot_ls(
 @daemon_command
 def snapshot_rm(ids: list[str] = typer.Argument(..., metavar="SNAPSHOT..."), *, conn: ConnectOptions) -> None:
     """Delete checkpoints and their files; prints each id deleted. Running restores keep going."""
-    from arcbox_vm.cli.daemon_cmds import _each
-
-    raise typer.Exit(asyncio.run(_each(ids, "snapshot rm", conn, lambda c, i: c.delete_checkpoint(i))))
+    raise typer.Exit(asyncio.run(for_each(ids, "snapshot rm", conn, lambda c, i: c.delete_checkpoint(i))))
 
 
 def register(app: typer.Typer) -> None:

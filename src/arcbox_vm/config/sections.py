@@ -315,6 +315,9 @@ class LimitsConfig(_Section):
     max_port_mappings: forwarded ports (`-p`) one sandbox may ask for.
     max_port_connections: forwarded connections open at once per sandbox, all its ports
       together; more wait in the listen backlog until one ends.
+    image_unpack_max_bytes: `image import-oci`: the archive, and the files of all its layers
+      together (as their tar headers declare them, before anything is written), at most this
+      many bytes — an untrusted archive cannot fill the disk.
     """
 
     max_sandboxes: int = Field(64, ge=1, le=100_000)
@@ -331,6 +334,7 @@ class LimitsConfig(_Section):
     console_log_max_bytes: int = Field(8 << 20, ge=64 << 10)
     max_port_mappings: int = Field(32, ge=0, le=1024)
     max_port_connections: int = Field(256, ge=1, le=1024)
+    image_unpack_max_bytes: int = Field(8 << 30, ge=1 << 20)
 
 
 class MetricsConfig(_Section):

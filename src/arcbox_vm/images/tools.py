@@ -28,6 +28,9 @@ PACKAGES: dict[str, str] = {
     "debugfs": "e2fsprogs",
     "dumpe2fs": "e2fsprogs",
     "tar": "tar",
+    "ldd": "libc-bin",
+    "skopeo": "skopeo",
+    "umoci": "umoci",
 }
 
 # Where busybox-static puts the binary (checked after $PATH)

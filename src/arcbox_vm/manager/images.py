@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from arcbox_vm.errors import BootFailed, InvalidArgument
+from arcbox_vm.image_config import OciImageConfig, image_defaults
 from arcbox_vm.ports import ImageStore, VmmDriver
 
 MAX_IMAGE_NAME = 255
@@ -36,6 +37,29 @@ def named_image(directory: Path, name: str, what: str) -> str:
     if not os.path.isfile(target):
         raise InvalidArgument(f"{what} {name!r}: no such image in the daemon's images directory ({directory})")
     return target
+
+
+def image_run_defaults(rootfs: str) -> OciImageConfig:
+    """The env, working dir and user the rootfs's image asks for (its sidecar, written by
+    `image import-oci`), empty for the built image and images without one. The spec's own
+    values win over these (lifecycle.new_record merges them)."""
+    if not rootfs:
+        return OciImageConfig()
+    return image_defaults(rootfs) or OciImageConfig()
+
+
+def named_image_path(directory: Path, name: str) -> Path:
+    """Where a new image called `name` goes in the images directory (the operator's
+    `image import-oci`): a plain name, its parent directories inside `directory`."""
+    parts = name.split("/")
+    if (not name or len(name) > MAX_IMAGE_NAME or name.startswith("/") or "\0" in name or not name.isprintable()
+            or any(p in ("", ".", "..") for p in parts)):
+        raise InvalidArgument(f"image name {name!r}: a name inside the images directory, not a path")
+    root = os.path.realpath(directory)
+    target = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, target]) != root or target == root:
+        raise InvalidArgument(f"image name {name!r} resolves outside the images directory ({directory})")
+    return Path(target)
 
 
 async def resolve_images(images: ImageStore, driver: VmmDriver, kernel: str, initrd: str,

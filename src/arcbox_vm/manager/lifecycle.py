@@ -27,7 +27,7 @@ from arcbox_vm.manager.boot import BootPlan, BootRequest, remove_dirs
 from arcbox_vm.manager.console import keep_capped
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager import limits, network_policy, ports
-from arcbox_vm.manager.images import resolve_images
+from arcbox_vm.manager.images import image_run_defaults, resolve_images
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import SandboxSpec, SandboxState
 
@@ -67,12 +67,15 @@ def new_record(ctx: ManagerContext, spec: SandboxSpec) -> SandboxRecord:
     if sid in ctx.sandboxes:
         raise SandboxAlreadyExists(sid)
     d = ctx.config.defaults
+    rootfs = spec.rootfs or d.rootfs
+    image = image_run_defaults(rootfs)
     sb = SandboxRecord(
         id=sid, labels=dict(spec.labels), vcpus=spec.vcpus or d.vcpus,
         memory_mib=spec.memory_mib or d.memory_mib, kernel=spec.kernel or d.kernel,
-        rootfs=spec.rootfs or d.rootfs, initrd=spec.initrd or d.initrd,
-        boot_args=spec.boot_args or d.boot_args, env=dict(spec.env), working_dir=spec.working_dir,
-        user=spec.user, ttl_seconds=spec.ttl_seconds, network_mode=spec.network.mode,
+        rootfs=rootfs, initrd=spec.initrd or d.initrd,
+        boot_args=spec.boot_args or d.boot_args, env={**image.env, **spec.env},
+        working_dir=spec.working_dir or image.working_dir,
+        user=spec.user or image.user, ttl_seconds=spec.ttl_seconds, network_mode=spec.network.mode,
         workdir=ctx.data_dir / "sandboxes" / sid, ports=list(spec.ports), on_ttl=spec.on_ttl,
     )
     if sb.workdir.exists():

@@ -31,10 +31,13 @@ _FD_PATH = "/proc/self/fd/"
 class MemoryFile(NamedTuple):
     """Guest RAM in a file: `shared` maps it MAP_SHARED (the file *is* the VM's memory, so a
     checkpoint copies it instead of streaming it), else MAP_PRIVATE (copy-on-write over a
-    snapshot's memory: clones of one checkpoint share its unchanged pages)."""
+    snapshot's memory: clones of one checkpoint share its unchanged pages). `fd`: the file
+    is already open (a snapshot's sealed memory, see sealed_memory.py) and handed over as
+    is; `path` then only names where it came from."""
 
     path: Path
     shared: bool
+    fd: int | None = None
 
 
 @dataclass(frozen=True)

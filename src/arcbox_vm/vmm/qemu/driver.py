@@ -30,6 +30,7 @@ from arcbox_vm.vmm.qemu import snapshot as snap
 from arcbox_vm.vmm.qemu.cmdline import MemoryFile, fd_of, memory_from_argv, qemu_argv
 from arcbox_vm.vmm.qemu.handover import open_for
 from arcbox_vm.vmm.qemu.qmp import QMP_SOCKET
+from arcbox_vm.vmm.qemu.sealed_memory import Lease, SealedMemories
 from arcbox_vm.vmm.users import VmmUsers
 
 # How long QEMU must stay alive after exec before we call the launch good; a bad
@@ -49,8 +50,9 @@ class QemuProcess:
     def __init__(self, process: TrackedProcess, console_log: Path, accel: str | None,
                  cgroup: SandboxCgroup | None = None, *, qmp: Path | None = None,
                  memory: MemoryFile | None = None, users: VmmUsers | None = None,
-                 sockdir: Path | None = None) -> None:
+                 sockdir: Path | None = None, lease: Lease | None = None) -> None:
         self._users = users
+        self._lease = lease  # the sealed snapshot memory it maps, held until it is gone
         self._sockdir = sockdir
         self._process = process
         self._console_log = console_log
@@ -126,6 +128,8 @@ class QemuProcess:
         directory are their owner's; the latter is closed to the uid before it is reused."""
         if self.returncode is None:
             await self.kill()
+        if self._lease is not None:
+            self._lease.release()
         if self.cgroup is not None:
             await self.cgroup.remove()
         if self._users is not None and self._sockdir is not None:
@@ -145,6 +149,7 @@ class QemuDriver:
         self.cgroups = cgroups or SandboxCgroups.off()  # where each VMM is moved right after spawn
         # also with sandbox off: VMs a confined earlier daemon started give their uids back
         self.users = users or VmmUsers(*self.config.uids)
+        self.sealed = SealedMemories()  # snapshot memories clones map copy-on-write
         self._accel: str | None = None
         self._sandbox_ok: str | None = None  # the binary whose -sandbox was checked
 
@@ -207,7 +212,7 @@ class QemuDriver:
             raise BootFailed(f"the initrd {spec.initrd} does not exist")
 
     async def _start(self, spec: MachineSpec, endpoint: AgentEndpoint, memory: MemoryFile | None,
-                     incoming: bool) -> QemuProcess:
+                     incoming: bool, lease: Lease | None = None) -> QemuProcess:
         accel = self.accel()
         binary = self.binary()
         sandboxed = self.config.sandbox
@@ -251,7 +256,7 @@ class QemuDriver:
         if cgroup is not None and not cgroup.place(child.pid):
             cgroup = None  # logged; the VM runs on in our cgroup
         return QemuProcess(child, console_log, accel, cgroup, qmp=sockdir / QMP_SOCKET, memory=memory,
-                           users=self.users, sockdir=sockdir)
+                           users=self.users, sockdir=sockdir, lease=lease)
 
     async def launch(self, spec: MachineSpec, endpoint: AgentEndpoint) -> QemuProcess:
         self._check_files(spec)
@@ -271,24 +276,29 @@ class QemuDriver:
                       memory: MemoryUse = "cow") -> QemuProcess:
         """QEMU with the same devices, `-incoming defer`, fed the saved state, running.
 
-        The snapshot's memory file is mapped copy-on-write ("cow") or as the VM's own
-        shared memory ("own"); a snapshot whose RAM is in its stream gets fresh memory."""
+        The snapshot's memory is mapped copy-on-write ("cow": through its sealed memfd,
+        shared by every clone of it, see sealed_memory.py) or as the VM's own shared memory
+        ("own"); a snapshot whose RAM is in its stream gets fresh memory."""
         if snapshot.vmm != self.name:
             raise BootFailed(f"this snapshot was made by {snapshot.vmm}, not QEMU")
         self._check_files(spec)
-        if snapshot.memory is not None:
-            ram: MemoryFile | None = MemoryFile(snapshot.memory, shared=memory == "own")
-            if memory == "cow" and self.config.sandbox and spec.memdir is not None:
-                # A confined QEMU cannot map a shared snapshot copy-on-write: QEMU (before 8.2)
-                # opens a private mapping's file read-write, and the snapshot is every
-                # clone's. It gets a (sparse) copy as its own memory instead.
-                own = self._own_memory(spec)
-                assert own is not None
-                await snap.copy_sparse(snapshot.memory, own.path)
-                ram = own
+        lease = None
+        if snapshot.memory is not None and memory == "cow":
+            try:
+                lease = await self.sealed.acquire(snapshot.memory)
+            except OSError as exc:
+                raise BootFailed(f"the snapshot memory {snapshot.memory} cannot be read: {exc}") from None
+            ram: MemoryFile | None = MemoryFile(snapshot.memory, shared=False, fd=lease.fd)
+        elif snapshot.memory is not None:
+            ram = MemoryFile(snapshot.memory, shared=True)
         else:
             ram = self._own_memory(spec)
-        proc = await self._start(spec, endpoint, ram, incoming=True)
+        try:
+            proc = await self._start(spec, endpoint, ram, incoming=True, lease=lease)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
         try:
             assert proc.qmp is not None
             await snap.wait_monitor(proc.qmp, proc.exited, proc.describe_exit)

@@ -77,12 +77,14 @@ async def open_for(spec: MachineSpec, console_log: Path, memory: MemoryFile | No
         console = h._keep(os.open(console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
         ram = None
         if memory is not None:
-            if memory.shared:
+            if memory.fd is not None:  # a sealed snapshot memory: nobody can write it, so anyone may map it
+                ram = h._keep(os.dup(memory.fd))
+            elif memory.shared:
                 ram = h._keep(os.open(memory.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
                 if owner is not None:
                     os.fchown(ram, owner, owner)
-            else:  # copy-on-write over a snapshot's memory (unconfined QEMU only: it opens it read-write)
-                ram = ro(memory.path)
+            else:
+                raise ValueError("a private guest-RAM mapping is handed over as a sealed memfd (MemoryFile.fd)")
         tap = h._keep(await open_tap(spec.netns, spec.tap_name)) if spec.tap_name else None
         monitor = None
         if qmp is not None:
