@@ -17,6 +17,7 @@ from __future__ import annotations
 from arcbox_vm.config import VmmConfig
 from arcbox_vm.errors import ConfigError
 from arcbox_vm.images.store import BuiltImageStore
+from arcbox_vm.images.oci_rootfs import build_rootfs_from_oci
 from arcbox_vm.network.backend import TapNetwork
 from arcbox_vm.paths import manager_tag
 from arcbox_vm.ports import Adapters, VmmDriver
@@ -72,5 +73,6 @@ def build_adapters(config: VmmConfig, *, driver: VmmDriver | None = None, one_sh
         cgroups=cgroups,
         clone_disk=clone_disk,
         grow_disk=grow_disk,
+        import_oci=build_rootfs_from_oci,
         usage=VmmUsageReader(cgroups),
     )

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from arcbox_vm.ports.cgroups import SandboxCgroupSet
-from arcbox_vm.ports.images import ImageStore
+from arcbox_vm.ports.images import ImageStore, OciImporter
 from arcbox_vm.ports.network import Network
 from arcbox_vm.ports.storage import DiskCloner, DiskGrower, StateStore
 from arcbox_vm.ports.usage import UsageReader
@@ -28,6 +28,7 @@ class Adapters:
     clone_disk: DiskCloner
     usage: UsageReader | None = None  # None: no resource usage is read (stats are empty)
     grow_disk: DiskGrower | None = None  # None: templates cannot grow their disk (--disk-size)
+    import_oci: OciImporter | None = None  # None: templates cannot start FROM oci-archive:
     _driver: VmmDriver | None = field(default=None, repr=False)
 
     @property

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
+
+from arcbox_vm.image_config import OciImageConfig
 
 
 class BootImage(Protocol):
@@ -16,3 +19,9 @@ class BootImage(Protocol):
 class ImageStore(Protocol):
     async def default_image(self) -> BootImage:
         """The built guest image (built on first use, then cached)."""
+
+
+# An OCI / docker-save archive → a bootable ext4 (`out_image`, `disk_size` bytes or None =
+# its files + 1 GiB) and the image's run settings. Blocking (skopeo, umoci, mke2fs): call it
+# in a thread. Used by templates built FROM oci-archive:PATH.
+OciImporter = Callable[[Path, Path, "int | None"], OciImageConfig]

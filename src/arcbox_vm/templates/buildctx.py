@@ -250,3 +250,24 @@ def copy_archive(root: Path, sources: tuple[str, ...], dest: str) -> tuple[bytes
             else:
                 tf.addfile(info)
     return buf.getvalue(), digest.hexdigest(), sorted(set(tops))
+
+
+def context_file(root: Path, name: str) -> Path | None:
+    """A regular file of the unpacked context named by a relative path (FROM oci-archive:),
+    never a symlink or anything outside it; None when there is none."""
+    rel = posixpath.normpath(name.lstrip("/")) if name.strip("/") else ""
+    if not rel or rel == ".." or rel.startswith("../"):
+        return None
+    p = root / rel
+    real_root = os.path.realpath(root)
+    if p.is_symlink() or not p.is_file() or os.path.commonpath([real_root, os.path.realpath(p)]) != real_root:
+        return None
+    return p
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

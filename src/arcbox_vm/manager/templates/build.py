@@ -21,6 +21,7 @@ the layers of the steps that succeeded stay in the cache (`prune_templates` free
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arcbox_vm.errors import ArcboxError, InvalidArgument, TemplateBuildFailed
+from arcbox_vm.image_config import OciImageConfig
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager.templates import layers, records
 from arcbox_vm.manager.templates.runner import BuildSandbox, Progress, SandboxOps, StepFailed
@@ -64,9 +66,10 @@ class Planned:
         return self.step.kind in dockerfile.DISK_STEPS
 
 
-async def resolve_base(ctx: ManagerContext, base: str) -> Base:
-    """FROM: the built Debian image, or another template's root disk and defaults. (An OCI
-    archive is not supported yet: that import is a separate piece of work.)"""
+async def resolve_base(ctx: ManagerContext, base: str, context_dir: Path | None, tmp: Path) -> Base:
+    """FROM: the built Debian image, an OCI archive in the build context (imported once,
+    then a cached layer keyed by the archive's sha256), or another template's root disk and
+    defaults. An imported image's ENV, WORKDIR and USER are the starting ones."""
     if base == BASE:
         rootfs = ctx.config.defaults.rootfs
         disk = Path(rootfs) if rootfs else (await ctx.adapters.images.default_image()).rootfs
@@ -74,14 +77,39 @@ async def resolve_base(ctx: ManagerContext, base: str) -> Base:
         return Base(layers.step_key("", f"FROM {BASE}", content=f"{disk.parent.name}/{disk.name}:{st.st_size}:"
                                                                f"{st.st_mtime_ns}"), disk)
     if base.startswith(OCI_PREFIX):
-        raise InvalidArgument(f"FROM {OCI_PREFIX}...: importing OCI archives is not supported yet; "
-                              f"use FROM {BASE} or another template")
+        return await oci_base(ctx, base[len(OCI_PREFIX):], context_dir, tmp)
     rec = records.load(ctx, base)
     disk = Path(rec.meta["disk_path"])
     if not disk.is_file():
         raise InvalidArgument(f"FROM {base}: its root disk is gone from the layer cache; rebuild template {base}")
     return Base(layers.step_key("", f"FROM template {base}", content=rec.key), disk, dict(rec.meta.get("env") or {}),
                 rec.meta.get("working_dir", ""), rec.meta.get("user", ""))
+
+
+async def oci_base(ctx: ManagerContext, name: str, context_dir: Path | None, tmp: Path) -> Base:
+    """The archive is a file of the build context (API clients send it; the daemon never
+    opens a path a client names)."""
+    importer = ctx.adapters.import_oci
+    if importer is None:
+        raise InvalidArgument(f"FROM {OCI_PREFIX}: this manager cannot import OCI archives")
+    archive = buildctx.context_file(context_dir, name) if context_dir is not None else None
+    if archive is None:
+        raise InvalidArgument(f"FROM {OCI_PREFIX}{name}: the archive must be a file in the build context "
+                              "(and not excluded by .dockerignore)")
+    digest = await asyncio.to_thread(buildctx.file_sha256, archive)
+    key = layers.step_key("", f"FROM {OCI_PREFIX}", content=digest)
+    for row in ctx.store.layers():
+        if row["key"] == key and Path(row["path"]).is_file():
+            config = OciImageConfig.from_json(json.loads(row["step"]).get("config") or {})
+            return Base(key, Path(row["path"]), dict(config.env), config.working_dir, config.user)
+    out = tmp / "oci.ext4"
+    try:
+        config = await asyncio.to_thread(importer, archive, out, None)
+    except ArcboxError as exc:
+        raise TemplateBuildFailed(1, f"FROM {OCI_PREFIX}{name}", str(exc)) from None
+    step = json.dumps({"from": f"{OCI_PREFIX}{name}", "sha256": digest, "config": config.to_json()})
+    disk = await layers.add(ctx, key, "", step, out)
+    return Base(key, disk, dict(config.env), config.working_dir, config.user)
 
 
 def plan(df: dockerfile.Dockerfile, base: Base, context_dir: Path | None, first_key: str) -> list[Planned]:
@@ -178,7 +206,7 @@ class TemplateBuild:
 
     async def _build(self, df: dockerfile.Dockerfile, context_dir: Path | None, tmp: Path, t0: float) -> TemplateInfo:
         spec, ctx = self.spec, self.ctx
-        base = await resolve_base(ctx, df.base)
+        base = await resolve_base(ctx, df.base, context_dir, tmp)
         first_key, first_disk = base.key, base.disk
         size_layer = ""
         if spec.disk_size_mib:

@@ -146,7 +146,7 @@ class BuildSandbox:
             await self.ops.write_file(self.id, tmp, data(), mode=0o600, size=len(archive))
         except ArcboxError as exc:
             raise StepFailed(f"copying into the build sandbox failed: {exc}") from None
-        await self._root(["tar", "-xpf", tmp, "-C", "/", "--no-overwrite-dir", "--numeric-owner"])
+        await self._root(["tar", "-xpf", tmp, "-C", "/"])  # GNU or busybox tar: numeric owners (no names)
         await self._root(["rm", "-f", "--", tmp])
         if chown:
             await self._root(["chown", "-R", "--", chown, *tops])
