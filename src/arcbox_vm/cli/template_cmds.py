@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from arcbox_vm.cli.common import ConnectOptions, daemon_command, fail
+from arcbox_vm.cli.common import ConnectOptions, daemon_command, fail, for_each
 from arcbox_vm.cli.parsing import parse_labels
 from arcbox_vm.templates.models import BuildProgress
 
@@ -165,9 +165,7 @@ def inspect(name: str = typer.Argument(..., metavar="NAME"), *, conn: ConnectOpt
 @daemon_command
 def rm(names: list[str] = typer.Argument(..., metavar="NAME..."), *, conn: ConnectOptions) -> None:
     """Remove templates; prints each name removed. Sandboxes made from them run on."""
-    from arcbox_vm.cli.daemon_cmds import _each
-
-    raise typer.Exit(asyncio.run(_each(names, "template rm", conn, lambda c, n: c.remove_template(n))))
+    raise typer.Exit(asyncio.run(for_each(names, "template rm", conn, lambda c, n: c.remove_template(n))))
 
 
 @daemon_command
