@@ -272,11 +272,32 @@ class PoolConfig(_Section):
     boot arguments, vCPUs, memory, egress policy, and network `network`) takes one — its
     labels, TTL, env, user and working directory applied — and the pool refills in the
     background. Pool sandboxes are not listed and do not outlive their daemon.
+
+    templates (`[pool.templates]`, NAME = N): N restores of template NAME's checkpoint kept
+    ready for `create --template NAME` (and the E2B API's templateID); a template built
+    later, or rebuilt, is picked up. Members count against `[limits]` like any sandbox,
+    and a create that finds no room removes idle members (of any pool) first.
     """
 
     size: int = Field(0, ge=0, le=64)
     network: Literal["tap", "none"] = "tap"
     parallel: int = Field(2, ge=1, le=16, description="restores running at once while it fills")
+    templates: dict[str, int] = Field(default_factory=dict, description="template name = sandboxes of it kept ready")
+
+    @field_validator("templates")
+    @classmethod
+    def _template_pools(cls, v: dict[str, int]) -> dict[str, int]:
+        """`[pool.templates]` NAME = N: names as `template build` takes them (a typo would
+        otherwise be a pool that silently never fills), 0..64 each, 256 in all."""
+        from arcbox_vm.templates.models import check_template_name
+
+        for name, n in v.items():
+            check_template_name(name)
+            if not 0 <= n <= 64:
+                raise ValueError(f"pool.templates.{name} must be 0..64, got {n}")
+        if sum(v.values()) > 256:
+            raise ValueError(f"the template pools hold {sum(v.values())} sandboxes together; at most 256")
+        return v
 
 
 class TemplatesConfig(_Section):

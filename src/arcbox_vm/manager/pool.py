@@ -15,23 +15,31 @@ by-id call) and never outlive their daemon: closing the manager removes them, a 
 after a crash removes what is left (recovery.py) and deletes the hidden checkpoint.
 A VM launched as a member keeps its launch name (workdir, cgroup) after the hand-out;
 the record's `vm_name` remembers it.
+
+Template pools (`[pool.templates]`) are subclasses (template_pool.py): the checkpoint is
+the template's, not made here. A pool's members are told apart by their template label
+("" for this one). Members count against `[limits]`; when a create finds no room the
+manager removes idle members first (`pause_refill` keeps the pools from taking that room
+straight back), and a pool that finds no room waits quietly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import secrets
 import time
 
 from arcbox_vm.agent.host.reinit import send_reinit
-from arcbox_vm.errors import ArcboxError, BootFailed
+from arcbox_vm.errors import ArcboxError, BootFailed, ResourceExhausted, SandboxAlreadyExists
 from arcbox_vm.manager import checkpoints as ckpts
-from arcbox_vm.manager import lifecycle, network_policy
+from arcbox_vm.manager import lifecycle, limits, network_policy
 from arcbox_vm.manager import restore as _restore
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.manager.templates.records import TEMPLATE_LABEL
 from arcbox_vm.models import RestoreSandboxSpec, SandboxNetworkSpec, SandboxSpec, SandboxState
 
 log = logging.getLogger(__name__)
@@ -42,10 +50,17 @@ MAX_BACKOFF_S = 60.0
 
 
 class WarmPool:
-    def __init__(self, ctx: ManagerContext) -> None:
+    """The pool of the default spec (`[pool] size`); the base of the template pools."""
+
+    template = ""  # the template label its members carry ("": the default spec's pool)
+    owns_checkpoint = True  # made at start, deleted at close (a template pool's is the template's)
+
+    def __init__(self, ctx: ManagerContext, size: int | None = None) -> None:
         self.ctx = ctx
         self.cfg = ctx.config.pool
+        self.size = self.cfg.size if size is None else size
         self.snapshot_id: str | None = None
+        self.paused_until = 0.0  # no refill before this (monotonic): a create needed the room
         self.handed_out = 0
         self.misses = 0
         self._changed = asyncio.Event()
@@ -64,7 +79,8 @@ class WarmPool:
                      == default_policy))
 
     def members(self) -> list[SandboxRecord]:
-        return [sb for sb in self.ctx.sandboxes.values() if sb.pool and not sb.removed]
+        return [sb for sb in self.ctx.sandboxes.values()
+                if sb.pool and not sb.removed and sb.labels.get(TEMPLATE_LABEL, "") == self.template]
 
     def ready(self) -> int:
         return sum(1 for sb in self.members() if self._usable(sb))
@@ -79,11 +95,31 @@ class WarmPool:
             return None
         member = next((sb for sb in self.members() if self._usable(sb)), None)
         if member is None:
-            self.misses += 1
-            self._changed.set()
-            return None
-        t0 = time.monotonic()
+            return self._miss()
         rec = lifecycle.new_record(self.ctx, spec)  # the id is free, the sizes fit (else: raises, nothing taken)
+        return self._claim(member, rec)
+
+    def _miss(self) -> None:
+        self.misses += 1
+        self._changed.set()
+        return None
+
+    def _caller_record(self, member: SandboxRecord, sid: str, **fields: object) -> SandboxRecord:
+        """`member` as the caller's sandbox would be (a copy: nothing claimed yet), its id
+        free and its sizes checked — else raises, and the member stays in the pool."""
+        if sid in self.ctx.sandboxes or (self.ctx.data_dir / "sandboxes" / sid).exists():
+            raise SandboxAlreadyExists(sid)
+        rec = copy.copy(member)
+        rec.id = sid
+        for k, v in fields.items():
+            setattr(rec, k, v)
+        limits.check_sizes(self.ctx.config.limits, rec)
+        return rec
+
+    def _claim(self, member: SandboxRecord, rec: SandboxRecord) -> tuple[str, str]:
+        """Make `member` the caller's sandbox `rec` (its id, labels, env, TTL, user, working
+        directory): in memory and one record write, no await."""
+        t0 = time.monotonic()
         old = member.id
         member.pool = False  # claimed: from here on it is the caller's
         member.vm_name = member.vm_name or old
@@ -118,16 +154,27 @@ class WarmPool:
     # -- filling ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None and self.cfg.size > 0:
-            self._task = asyncio.create_task(self._run(), name="warm-pool")
+        if self._task is None and self.size > 0:
+            self._task = asyncio.create_task(self._run(), name=f"warm-pool{'-' if self.template else ''}{self.template}")
+
+    def changed(self) -> None:
+        """Look again now (a member was taken, the template was rebuilt or removed)."""
+        self._changed.set()
+
+    async def _source(self) -> str | None:
+        """The checkpoint members are restored from (None: none for now, hold no members)."""
+        if self.snapshot_id is None:
+            await self._make_template()
+        return self.snapshot_id
 
     async def _run(self) -> None:
         backoff = 1.0
         while True:
             try:
-                if self.snapshot_id is None:
-                    await self._make_template()
-                await self._fill()
+                if await self._source() is None:
+                    await self.drain()
+                elif time.monotonic() >= self.paused_until:
+                    await self._fill()
                 backoff = 1.0
                 self._changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -158,15 +205,18 @@ class WarmPool:
         for sb in self.members():
             if sb.state not in (S.STARTING, S.READY) or (sb.state == S.READY and not self._usable(sb)):
                 await lifecycle.remove(self.ctx, sb, reason="pool")
-        missing = self.cfg.size - len(self.members())
+        missing = self.size - len(self.members())
         if missing <= 0:
             return
         gate = asyncio.Semaphore(self.cfg.parallel)
 
         async def one() -> None:
             async with gate:
-                spec = RestoreSandboxSpec(snapshot_id=self.snapshot_id or "", id=f"pool-{secrets.token_hex(6)}")
-                sid, _ = await _restore.restore(self.ctx, spec, hidden_ok=True, pool=True)
+                try:
+                    sid, _ = await _restore.restore(self.ctx, self._member_spec(), hidden_ok=True, pool=True)
+                except ResourceExhausted as exc:  # no room: sandboxes people asked for come first
+                    log.debug("warm pool %r: %s", self.template, exc)
+                    return
                 await _restore.wait_ready(self.ctx, [sid], self.ctx.config.agent.hello_timeout_s + 60)
 
         tasks = [asyncio.create_task(one(), name="warm-pool-restore") for _ in range(missing)]
@@ -179,6 +229,24 @@ class WarmPool:
         if failures:
             raise failures[0]
 
+    def _member_spec(self) -> RestoreSandboxSpec:
+        return RestoreSandboxSpec(snapshot_id=self.snapshot_id or "", id=f"pool-{secrets.token_hex(6)}")
+
+    async def drain(self) -> None:
+        """Remove every member (hidden: no events)."""
+        for sb in self.members():
+            with contextlib.suppress(Exception):
+                await lifecycle.remove(self.ctx, sb, reason="pool")
+
+    async def evict_one(self) -> bool:
+        """Remove one member to make room for a sandbox someone asked for (a ready one
+        last: it is the one worth keeping); False when there is none."""
+        members = sorted(self.members(), key=lambda sb: sb.state == S.READY)
+        if not members:
+            return False
+        await lifecycle.remove(self.ctx, members[0], reason="pool_evicted")
+        return True
+
     async def close(self) -> None:
         """Stop filling; remove the members and the template checkpoint."""
         task, self._task = self._task, None
@@ -186,10 +254,8 @@ class WarmPool:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        for sb in self.members():
-            with contextlib.suppress(Exception):
-                await lifecycle.remove(self.ctx, sb, reason="pool")
-        if self.snapshot_id is not None:
+        await self.drain()
+        if self.snapshot_id is not None and self.owns_checkpoint:
             with contextlib.suppress(ArcboxError):
                 ckpts.delete(self.ctx, self.snapshot_id, hidden_ok=True)
             self.snapshot_id = None

@@ -228,9 +228,9 @@ class SandboxManager(SnapshotOperations, TemplateOperations):
         if not isinstance(spec, SandboxSpec):
             raise InvalidArgument("create_sandbox takes a SandboxSpec")
         await self._ensure_started()
-        if spec.template:  # a restore of the template's checkpoint: its service already runs
-            return await _from_template.create(self._ctx, spec)
-        return self._take_from_pool(spec) or await lifecycle.create(self._ctx, spec)
+        if spec.template:  # a restore of the template's checkpoint (or its pool's): its service already runs
+            return await self._with_room(lambda: _from_template.create(self._ctx, spec, self._pools))
+        return self._take_from_pool(spec) or await self._with_room(lambda: lifecycle.create(self._ctx, spec))
 
     def resolve_image_names(self, spec: SandboxSpec) -> SandboxSpec:
         """For untrusted callers (the API): `spec` with its kernel/initrd/rootfs names

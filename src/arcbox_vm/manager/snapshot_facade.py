@@ -5,13 +5,15 @@ resume, list and delete checkpoints. Validate, find the record, call the use cas
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
-from arcbox_vm.errors import InvalidArgument
+from arcbox_vm.errors import InvalidArgument, ResourceExhausted
 from arcbox_vm.manager import checkpoints as ckpts
 from arcbox_vm.manager import pausing
 from arcbox_vm.manager import restore as _restore
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager.pool import WarmPool
+from arcbox_vm.manager.template_pool import Pools, TemplatePool
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.models import CheckpointInfo, RestoreSandboxSpec, SandboxSpec
 
@@ -22,7 +24,7 @@ class SnapshotOperations:
     """Mixed into `SandboxManager` (which provides `_ctx`, `_get`, `_ensure_started`)."""
 
     _ctx: ManagerContext
-    _pool: WarmPool | None = None
+    _pools: Pools | None = None
 
     def _get(self, sandbox_id: str) -> SandboxRecord:  # pragma: no cover - provided by SandboxManager
         raise NotImplementedError
@@ -45,7 +47,7 @@ class SnapshotOperations:
         if not isinstance(spec, RestoreSandboxSpec):
             raise InvalidArgument("restore_sandbox takes a RestoreSandboxSpec")
         await self._ensure_started()
-        return await _restore.restore(self._ctx, spec)
+        return await self._with_room(lambda: _restore.restore(self._ctx, spec))
 
     def list_checkpoints(self, sandbox_id: str | None = None) -> list[CheckpointInfo]:
         """Checkpoints (of `sandbox_id` when given), oldest first."""
@@ -77,28 +79,43 @@ class SnapshotOperations:
         await self._ensure_started()
         await pausing.resume(self._ctx, self._get(sandbox_id))
 
-    # -- the warm pool ([pool] size) ---------------------------------------------------
+    # -- the warm pools ([pool] size, [pool.templates]) ------------------------------------
 
     @property
     def pool(self) -> WarmPool | None:
-        """The warm pool (None when `[pool] size` is 0 or the VMM cannot restore)."""
-        return self._pool
+        """The default spec's warm pool (None when `[pool] size` is 0 or the VMM cannot restore)."""
+        return self._pools.default if self._pools is not None else None
+
+    def template_pool(self, name: str) -> TemplatePool | None:
+        """Template `name`'s warm pool (None unless `[pool.templates]` gives it one)."""
+        return self._pools.templates.get(name) if self._pools is not None else None
 
     def _start_pool(self) -> None:
-        if self._ctx.config.pool.size <= 0:
+        cfg = self._ctx.config.pool
+        if cfg.size <= 0 and not any(cfg.templates.values()):
             return
         try:
             ckpts.snapshot_driver(self._ctx)
         except Exception as exc:  # noqa: BLE001 - no pool; creating works as ever
             log.warning("warm pool off: %s", exc)
             return
-        self._pool = WarmPool(self._ctx)
-        self._pool.start()
+        self._pools = Pools(self._ctx)
+        self._pools.start(default=cfg.size > 0)
 
     def _take_from_pool(self, spec: SandboxSpec) -> tuple[str, str] | None:
-        return self._pool.take(spec) if self._pool is not None else None
+        return self._pools.take(spec) if self._pools is not None else None
+
+    async def _with_room(self, make: Callable[[], Awaitable[tuple[str, str]]]) -> tuple[str, str]:
+        """`make()`; when `[limits]` leave no room, idle pool members are removed one at a
+        time and it is tried again: a pool never starves a sandbox someone asked for."""
+        while True:
+            try:
+                return await make()
+            except ResourceExhausted:
+                if self._pools is None or not await self._pools.evict_one():
+                    raise
 
     async def _close_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        pools, self._pools = self._pools, None
+        if pools is not None:
+            await pools.close()

@@ -38,6 +38,7 @@ class TemplateOperations:
             return await TemplateBuild(self._ctx, self, spec, on_progress).run()  # type: ignore[arg-type]
         finally:
             self._building.discard(spec.name)
+            self._template_changed(spec.name)  # its warm pool, if any, replaces members of an old build
 
     def list_templates(self) -> list[TemplateInfo]:
         """Every template, oldest first."""
@@ -57,7 +58,14 @@ class TemplateOperations:
         self._ctx.open_events()
         if self._building and name in self._building:
             raise ArcboxError(f"template {name!r} is being built right now; remove it after that build")
-        return records.remove(self._ctx, _name(name))
+        users = records.remove(self._ctx, _name(name))
+        self._template_changed(name)  # its warm pool, if any, is drained
+        return users
+
+    def _template_changed(self, name: str) -> None:
+        pools = getattr(self, "_pools", None)
+        if pools is not None:
+            pools.template_changed(name)
 
     def prune_templates(self) -> tuple[int, int]:
         """Remove cached layers no template is built from; returns (layers, bytes freed)."""
