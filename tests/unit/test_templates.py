@@ -289,3 +289,50 @@ def test_e2b_template_id_names_our_template_when_one_exists():
     with pytest.raises(ApiError) as err:
         plane._spec({"templateID": "other"})
     assert err.value.status == 404
+
+
+# -- COPY without tar: the Python unpacker (manager/templates/unpack.py) ------------------------
+
+
+def test_python_unpacker_keeps_modes_owners_links_and_existing_dirs(tmp_path):
+    import subprocess
+    import sys
+
+    from arcbox_vm.manager.templates.unpack import SCRIPT
+
+    ctx = tmp_path / "ctx"
+    (ctx / "d" / "sub").mkdir(parents=True)
+    (ctx / "d" / "run.sh").write_text("#!/bin/sh\n")
+    (ctx / "d" / "run.sh").chmod(0o775)
+    (ctx / "d" / "sub" / "f").write_text("x")
+    os.symlink("run.sh", ctx / "d" / "link")
+    archive, _, tops = copy_archive(ctx, ("d",), "/app/")
+    root = tmp_path / "root"
+    (root / "app").mkdir(parents=True)
+    (root / "app").chmod(0o711)  # an existing directory keeps its mode
+    tar = tmp_path / "copy.tar"
+    tar.write_bytes(archive)
+    res = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(root), str(tar), "1234:2345", *tops],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not tar.exists(), "the tar is removed"
+    assert (root / "app" / "sub" / "f").read_text() == "x"
+    assert (root / "app" / "run.sh").stat().st_mode & 0o7777 == 0o775
+    assert os.readlink(root / "app" / "link") == "run.sh"
+    assert (root / "app").stat().st_mode & 0o7777 == 0o711
+    st = (root / "app" / "sub" / "f").stat()
+    assert (st.st_uid, st.st_gid) == (1234, 2345), "--chown reaches every copied path"
+
+
+def test_python_unpacker_refuses_names_out_of_the_root(tmp_path):
+    import subprocess
+    import sys
+
+    from arcbox_vm.manager.templates.unpack import SCRIPT
+
+    tar = tmp_path / "bad.tar"
+    tar.write_bytes(_tar((_member("../escape"), b"x")))
+    res = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(tmp_path / "root"), str(tar), ""],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "refused" in res.stderr
+    assert not (tmp_path / "escape").exists()

@@ -60,7 +60,8 @@ dyn = std + "/lib-dynload"
 mf = modulefinder.ModuleFinder(path=[sys.argv[1], std, dyn])
 mf.import_hook("arcbox_vm.agent.guest.main")
 for name in ("encodings", "encodings.aliases", "encodings.utf_8", "encodings.ascii", "encodings.latin_1",
-             "encodings.idna", "codecs", "io", "abc", "site", "os", "stat", "posixpath", "genericpath"):
+             "encodings.idna", "codecs", "io", "abc", "site", "os", "stat", "posixpath", "genericpath",
+             "tarfile", "pwd", "grp"):  # + a template COPY's unpacking in images without tar
     mf.import_hook(name)
 files = sorted({m.__file__ for m in mf.modules.values() if m.__file__ and m.__file__.startswith(std + "/")})
 print(json.dumps({"stdlib": std, "version": "%d.%d" % sys.version_info[:2], "files": files}))

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from arcbox_vm.errors import ArcboxError, BootFailed
 from arcbox_vm.manager import checkpoints as ckpts
 from arcbox_vm.manager.context import ManagerContext
-from arcbox_vm.manager.templates import layers
+from arcbox_vm.manager.templates import layers, unpack
 from arcbox_vm.manager.templates.records import BUILD_LABEL
 from arcbox_vm.models import ExecSpec, SandboxNetworkSpec, SandboxSpec
 from arcbox_vm.templates.models import BuildProgress
@@ -44,6 +44,7 @@ class SandboxOps(Protocol):
     def list_execs(self, sandbox_id: str) -> list[Any]: ...
     async def attach_exec(self, sandbox_id: str, exec_id: str) -> Any: ...
     async def write_file(self, sandbox_id: str, path: str, data: AsyncIterable[bytes], **kw: Any) -> int: ...
+    async def stat_path(self, sandbox_id: str, path: str) -> Any: ...
     async def remove_sandbox(self, sandbox_id: str, force: bool = False) -> None: ...
 
 
@@ -135,7 +136,8 @@ class BuildSandbox:
 
     async def copy(self, archive: bytes, tops: list[str], chown: str) -> None:
         """Unpack a COPY's tar of guest paths at / (existing directories keep their owner and
-        mode); with --chown, the copied paths change owner."""
+        mode); with --chown, the copied paths change owner. With the image's tar, else its
+        python3 or the agent's runtime (unpack.py): an image without tar can be COPYed into."""
         tmp = f"/tmp/.arcbox-copy-{secrets.token_hex(4)}.tar"
 
         async def data() -> AsyncIterable[bytes]:
@@ -143,13 +145,25 @@ class BuildSandbox:
                 yield archive[i:i + (1 << 20)]
 
         try:
-            await self.ops.write_file(self.id, tmp, data(), mode=0o600, size=len(archive))
+            await self.ops.write_file(self.id, tmp, data(), mode=0o600, size=len(archive), make_parents=True)
         except ArcboxError as exc:
             raise StepFailed(f"copying into the build sandbox failed: {exc}") from None
-        await self._root(["tar", "-xpf", tmp, "-C", "/"])  # GNU or busybox tar: numeric owners (no names)
-        await self._root(["rm", "-f", "--", tmp])
-        if chown:
-            await self._root(["chown", "-R", "--", chown, *tops])
+        try:
+            argv, did_all = await unpack.extract_argv(self._exists, tmp, chown, tops)
+        except LookupError as exc:
+            raise StepFailed(str(exc)) from None
+        await self._root(argv)
+        if not did_all:
+            await self._root(["rm", "-f", "--", tmp])
+            if chown:
+                await self._root(["chown", "-R", "--", chown, *tops])
+
+    async def _exists(self, path: str) -> bool:
+        try:
+            await self.ops.stat_path(self.id, path)
+        except ArcboxError:
+            return False
+        return True
 
     async def save_layer(self, key: str, parent: str, text: str) -> Path:
         """The sandbox's disk as layer `key`: synced in the guest, copied while the VM is paused."""
