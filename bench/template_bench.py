@@ -1,6 +1,7 @@
 """Template figures, measured in one run: a cold build and a cache-hit rebuild of a small
 web-app template, and create→ready / create→app answering from the template vs a cold
-create (+ starting the app and polling it, what a template saves)."""
+create (+ starting the app and polling it, what a template saves), and the hand-out from
+the template's warm pool (`[pool.templates]`) vs create→ready from the template."""
 
 from __future__ import annotations
 
@@ -85,4 +86,28 @@ async def run(image, backend: str, rounds: int = 3) -> list[tuple[str, str, str,
             for i, what in ((0, "ready"), (1, "app answers")):
                 a, b = statistics.median(t[i] for t in tpl), statistics.median(c[i] for c in cold)
                 rows.append((f"create→{what}: template vs cold", s(a), s(b), a / b))
+        # the same data dir again, with a warm pool of one for the template ([pool.templates])
+        cfg = config(image, Path(tmp) / "m", backend)
+        cfg.pool.templates = {"bench-web": 1}
+        async with SandboxManager(cfg) as mgr:
+            pooled = []
+            for _ in range(max(rounds, 10)):
+                await _pool_full(mgr)
+                pooled.append(await _from_template(mgr))
+            hand = sorted(p[0] for p in pooled)
+            p50, p99 = statistics.median(hand), hand[min(len(hand) - 1, int(len(hand) * 0.99))]
+            plain = statistics.median(t[0] for t in tpl)
+            rows.append(("create→ready: pool p50/p99 vs template", f"{p50 * 1000:.1f}/{p99 * 1000:.1f} ms",
+                         s(plain), p50 / plain))
+            rows.append(("create→app answers: pool vs template", s(statistics.median(p[1] for p in pooled)),
+                          s(statistics.median(t[1] for t in tpl)),
+                          statistics.median(p[1] for p in pooled) / statistics.median(t[1] for t in tpl)))
     return rows
+
+
+async def _pool_full(mgr: SandboxManager, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while (p := mgr.template_pool("bench-web")) is None or p.ready() < 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the template pool did not fill")
+        await asyncio.sleep(0.05)
