@@ -312,7 +312,7 @@ def test_python_unpacker_keeps_modes_owners_links_and_existing_dirs(tmp_path):
     (root / "app").chmod(0o711)  # an existing directory keeps its mode
     tar = tmp_path / "copy.tar"
     tar.write_bytes(archive)
-    res = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(root), str(tar), "1234:2345", *tops],
+    res = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(root), str(tar), "1234:2345", *tops], check=False,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert not tar.exists(), "the tar is removed"
@@ -332,7 +332,14 @@ def test_python_unpacker_refuses_names_out_of_the_root(tmp_path):
 
     tar = tmp_path / "bad.tar"
     tar.write_bytes(_tar((_member("../escape"), b"x")))
-    res = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(tmp_path / "root"), str(tar), ""],
+    res = subprocess.run([sys.executable, "-I", "-c", SCRIPT, str(tmp_path / "root"), str(tar), ""], check=False,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "refused" in res.stderr
     assert not (tmp_path / "escape").exists()
+
+
+def test_the_unpacker_knows_the_runtime_where_the_image_builder_puts_it():
+    from arcbox_vm.images import runtime
+    from arcbox_vm.manager.templates import unpack
+
+    assert (unpack.PYTHON, unpack.LIB_DIR, unpack.LOADER) == (runtime.PYTHON, runtime.LIB_DIR, runtime.LOADER)

@@ -38,9 +38,9 @@ READY ["python3", "-c", "{FETCH}"]
 @pytest.fixture
 def netns():
     ns = fresh_netns_name()
-    assert subprocess.run(["ip", "netns", "add", ns]).returncode == 0
+    assert subprocess.run(["ip", "netns", "add", ns], check=False).returncode == 0
     yield ns
-    subprocess.run(["ip", "netns", "del", ns])
+    subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 async def full(mgr: SandboxManager, name: str, n: int, timeout: float) -> None:

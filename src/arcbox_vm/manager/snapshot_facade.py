@@ -13,8 +13,8 @@ from arcbox_vm.manager import pausing
 from arcbox_vm.manager import restore as _restore
 from arcbox_vm.manager.context import ManagerContext
 from arcbox_vm.manager.pool import WarmPool
-from arcbox_vm.manager.template_pool import Pools, TemplatePool
 from arcbox_vm.manager.record import SandboxRecord
+from arcbox_vm.manager.template_pool import Pools, TemplatePool
 from arcbox_vm.models import CheckpointInfo, RestoreSandboxSpec, SandboxSpec
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from arcbox_vm.images.runtime import LIB_DIR, LOADER, PYTHON
-
+# The agent's runtime in the guest, as images/runtime.py installs it (an adapter the manager
+# does not import; tests/unit/test_templates.py checks the two agree).
+PYTHON = "/.arcbox/runtime/bin/python3"
+LIB_DIR = "/.arcbox/runtime/lib"
+LOADER = f"{LIB_DIR}/ld-linux-x86-64.so.2"
 # Where an image keeps tar and python3 (PATH of a usual root shell).
 BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
