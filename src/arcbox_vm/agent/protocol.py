@@ -299,7 +299,7 @@ def encode_frame(type: int, channel: int = 0, payload: bytes = b"", max_payload:
         raise ValueError("channel out of range: %r" % (channel,))
     if len(payload) > max_payload:
         raise ValueError("payload of %d bytes exceeds the %d-byte limit" % (len(payload), max_payload))
-    return HEADER.pack(MAGIC, type, 0, channel, len(payload)) + bytes(payload)
+    return HEADER.pack(MAGIC, type, 0, channel, len(payload)) + payload  # one copy, a view's too
 
 
 def encode_json(type: int, channel: int, obj: Dict[str, Any]) -> bytes:
@@ -354,11 +354,18 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Union[Frame, DecodeError]]:
-        """Decode what ``data`` completes. Frames are cut straight out of ``data`` when
-        nothing is pending (one copy per payload, none for ``views`` types); only an
-        unfinished tail is kept, so a big read of whole frames is never buffered."""
+        """Decode what ``data`` completes. Frames are cut straight out of ``data`` (one copy
+        per payload, none for ``views`` types); a pending frame takes just what it lacks,
+        and only an unfinished tail is kept: a big read is never copied into the buffer."""
         out: List[Union[Frame, DecodeError]] = []
         buf = self._buf
+        if len(buf) >= HEADER_SIZE and not (self._skip or self._resyncing) and buf[:2] == MAGIC:
+            need = HEADER_SIZE + HEADER.unpack_from(buf)[4] - len(buf)
+            if 0 < need <= len(data) and need + len(buf) <= HEADER_SIZE + self.max_payload:
+                data = memoryview(data)
+                buf += data[:need]
+                out += self.feed(b"")  # just that frame: the buffer is empty after it
+                data = data[need:]
         if buf:
             buf += data
         src = buf if buf else data  # type: Any

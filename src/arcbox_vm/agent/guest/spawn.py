@@ -33,6 +33,27 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TTY_TERM = "xterm-256color"
 
 
+_batch = False  # the agent runs SCHED_BATCH; children are put back to SCHED_OTHER
+
+
+def batch_scheduling() -> None:
+    """Run the agent as SCHED_BATCH (a guest's PID 1 only).
+
+    A batch task does not preempt the running one when it wakes. When a command writes
+    output, the pipe's first bytes would otherwise wake the agent at once, which then
+    reads a few KiB per switch; as a batch task it waits for its turn while the command
+    fills the pipe (1 MiB), and reads it in big bites. Measured under emulation on one
+    vCPU: a Python reader gets about 1.4x the throughput. The agent still gets its fair
+    share of the CPU, and an idle CPU runs it at once (no added latency when idle).
+    """
+    global _batch
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        _batch = True
+    except (AttributeError, OSError):
+        pass
+
+
 class SpawnError(Exception):
     """The command could not be started; ``code`` is a protocol ErrorCode value."""
 
@@ -270,6 +291,9 @@ def _child(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty:
             sig = getattr(signal, name, None)
             if sig is not None:
                 signal.signal(sig, signal.SIG_DFL)
+        if _batch:
+            stage = "sched"
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         stage = "setsid"
         os.setsid()
         if tty:
