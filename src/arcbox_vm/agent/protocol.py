@@ -354,9 +354,8 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Union[Frame, DecodeError]]:
-        """Decode what ``data`` completes. Frames are cut straight out of ``data`` (one copy
-        per payload, none for ``views`` types); a pending frame takes just what it lacks,
-        and only an unfinished tail is kept: a big read is never copied into the buffer."""
+        """Decode what ``data`` completes, cutting frames straight out of it (one copy per payload, none for
+        ``views`` types); a pending frame takes just what it lacks, only an unfinished tail is kept."""
         out: List[Union[Frame, DecodeError]] = []
         buf = self._buf
         if len(buf) >= HEADER_SIZE and not (self._skip or self._resyncing) and buf[:2] == MAGIC:
@@ -364,7 +363,10 @@ class FrameDecoder:
             if 0 < need <= len(data) and need + len(buf) <= HEADER_SIZE + self.max_payload:
                 data = memoryview(data)
                 buf += data[:need]
-                out += self.feed(b"")  # just that frame: the buffer is empty after it
+                _, mtype, flags, channel, _ = HEADER.unpack_from(buf)
+                payload = memoryview(buf)[HEADER_SIZE:]  # a view: the frame keeps this buffer, we take a new one
+                out.append(Frame(mtype, channel, payload if mtype in self.views else bytes(payload), flags))
+                self._buf = buf = bytearray()
                 data = data[need:]
         if buf:
             buf += data

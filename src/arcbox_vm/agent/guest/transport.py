@@ -28,7 +28,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
     from typing import Any, Deque, List, Optional
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 1 << 20  # the receive buffer: a virtio port holds up to 128 pages (512 KiB) of input
 _WRITEV_MAX = 64  # buffers per writev call (well under IOV_MAX)
 VPORTS = "/sys/class/virtio-ports"
 PAGE = 4096  # a virtio-serial port's receive buffers are one page each
