@@ -47,7 +47,7 @@ from arcbox_vm.agent.protocol import ErrorCode
 from .connection import HIGH_WATER, HostConnection
 from .execs import ExecHandling
 from .frames import FrameHandling
-from .log import log, log_exc
+from .log import flush_later, log, log_exc
 from .ports import PortForwards
 from .sessiontable import SessionTable
 from .shutdown import Shutdown, ShutdownHandling
@@ -129,6 +129,7 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
             self._connect()
         if self.conn is not None and self.conn.out_bytes:
             self._flush()
+        flush_later()  # log lines held back until the frames before them were sent
         can_send = self.conn is not None and self.conn.out_bytes < HIGH_WATER
         if can_send and self.files:
             self._pump_files()

@@ -85,6 +85,7 @@ class Session:
         self.exited_at: Optional[float] = None
         self.grace_at: Optional[float] = None
         self.draining = False
+        self.reap_tried = False  # the agent tried reaping it when its output reached EOF
         self.drained_bytes = 0
         timeout = min(float(request.get("timeout") or 0), MAX_TIMEOUT)
         self.deadline: Optional[float] = now + timeout if timeout > 0 else None
