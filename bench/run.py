@@ -281,6 +281,12 @@ def print_channel(proto: dict, raw: dict, args) -> None:  # noqa: ANN001
     pe = pct(proto["exec_true"], 50)
     print(f"{'exec `true` vs fork+execve+wait p50':38} {ms(pe):>14} {ms(fe):>14} {pe / fe:7.2f}")
     print(f"{'stdout vs Python pipe reader':38} {rate(pt):>14} {rate(c['pipe_read']):>14} {pt / c['pipe_read']:7.2f}")
+    # one vCPU does both halves of a transfer one after the other: their times add up
+    up_lim = 1 / (1 / ru + 1 / c["file_write"])
+    down_lim = 1 / (1 / rt + 1 / c["file_read"])
+    print(f"{'upload vs raw host→guest + file write':38} {rate(up):>14} {rate(up_lim):>14} {up / up_lim:7.2f}")
+    print(f"{'download vs file read + raw guest→host':38} {rate(down):>14} {rate(down_lim):>14} {down / down_lim:7.2f}")
+    print(f"{'  (file write / file read in the guest)':38} {rate(c['file_write']):>14} {rate(c['file_read']):>14}")
     if args.json:
         print(json.dumps({"protocol": proto, "raw": raw}))
 

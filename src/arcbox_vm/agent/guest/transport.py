@@ -29,7 +29,11 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
     from typing import Any, Deque, List, Optional
 
 READ_SIZE = 1 << 20  # the receive buffer: a virtio port holds up to 128 pages (512 KiB) of input
-_WRITEV_MAX = 64  # buffers per writev call (well under IOV_MAX)
+_WRITEV_MAX = 128  # buffers per writev call (well under IOV_MAX)
+# A virtio-serial port takes at most 32 KiB per write(2), and writev on a character device
+# is a loop of writes, one per iovec, that stops at the first short one: a big buffer is
+# cut into 32 KiB iovecs so one syscall writes all of it (a socket takes them in one go).
+PORT_WRITE = 32 * 1024
 VPORTS = "/sys/class/virtio-ports"
 PAGE = 4096  # a virtio-serial port's receive buffers are one page each
 # a pooled output buffer: room for one 256 KiB frame or four DATA_CHUNK frames (headers included)
@@ -150,11 +154,17 @@ class Conn:
         Raises OSError (other than EAGAIN) when the channel is broken.
         """
         while self._out:
-            bufs = []
-            first = self._out[0]
-            bufs.append(memoryview(first)[self._head_off :] if self._head_off else first)
-            for i in range(1, min(len(self._out), _WRITEV_MAX)):
-                bufs.append(self._out[i])
+            bufs: List[Any] = []
+            for item in self._out:
+                if not bufs and self._head_off:
+                    item = memoryview(item)[self._head_off :]
+                if len(item) > PORT_WRITE:
+                    view = memoryview(item)
+                    bufs.extend(view[off : off + PORT_WRITE] for off in range(0, len(view), PORT_WRITE))
+                else:
+                    bufs.append(item)
+                if len(bufs) >= _WRITEV_MAX:
+                    break
             try:
                 n = os.writev(self.fd, bufs)
             except BlockingIOError:
@@ -173,10 +183,6 @@ class Conn:
                     self._head_off = n
                     break
         return True
-
-    def read(self) -> bytes:
-        """One read; b"" means EOF. Raises BlockingIOError when nothing is there."""
-        return os.read(self.fd, READ_SIZE)
 
     def close_queue(self) -> None:
         """Drop whatever is still queued (a frame half written included: the reader on the
