@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
     from typing import Any, Dict
 
 
-READ_CHUNK = 256 * 1024  # file bytes per read(2): one readv fills four DATA_CHUNK frames of one buffer
+READ_CHUNK = 1 << 20  # file bytes per read(2): one readv fills up to 16 DATA_CHUNK frames of one buffer
 
 
 class ReadSession:

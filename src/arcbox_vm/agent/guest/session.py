@@ -31,12 +31,14 @@ from arcbox_vm.agent.protocol import ErrorCode, MsgType, ProtocolError
 
 from . import procs
 from .spawn import Child, set_winsize
+from .transport import frame_slots
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
     from typing import Any, Dict, Optional
 
-OUT_READ = 256 * 1024  # bytes per read of the child's output (one STDOUT/STDERR frame)
+OUT_READ = 1 << 20  # bytes per read of the child's output (a full pipe: see spawn.STDOUT_PIPE_SIZE)
+OUT_FRAME = 256 * 1024  # bytes per STDOUT/STDERR frame: one read fills up to four
 EXIT_GRACE = 1.0  # seconds to wait for output EOF after the child exited
 DRAIN_CAP = 1 << 20  # bytes read after the grace period before pipes are closed anyway
 STDIN_WRITE = 64 * 1024  # bytes per write(2) to the child
@@ -45,7 +47,6 @@ MAX_TIMEOUT = 366 * 86400.0  # longer exec timeouts count as this (the host send
 
 _R = selectors.EVENT_READ
 _W = selectors.EVENT_WRITE
-_HDR = protocol.HEADER_SIZE
 
 
 class Session:
@@ -162,12 +163,13 @@ class Session:
         return len(data)
 
     def _read_frame(self, conn: Any, fd: int, limit: int) -> int:
-        """Attached: read straight into a pooled frame buffer behind the header's room and
-        queue header + payload as one buffer (``transport.FrameBuf``): no allocation, no
-        copy in Python (each costs about as much as the channel itself under emulation)."""
+        """Attached: read straight into a pooled frame buffer, up to four frames' payloads
+        with a header's room before each, and queue them as one buffer
+        (``transport.FrameBuf``): no allocation, no copy in Python (each costs about as
+        much as the channel itself under emulation), one loop pass per full pipe."""
         buf = conn.frame_buffer()
         try:
-            n = os.readv(fd, [memoryview(buf)[_HDR : _HDR + min(limit, len(buf) - _HDR)]])
+            n = os.readv(fd, frame_slots(buf, OUT_FRAME, limit))
         except BlockingIOError:
             n = -1
         except OSError:
@@ -178,7 +180,7 @@ class Session:
                 return 0
             self._close_fd(fd)
             return -1
-        conn.send_buffer(buf, self.out_fds[fd], self.channel, n)
+        conn.send_frames(buf, self.out_fds[fd], self.channel, n, OUT_FRAME)
         self.credit -= n
         return n
 

@@ -36,9 +36,9 @@ _WRITEV_MAX = 128  # buffers per writev call (well under IOV_MAX)
 PORT_WRITE = 32 * 1024
 VPORTS = "/sys/class/virtio-ports"
 PAGE = 4096  # a virtio-serial port's receive buffers are one page each
-# a pooled output buffer: room for one 256 KiB frame or four DATA_CHUNK frames (headers included)
-FRAME_BUF = 4 * (protocol.HEADER_SIZE + protocol.DATA_CHUNK)
-POOL_MAX = 8  # spare output buffers kept (2 MiB at most)
+# a pooled output buffer: room for four 256 KiB frames (headers included), a full pipe's worth
+FRAME_BUF = 4 * (protocol.HEADER_SIZE + 256 * 1024)
+POOL_MAX = 4  # spare output buffers kept (4 MiB at most)
 _HDR = protocol.HEADER_SIZE
 
 
@@ -92,13 +92,6 @@ class Conn:
         """An output buffer of FRAME_BUF bytes (a spare from the pool when there is one)."""
         pool = self._pool
         return pool.pop() if pool else FrameBuf(FRAME_BUF)
-
-    def send_buffer(self, buf: FrameBuf, type: int, channel: int, n: int) -> None:
-        """Queue the frame whose ``n``-byte payload was read into ``buf`` after the header's room."""
-        protocol.HEADER.pack_into(buf, 0, protocol.MAGIC, type, 0, channel, n)
-        view = memoryview(buf)[: _HDR + n]
-        self._out.append(view)
-        self.out_bytes += _HDR + n
 
     def send_frames(self, buf: FrameBuf, type: int, channel: int, n: int, size: int) -> None:
         """Queue the frames read into ``buf`` by ``readv(fd, frame_slots(buf, size, ...))``:
