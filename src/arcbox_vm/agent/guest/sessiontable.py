@@ -65,6 +65,7 @@ class SessionTable:
                 s.reap_tried = True
                 self._reap()
                 break  # reaping collects every exited child at once
+        exits = 0
         for ch, s in list(self.sessions.items()):
             if s.finished:
                 del self.sessions[ch]
@@ -73,6 +74,9 @@ class SessionTable:
                 body = s.exit_body()
                 self._send_json(MsgType.EXIT, ch, body)
                 log_later("channel %d: pid %d exited: %s" % (ch, s.pid, _describe_exit(body)))
+                exits += 1
+        if exits and self.conn is not None:
+            self._flush()  # EXIT ends the host's wait: send it now, not after the rest of the loop pass
         for s in list(self.abandoned):
             if s.finished:
                 self.abandoned.discard(s)

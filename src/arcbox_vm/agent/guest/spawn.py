@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import struct
 
 from arcbox_vm.agent.protocol import ErrorCode
@@ -327,12 +328,18 @@ def _posix_spawn(argv: List[str], env: Dict[str, str], cwd: str, io: tuple) -> i
 
 
 def _lookup(prog: str, env: Dict[str, str]) -> Optional[str]:
-    """execvp's choice for ``prog`` in ``env``'s PATH: the first executable regular file."""
+    """execvp's choice for ``prog`` in ``env``'s PATH: the first regular file with an x bit
+    (one stat per directory; if it is not executable for us after all, posix_spawn fails
+    and the fork path searches on exactly as execvp does)."""
     if "/" in prog:
         return prog
     for d in env.get("PATH", DEFAULT_PATH).split(":"):
-        full = os.path.join(d or ".", prog)
-        if os.path.isfile(full) and os.access(full, os.X_OK):
+        full = (d or ".") + "/" + prog
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
             return full
     return None
 
