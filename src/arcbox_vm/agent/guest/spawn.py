@@ -318,9 +318,10 @@ def _posix_spawn(argv: List[str], env: Dict[str, str], cwd: str, io: tuple) -> i
             return 0
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(io)]
         sigdef = [sig for sig in (getattr(signal, "SIGPIPE", None), getattr(signal, "SIGXFSZ", None)) if sig]
-        sched = (os.SCHED_OTHER, os.sched_param(0)) if _batch else None
-        return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=sigdef,
-                              scheduler=sched)
+        kw: Dict[str, object] = {}
+        if _batch:  # (scheduler=None is a SystemError in Python 3.11: pass it only when set)
+            kw["scheduler"] = (os.SCHED_OTHER, os.sched_param(0))
+        return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=sigdef, **kw)
     except Exception:  # OSError from the exec; NotImplementedError where setsid is missing
         return 0
     finally:
