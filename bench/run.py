@@ -5,8 +5,13 @@
 For each measure, the same thing is done twice on the same kind of VM and the same
 transport (virtio-serial under QEMU, vsock under Firecracker): once through our framed,
 multiplexed protocol and once over the raw channel with the agent in `arcbox.rawbench=1`
-mode (it writes b"R" when up, echoes `E<n>` payloads, streams `S<n>` zero bytes). The
-ratio column is protocol / bare (for times: >1 = slower; for throughput: <1 = slower).
+mode (it writes b"R" when up, echoes `E<n>` payloads, streams `S<n>` zero bytes, swallows
+`U<n>` bytes). The ratio column is protocol / bare (for times: >1 = slower; for
+throughput: <1 = slower). Each figure is set against its honest limit in the same run:
+stdout and download against the raw channel guest→host, upload against the raw channel
+host→guest, exec against an in-guest spawn of the same command (`bench/guest_ceilings.py`,
+run by the guest's Python), and stdout also against what a Python reader in the guest gets
+out of a pipe (the ceiling for a Python agent).
 """
 
 from __future__ import annotations
@@ -96,6 +101,20 @@ class RawVm:
             left -= len(chunk)
         return time.perf_counter() - t
 
+    async def upload(self, nbytes: int) -> float:
+        """Host→guest: n bytes the guest reads and drops, then its ``K``."""
+        block = bytes(1 << 20)
+        t = time.perf_counter()
+        self.writer.write(f"U{nbytes}\n".encode())
+        left = nbytes
+        while left:
+            k = min(left, len(block))
+            self.writer.write(block if k == len(block) else block[:k])
+            await self.writer.drain()
+            left -= k
+        assert await self.reader.readexactly(1) == b"K"
+        return time.perf_counter() - t
+
     async def close(self) -> None:
         if self.proc is not None:
             await self.proc.kill()
@@ -138,9 +157,36 @@ async def protocol_side(driver, image, ddir: Path, args) -> dict:
             got += len(chunk.data)
         res["stream"] = time.perf_counter() - t
         assert got == nbytes, got
+        await files_side(vm, args.mib << 20, res)
+        probe = (Path(__file__).parent / "guest_ceilings.py").read_text()
+        out, err, status = await (await vm.agent.exec(exec_request(
+            ["python3", "-c", probe, str(args.execs), str(args.mib)]))).collect()
+        assert status.exit_code == 0, err
+        res["ceilings"] = json.loads(out)
     finally:
         await vm.destroy()
     return res
+
+
+async def files_side(vm, nbytes: int, res: dict) -> None:  # noqa: ANN001
+    """Upload then download ``nbytes`` through the agent's file transfer (in-process)."""
+    block = os.urandom(1 << 20)
+
+    async def chunks():
+        for i in range(0, nbytes, len(block)):
+            yield block[: min(len(block), nbytes - i)]
+
+    t = time.perf_counter()
+    await vm.agent.write_file("/root/bench.bin", chunks(), size=nbytes)
+    res["upload"] = time.perf_counter() - t
+    t = time.perf_counter()
+    got = 0
+    async with await vm.agent.read_file("/root/bench.bin") as reader:
+        async for chunk in reader:
+            got += len(chunk)
+    res["download"] = time.perf_counter() - t
+    assert got == nbytes, got
+    await (await vm.agent.exec(exec_request(["rm", "-f", "/root/bench.bin"]))).collect()
 
 
 async def raw_side(driver, image, ddir: Path, args) -> dict:
@@ -153,6 +199,7 @@ async def raw_side(driver, image, ddir: Path, args) -> dict:
                 await vm.echo_rtt(5)
                 res["echo"] = await vm.echo_rtt(args.execs)
                 res["stream"] = await vm.stream(args.mib << 20)
+                res["upload"] = await vm.upload(args.mib << 20)
         finally:
             await vm.close()
     return res
@@ -198,18 +245,18 @@ async def main() -> None:
             print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
         if args.only == "templates":
             return
-    raw_rate = None
+    raw_rate = raw_up = None
     if args.only in (None, "channel"):
         print()
         proto = await protocol_side(driver, image, ddir, args)
         raw = await raw_side(driver, image, ddir, args)
-        raw_rate = args.mib / raw["stream"]
+        raw_rate, raw_up = args.mib / raw["stream"], args.mib / raw["upload"]
         print_channel(proto, raw, args)
     if args.only in (None, "daemon") and driver.name == "qemu":
         from bench.daemon_bench import run as daemon_run
 
         print(f"\n{'daemon (gRPC) vs in-process':38} {'daemon':>14} {'in-process':>14} {'ratio':>7}")
-        for name, a, b, r in await daemon_run(image, raw_rate, args.execs, args.file_mib):
+        for name, a, b, r in await daemon_run(image, raw_rate, args.execs, args.file_mib, raw_up):
             print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
 
 
@@ -224,11 +271,30 @@ def print_channel(proto: dict, raw: dict, args) -> None:  # noqa: ANN001
     for q in (50, 99):
         pp, re_ = pct(proto["ping"], q), pct(raw["echo"], q)
         rows.append((f"protocol ping vs raw echo p{q}", ms(pp), ms(re_), pp / re_))
-    pt, rt = args.mib / proto["stream"], args.mib / raw["stream"]
-    rows.append((f"stdout {args.mib} MiB throughput", f"{pt:9.1f} MiB/s", f"{rt:9.1f} MiB/s", pt / rt))
+    rate = lambda v: f"{v:9.1f} MiB/s"  # noqa: E731
+    pt, rt, ru = args.mib / proto["stream"], args.mib / raw["stream"], args.mib / raw["upload"]
+    up, down = args.mib / proto["upload"], args.mib / proto["download"]
+    rows.append((f"stdout {args.mib} MiB vs raw guest→host", rate(pt), rate(rt), pt / rt))
+    rows.append((f"download {args.mib} MiB vs raw guest→host", rate(down), rate(rt), down / rt))
+    rows.append((f"upload {args.mib} MiB vs raw host→guest", rate(up), rate(ru), up / ru))
     print(f"{'measure':38} {'protocol':>14} {'bare channel':>14} {'ratio':>7}")
     for name, a, b, r in rows:
         print(f"{name:38} {a:>14} {b:>14} {r:7.2f}")
+    c = proto["ceilings"]
+    print(f"\n{'vs in-guest limits (guest Python)':38} {'protocol':>14} {'in guest':>14} {'ratio':>7}")
+    for q in (50, 99):
+        pe, sp = pct(proto["exec_true"], q), pct(c["spawn_true"], q)
+        print(f"{f'exec `true` vs spawn+wait p{q}':38} {ms(pe):>14} {ms(sp):>14} {pe / sp:7.2f}")
+    fe = pct(c["fork_exec_true"], 50)
+    pe = pct(proto["exec_true"], 50)
+    print(f"{'exec `true` vs fork+execve+wait p50':38} {ms(pe):>14} {ms(fe):>14} {pe / fe:7.2f}")
+    print(f"{'stdout vs Python pipe reader':38} {rate(pt):>14} {rate(c['pipe_read']):>14} {pt / c['pipe_read']:7.2f}")
+    # one vCPU does both halves of a transfer one after the other: their times add up
+    up_lim = 1 / (1 / ru + 1 / c["file_write"])
+    down_lim = 1 / (1 / rt + 1 / c["file_read"])
+    print(f"{'upload vs raw host→guest + file write':38} {rate(up):>14} {rate(up_lim):>14} {up / up_lim:7.2f}")
+    print(f"{'download vs file read + raw guest→host':38} {rate(down):>14} {rate(down_lim):>14} {down / down_lim:7.2f}")
+    print(f"{'  (file write / file read in the guest)':38} {rate(c['file_write']):>14} {rate(c['file_read']):>14}")
     if args.json:
         print(json.dumps({"protocol": proto, "raw": raw}))
 

@@ -946,6 +946,52 @@ def test_user_resolution() -> None:
         assert exc.value.code == p.ErrorCode.NO_SUCH_USER
 
 
+def test_user_lookups_are_cached_until_the_account_files_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    from arcbox_vm.agent.guest import spawn
+
+    calls = []
+    real = spawn._resolve_user
+    monkeypatch.setattr(spawn, "_resolve_user", lambda spec: calls.append(spec) or real(spec))
+    spawn._users_key = None
+    assert spawn.resolve_user("root").uid == 0
+    assert spawn.resolve_user("root").uid == 0
+    assert calls == ["root"]
+    monkeypatch.setattr(spawn, "_ACCOUNT_FILES", ("/etc/passwd", "/nonexistent-group-file"))
+    spawn.resolve_user("root")  # another key: looked up again
+    assert calls == ["root", "root"]
+
+
+def _wait_child(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_pipe_sessions_start_with_posix_spawn_and_fall_back_to_fork(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """posix_spawn (a vfork) for pipes as the agent's own user; when it refuses (here: a
+    script without #!, ENOEXEC) nothing ran, and the fork path runs it as execvp would."""
+    from arcbox_vm.agent.guest import spawn
+
+    used = []
+    real = spawn._posix_spawn
+    monkeypatch.setattr(spawn, "_posix_spawn", lambda *a: used.append(real(*a)) or used[-1])
+    me = spawn.resolve_user("")
+    env = spawn.build_env(me, {}, False)
+    child = spawn.spawn(["sh", "-c", "pwd; exit 3"], env, str(tmp_path), me, False, 24, 80, False)
+    assert used[-1] == child.pid > 0
+    assert _wait_child(child.pid) == 3
+    assert os.read(child.stdout, 4096).decode().strip() == str(tmp_path)
+    assert os.getcwd() != str(tmp_path)  # the agent's own directory is back
+    script = tmp_path / "noshebang"
+    script.write_text("exit 5\n")
+    script.chmod(0o755)
+    child2 = spawn.spawn([str(script)], env, "/", me, False, 24, 80, False)
+    assert used[-1] == 0  # refused: the fork path started it
+    assert _wait_child(child2.pid) == 5
+    for c in (child, child2):
+        for fd in (c.stdout, c.stderr):
+            os.close(fd)
+
+
 def test_wait_status_decoding() -> None:
     from arcbox_vm.agent.guest.procs import decode_status
 

@@ -67,6 +67,44 @@ def test_round_trip_byte_at_a_time(frames):
     assert out == frames
 
 
+@PROPS
+@given(st.lists(frames_st, max_size=8), st.lists(st.integers(0, 10_000), max_size=12),
+       st.lists(st.binary(max_size=40), max_size=3))
+def test_reused_receive_buffer_gives_the_same_frames(frames, cuts, garbage):
+    """The guest feeds views of one receive buffer that the next read overwrites: frames
+    (and errors) must be what bytes give, each payload intact after the overwrite, and
+    only the ``views`` types may come as views (valid until the overwrite)."""
+    stream = b"".join(garbage) + b"".join(encode(f) for f in frames)
+    pieces = chunked(stream, cuts)
+    expected = [(type(x), getattr(x, "type", None), getattr(x, "payload", None)) for x in
+                feed_all(p.FrameDecoder(), pieces)]
+    dec = p.FrameDecoder(views=frozenset({0x32}))
+    got = []
+    buf = bytearray(max((len(x) for x in pieces), default=0))
+    for piece in pieces:
+        buf[: len(piece)] = piece
+        for x in dec.feed(memoryview(buf)[: len(piece)]):
+            payload = getattr(x, "payload", None)
+            if payload is not None and x.type != 0x32:
+                assert type(payload) is bytes
+            got.append((type(x), getattr(x, "type", None), None if payload is None else bytes(payload)))
+        buf[:] = bytes(len(buf))  # the next read overwrites the buffer
+    assert got == expected
+
+
+def test_a_straddling_view_frame_is_a_view_of_its_own_buffer():
+    frame = encode(p.Frame(0x32, 7, b"x" * 1000))
+    dec = p.FrameDecoder(views=frozenset({0x32}))
+    buf = bytearray(frame[:300])
+    assert dec.feed(memoryview(buf)) == []
+    buf[:] = bytes(300)  # overwritten: the decoder kept its own copy of the tail
+    rest = bytearray(frame[300:] + encode(p.Frame(0x32, 8, b"y")))
+    first, second = dec.feed(memoryview(rest))
+    assert first.payload == b"x" * 1000 and first.channel == 7
+    assert second.payload == b"y" and second.payload.obj is rest  # a view of the fed data itself
+    assert dec.buffered == 0
+
+
 def test_header_layout_is_the_documented_one():
     raw = p.encode_frame(p.MsgType.STDOUT, 7, b"hey")
     assert raw == b"AV" + bytes([0x14, 0]) + (7).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"hey"

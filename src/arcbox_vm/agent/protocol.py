@@ -102,7 +102,7 @@ import struct
 # guest agent imports this module at boot under software emulation. Annotations are strings.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Union
+    from typing import Any, Dict, FrozenSet, List, Optional, Union
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; HELLO carries it and the host refuses unknown majors."""
@@ -180,32 +180,13 @@ class MsgType(enum.IntEnum):
 
 
 DATA_TYPES = frozenset({MsgType.STDIN, MsgType.STDOUT, MsgType.STDERR, MsgType.FILE_DATA, MsgType.PORT_DATA})
-JSON_TYPES = frozenset(
-    {
-        MsgType.HELLO,
-        MsgType.HELLO_ACK,
-        MsgType.ERROR,
-        MsgType.SHUTDOWN,
-        MsgType.REINIT, MsgType.REINIT_DONE,
-        MsgType.EXEC,
-        MsgType.ATTACH,
-        MsgType.STARTED,
-        MsgType.EXIT,
-        MsgType.RESIZE,
-        MsgType.SIGNAL,
-        MsgType.FILE_WRITE,
-        MsgType.FILE_READY,
-        MsgType.FILE_DONE,
-        MsgType.FILE_READ,
-        MsgType.FILE_INFO,
-        MsgType.FILE_STAT,
-        MsgType.FILE_STAT_RESULT,
-        MsgType.FILE_LIST,
-        MsgType.FILE_LIST_RESULT,
-        MsgType.PORT_CONNECT,
-        MsgType.PORT_CONNECTED,
-    }
-)
+JSON_TYPES = frozenset({
+    MsgType.HELLO, MsgType.HELLO_ACK, MsgType.ERROR, MsgType.SHUTDOWN, MsgType.REINIT, MsgType.REINIT_DONE,
+    MsgType.EXEC, MsgType.ATTACH, MsgType.STARTED, MsgType.EXIT, MsgType.RESIZE, MsgType.SIGNAL,
+    MsgType.FILE_WRITE, MsgType.FILE_READY, MsgType.FILE_DONE, MsgType.FILE_READ, MsgType.FILE_INFO,
+    MsgType.FILE_STAT, MsgType.FILE_STAT_RESULT, MsgType.FILE_LIST, MsgType.FILE_LIST_RESULT,
+    MsgType.PORT_CONNECT, MsgType.PORT_CONNECTED,
+})
 FILE_REQUEST_TYPES = frozenset({MsgType.FILE_WRITE, MsgType.FILE_READ, MsgType.FILE_STAT, MsgType.FILE_LIST})
 
 FEATURE_FILES = "files"
@@ -318,7 +299,7 @@ def encode_frame(type: int, channel: int = 0, payload: bytes = b"", max_payload:
         raise ValueError("channel out of range: %r" % (channel,))
     if len(payload) > max_payload:
         raise ValueError("payload of %d bytes exceeds the %d-byte limit" % (len(payload), max_payload))
-    return HEADER.pack(MAGIC, type, 0, channel, len(payload)) + bytes(payload)
+    return HEADER.pack(MAGIC, type, 0, channel, len(payload)) + payload  # one copy, a view's too
 
 
 def encode_json(type: int, channel: int, obj: Dict[str, Any]) -> bytes:
@@ -360,8 +341,10 @@ class FrameDecoder:
     one header plus ``max_payload`` bytes.
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, views: FrozenSet[int] = frozenset()) -> None:
+        # views: types whose payload may be a memoryview into the fed data (valid until it changes)
         self.max_payload = max_payload
+        self.views = views
         self._buf = bytearray()
         self._skip = 0  # payload bytes still to discard after an oversized header
         self._resyncing = False
@@ -370,48 +353,67 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> List[Union[Frame, DecodeError]]:
+    def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Union[Frame, DecodeError]]:
+        """Decode what ``data`` completes, cutting frames straight out of it (one copy per payload, none for
+        ``views`` types); a pending frame takes just what it lacks, only an unfinished tail is kept."""
         out: List[Union[Frame, DecodeError]] = []
-        if data:
-            self._buf += data
+        buf = self._buf
+        if len(buf) >= HEADER_SIZE and not (self._skip or self._resyncing) and buf[:2] == MAGIC:
+            need = HEADER_SIZE + HEADER.unpack_from(buf)[4] - len(buf)
+            if 0 < need <= len(data) and need + len(buf) <= HEADER_SIZE + self.max_payload:
+                data = memoryview(data)
+                buf += data[:need]
+                _, mtype, flags, channel, _ = HEADER.unpack_from(buf)
+                payload = memoryview(buf)[HEADER_SIZE:]  # a view: the frame keeps this buffer, we take a new one
+                out.append(Frame(mtype, channel, payload if mtype in self.views else bytes(payload), flags))
+                self._buf = buf = bytearray()
+                data = data[need:]
+        if buf:
+            buf += data
+        src = buf if buf else data  # type: Any
+        size, pos = len(src), 0
         while True:
             if self._skip:
-                n = min(self._skip, len(self._buf))
-                del self._buf[:n]
+                n = min(self._skip, size - pos)
+                pos += n
                 self._skip -= n
                 if self._skip:
-                    return out
-            if self._resyncing or (len(self._buf) >= 2 and self._buf[:2] != MAGIC):
-                idx = self._buf.find(MAGIC)
+                    break
+            if self._resyncing or (size - pos >= 2 and src[pos : pos + 2] != MAGIC):
+                if type(src) is memoryview:  # find() needs bytes: copy the rest once
+                    src, size, pos = bytes(src[pos:]), size - pos, 0
+                idx = src.find(MAGIC, pos)
                 if not self._resyncing:
                     self._resyncing = True
                     out.append(DecodeError(ErrorCode.BAD_FRAME, "bad frame magic; resynchronising"))
-                if idx < 0:
-                    # keep a trailing byte that may be the first half of the magic
-                    keep = 1 if self._buf[-1:] == MAGIC[:1] else 0
-                    del self._buf[: len(self._buf) - keep]
-                    return out
-                del self._buf[:idx]
+                if idx < 0:  # keep a trailing byte that may be the first half of the magic
+                    pos = size - (1 if size > pos and src[size - 1 : size] == MAGIC[:1] else 0)
+                    break
+                pos = idx
                 self._resyncing = False
-            if len(self._buf) < HEADER_SIZE:
-                return out
-            _, mtype, flags, channel, length = HEADER.unpack_from(self._buf)
+            if size - pos < HEADER_SIZE:
+                break
+            _, mtype, flags, channel, length = HEADER.unpack_from(src, pos)
             if length > self.max_payload:
-                del self._buf[:HEADER_SIZE]
+                pos += HEADER_SIZE
                 self._skip = length
-                out.append(
-                    DecodeError(
-                        ErrorCode.OVERSIZED,
-                        "frame of %d bytes exceeds the %d-byte limit" % (length, self.max_payload),
-                        channel,
-                    )
-                )
+                out.append(DecodeError(ErrorCode.OVERSIZED, "frame of %d bytes exceeds the %d-byte limit"
+                                       % (length, self.max_payload), channel))
                 continue
-            if len(self._buf) < HEADER_SIZE + length:
-                return out
-            payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
-            del self._buf[: HEADER_SIZE + length]
+            end = pos + HEADER_SIZE + length
+            if size < end:
+                break
+            if type(src) is bytes or (mtype in self.views and src is not buf):
+                payload = src[pos + HEADER_SIZE : end]  # type: Any
+            else:  # one copy, through a view: a bytearray's slice would be a second one
+                payload = bytes(memoryview(src)[pos + HEADER_SIZE : end])
+            pos = end
             out.append(Frame(mtype, channel, payload, flags))
+        if src is buf:
+            del buf[:pos]
+        elif pos < size:
+            buf += src[pos:]
+        return out
 
     def eof(self) -> Optional[DecodeError]:
         """Call at end of stream: reports a truncated trailing frame, if any."""

@@ -47,7 +47,7 @@ from arcbox_vm.agent.protocol import ErrorCode
 from .connection import HIGH_WATER, HostConnection
 from .execs import ExecHandling
 from .frames import FrameHandling
-from .log import log, log_exc
+from .log import flush_later, later_due, log, log_exc
 from .ports import PortForwards
 from .sessiontable import SessionTable
 from .shutdown import Shutdown, ShutdownHandling
@@ -129,6 +129,9 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
             self._connect()
         if self.conn is not None and self.conn.out_bytes:
             self._flush()
+        due = later_due()
+        if due is not None and (not self.sessions or now >= due):
+            flush_later()  # held-back log lines: no command is running (or they are due)
         can_send = self.conn is not None and self.conn.out_bytes < HIGH_WATER
         if can_send and self.files:
             self._pump_files()
@@ -169,6 +172,9 @@ class Agent(HostConnection, FrameHandling, ExecHandling, SessionTable, FileTrans
         when = []
         if self.conn is None and not self.stopping:
             when.append(self.next_connect)
+        due = later_due()
+        if due is not None:
+            when.append(due)
         for s in self._all_sessions():
             if s.deadline is not None:
                 when.append(s.deadline)

@@ -23,22 +23,25 @@ from arcbox_vm.agent.protocol import MsgType
 
 from . import AGENT_VERSION
 from .log import log, log_exc
-from .transport import READ_SIZE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
-    from typing import Any, Dict, List, Optional
+    from typing import Any, Dict, Optional
 
     from .transport import Conn, Transport
 
 HIGH_WATER = 256 * 1024  # queued output bytes above which sessions stop reading their pipes
 INPUT_PAUSE = 8 << 20  # queued output bytes above which the channel is not read (host not reading)
-CONN_READ_BUDGET = 256 * 1024  # channel bytes taken per wakeup, so one busy channel cannot starve the loop
-SMALL_READ = 4096  # a virtio-serial port's buffer size
+CONN_READ_BUDGET = 1 << 20  # channel bytes taken per wakeup, so one busy channel cannot starve the loop
 RETRY_MIN = 0.1
 RETRY_MAX = 1.0
 FEATURES = ["exec", "tty", "stdin", "signal", "resize", "timeout", "user", "flow_control", "shutdown", "ping",
             protocol.FEATURE_FILES, protocol.FEATURE_ATTACH, protocol.FEATURE_PORTS, protocol.FEATURE_REINIT]
+
+# FILE_DATA is written to its file as soon as it is decoded, so its payload may stay a view
+# into the connection's receive buffer (no copy); every other payload is copied, because
+# handlers keep some (PONG echoes, port data, stdin) beyond the next read.
+VIEW_TYPES = frozenset({MsgType.FILE_DATA})
 
 _R = selectors.EVENT_READ
 _W = selectors.EVENT_WRITE
@@ -51,7 +54,7 @@ class HostConnection:
         self.transport = transport
         self.conn: Optional[Conn] = None
         self.conn_events = 0
-        self.decoder = protocol.FrameDecoder()
+        self.decoder = protocol.FrameDecoder(views=VIEW_TYPES)
         self.next_connect = 0.0
         self.backoff = RETRY_MIN
         self.connect_failures = 0
@@ -71,7 +74,7 @@ class HostConnection:
             return
         self.conn = conn
         self.conn_events = 0
-        self.decoder = protocol.FrameDecoder()
+        self.decoder = protocol.FrameDecoder(views=VIEW_TYPES)
         self.hello_acked = False
         self.got_frames = False
         if self.connect_failures < 2:
@@ -126,20 +129,20 @@ class HostConnection:
     def _read_conn(self) -> None:
         """Take up to CONN_READ_BUDGET bytes off the channel and handle the frames in them.
 
-        Several reads per wakeup: a virtio-serial port hands out one 4 KiB buffer per
-        read(2), and one loop iteration per 4 KiB would cap uploads at a few MiB/s. Once a
-        read came back short, the next ones ask for SMALL_READ only: allocating a 256 KiB
-        buffer for every 4 KiB costs more than the read itself under emulation.
+        Each read is one readv of page-sized slices of the connection's receive buffer
+        (``Conn.read_into``): a virtio-serial port hands out one 4 KiB buffer per read(2),
+        so one syscall takes many of them, and the frames are decoded straight out of
+        that buffer (the decoder copies each payload once and keeps only an unfinished
+        tail). Several reads per wakeup, up to the budget, so one busy channel cannot
+        starve the loop yet an upload is not one loop iteration per read.
         """
         conn = self.conn
         assert conn is not None
-        parts: List[bytes] = []
         total = 0
-        size = READ_SIZE
         end: Optional[str] = None
-        while total < CONN_READ_BUDGET:
+        while total < CONN_READ_BUDGET and self.conn is conn:
             try:
-                data = os.read(conn.fd, size)
+                data = conn.read_into()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -148,12 +151,8 @@ class HostConnection:
             if not data:
                 end = "EOF"
                 break
-            parts.append(data)
             total += len(data)
-            if len(data) <= SMALL_READ:
-                size = SMALL_READ
-        if parts:
-            self._handle_input(parts[0] if len(parts) == 1 else b"".join(parts))
+            self._handle_input(data)
         if end is not None and self.conn is conn:
             self.disconnect(end)
 
@@ -206,7 +205,7 @@ class HostConnection:
             n = len(self.sessions)
             self.sessions.clear()
             conn.close_queue()
-            self.decoder = protocol.FrameDecoder()
+            self.decoder = protocol.FrameDecoder(views=VIEW_TYPES)
             self.hello_acked = False
             log("a new host is behind the channel (restored VM); %d session(s) keep running detached" % n)
         self._send_json(MsgType.HELLO, protocol.CONTROL_CHANNEL, self.hello_body())

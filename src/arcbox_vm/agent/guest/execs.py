@@ -18,7 +18,7 @@ from arcbox_vm.agent import protocol
 from arcbox_vm.agent.protocol import ErrorCode, MsgType, ProtocolError
 
 from .frames import json_or_empty
-from .log import log
+from .log import log, log_later
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
@@ -86,7 +86,7 @@ class ExecHandling:
         if ch in self._recent_set:
             self._recent_set.discard(ch)
         self._send_json(MsgType.STARTED, ch, {"pid": child.pid})
-        log("channel %d: started pid %d: %s%s" % (ch, child.pid, req["argv"][0], " (tty)" if req["tty"] else ""))
+        log_later("channel %d: started pid %d: %s%s" % (ch, child.pid, req["argv"][0], " (tty)" if req["tty"] else ""))
 
     def _on_session_frame(self, t: MsgType, f: Frame) -> None:
         """A frame for the exec session on ``f.channel`` (file channels are handled before)."""

@@ -19,10 +19,14 @@ from arcbox_vm.agent.protocol import ErrorCode, MsgType, ProtocolError
 
 from .fileinfo import failure, kind_text, stat_body
 from .fscreds import Creds
+from .transport import frame_slots
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
     from typing import Any, Dict
+
+
+READ_CHUNK = 1 << 20  # file bytes per read(2): one readv fills up to 16 DATA_CHUNK frames of one buffer
 
 
 class ReadSession:
@@ -63,22 +67,35 @@ class ReadSession:
 
     def pump(self, budget: int) -> int:
         """Send one FILE_DATA of at most ``budget`` bytes (or FILE_END at EOF). Returns bytes sent."""
-        n = min(protocol.DATA_CHUNK, self.credit, budget)
+        n = min(READ_CHUNK, self.credit, budget)
         if n <= 0:
             return 0
+        conn = getattr(self.sink, "conn", None)
+        buf = conn.frame_buffer() if conn is not None else None
         try:
-            data = os.read(self.fd, n)
+            if buf is not None:  # straight into a pooled frame buffer: no allocation, no copy
+                got = os.readv(self.fd, frame_slots(buf, protocol.DATA_CHUNK, n))
+            else:
+                data = os.read(self.fd, n)
+                got = len(data)
         except OSError as exc:
+            if buf is not None:
+                conn.give_back(buf)
             raise failure(exc, "read", self.path, self.creds) from None
-        if not data:
+        if not got:
+            if buf is not None:
+                conn.give_back(buf)
             self.sink.send_frame(MsgType.FILE_END, self.channel)
             self.done = True
             self.abort()
             return 0
-        self.sink.send_frame(MsgType.FILE_DATA, self.channel, data)
-        self.credit -= len(data)
-        self.sent += len(data)
-        return len(data)
+        if buf is not None:
+            conn.send_frames(buf, MsgType.FILE_DATA, self.channel, got, protocol.DATA_CHUNK)
+        else:
+            self.sink.send_frame(MsgType.FILE_DATA, self.channel, data)
+        self.credit -= got
+        self.sent += got
+        return got
 
     def on_window(self, increment: int) -> None:
         self.credit += increment

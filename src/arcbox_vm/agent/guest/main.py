@@ -113,6 +113,10 @@ def _run(opts: Options, pid1: bool) -> None:
 
     from .agent import Agent, Shutdown
 
+    if pid1:
+        from . import spawn
+
+        spawn.batch_scheduling()
     agent = Agent(transport, pid1)
     try:
         agent.run()

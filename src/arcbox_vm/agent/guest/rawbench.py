@@ -5,7 +5,10 @@ framing at all: after PID-1 setup the agent writes one byte ``R`` on the channel
 serves line requests with blocking I/O:
 
 - ``E<n>\\n``: read the next n bytes and write them back (round-trip timing);
-- ``S<n>\\n``: write n zero bytes as fast as possible (throughput).
+- ``S<n>\\n``: write n zero bytes as fast as possible (throughput, guest to host);
+- ``U<n>\\n``: read and discard the next n bytes, then write ``K`` (throughput, host to
+  guest). Read the fastest way a Python program can (``read_into``), so the figure is the
+  honest limit for the agent's uploads.
 
 On EOF (host gone) it reopens the channel and says ``R`` again. SIGTERM/SIGINT shut
 the VM down as in normal mode (PID 1) or exit (otherwise).
@@ -22,10 +25,13 @@ from .transport import Transport
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
-    from typing import Any
+    from typing import Any, List
 
 CHUNK = 64 * 1024
 _ZEROS = bytes(CHUNK)
+PAGE = 4096
+_UPBUF = bytearray(1 << 20)
+_VIEWS = [memoryview(_UPBUF)[i : i + PAGE] for i in range(0, len(_UPBUF), PAGE)]
 MAX_LINE = 64
 
 
@@ -54,6 +60,21 @@ def _read_exact(fd: int, n: int) -> bytes:
     return bytes(buf)
 
 
+def read_into(fd: int, views: List[memoryview], want: int) -> int:
+    """One readv into page-sized slices of one buffer; bytes read (0 = EOF).
+
+    A virtio-serial port hands out one 4 KiB receive buffer per read(2), and readv on a
+    character device is a loop of reads, one per iovec, that stops at the first short one:
+    page-sized iovecs take up to ``len(views)`` buffers per syscall instead of one.
+    """
+    if want < len(views) * PAGE:
+        k, rest = divmod(want, PAGE)
+        iov = views[:k] + ([views[k][:rest]] if rest else [])
+    else:
+        iov = views
+    return os.readv(fd, iov)
+
+
 def serve(fd: int) -> None:
     """Serve one connection until EOF (raises EOFError)."""
     _write_all(fd, b"R")
@@ -68,10 +89,20 @@ def serve(fd: int) -> None:
             pending += chunk
         line, _, rest = bytes(pending).partition(b"\n")
         pending = bytearray(rest)
-        if len(line) < 2 or line[:1] not in (b"E", b"S") or not line[1:].isdigit():
+        if len(line) < 2 or line[:1] not in (b"E", b"S", b"U") or not line[1:].isdigit():
             continue
         n = int(line[1:])
-        if line[:1] == b"E":
+        if line[:1] == b"U":
+            take = min(n, len(pending))
+            del pending[:take]
+            n -= take
+            while n > 0:
+                got = read_into(fd, _VIEWS, n)
+                if not got:
+                    raise EOFError
+                n -= got
+            _write_all(fd, b"K")
+        elif line[:1] == b"E":
             take = min(n, len(pending))
             data = bytes(pending[:take])
             del pending[:take]

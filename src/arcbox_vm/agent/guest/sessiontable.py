@@ -20,7 +20,7 @@ import time
 from arcbox_vm.agent.protocol import MsgType
 
 from . import procs
-from .log import log
+from .log import log, log_later
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
@@ -54,7 +54,18 @@ class SessionTable:
                 s.on_exit(status, now)
 
     def _finish_sessions(self) -> None:
-        """After each loop iteration: EXIT for attached sessions that are done, close the rest."""
+        """After each loop iteration: EXIT for attached sessions that are done, close the rest.
+
+        A session whose output just reached EOF is reaped at once: a child's fds close
+        before its SIGCHLD is sent, so it has usually exited by now, and its EXIT goes out
+        without waiting one more loop pass for the signal (once per session).
+        """
+        for s in self.sessions.values():
+            if s.status is None and not s.out_fds and not s.reap_tried:
+                s.reap_tried = True
+                self._reap()
+                break  # reaping collects every exited child at once
+        exits = 0
         for ch, s in list(self.sessions.items()):
             if s.finished:
                 del self.sessions[ch]
@@ -62,7 +73,10 @@ class SessionTable:
                 s.close()
                 body = s.exit_body()
                 self._send_json(MsgType.EXIT, ch, body)
-                log("channel %d: pid %d exited: %s" % (ch, s.pid, _describe_exit(body)))
+                log_later("channel %d: pid %d exited: %s" % (ch, s.pid, _describe_exit(body)))
+                exits += 1
+        if exits and self.conn is not None:
+            self._flush()  # EXIT ends the host's wait: send it now, not after the rest of the loop pass
         for s in list(self.abandoned):
             if s.finished:
                 self.abandoned.discard(s)

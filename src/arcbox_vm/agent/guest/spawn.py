@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import struct
 
 from arcbox_vm.agent.protocol import ErrorCode
@@ -31,6 +32,27 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TTY_TERM = "xterm-256color"
+
+
+_batch = False  # the agent runs SCHED_BATCH; children are put back to SCHED_OTHER
+
+
+def batch_scheduling() -> None:
+    """Run the agent as SCHED_BATCH (a guest's PID 1 only).
+
+    A batch task does not preempt the running one when it wakes. When a command writes
+    output, the pipe's first bytes would otherwise wake the agent at once, which then
+    reads a few KiB per switch; as a batch task it waits for its turn while the command
+    fills the pipe (1 MiB), and reads it in big bites. Measured under emulation on one
+    vCPU: a Python reader gets about 1.4x the throughput. The agent still gets its fair
+    share of the CPU, and an idle CPU runs it at once (no added latency when idle).
+    """
+    global _batch
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        _batch = True
+    except (AttributeError, OSError):
+        pass
 
 
 class SpawnError(Exception):
@@ -63,7 +85,35 @@ def _check_id(text: str, what: str) -> int:
     return value
 
 
+_users: Dict[str, Identity] = {}  # resolve_user's answers while /etc/passwd and /etc/group are unchanged
+_users_key: Optional[tuple] = None
+_ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+
+
 def resolve_user(spec: str) -> Identity:
+    """``_resolve_user`` cached: an NSS lookup reads and parses /etc/passwd (and /etc/group
+    for groups) on every call, 1-4 ms under emulation on each EXEC; two stats tell whether
+    the answer can have changed (size, mtime and inode of both files)."""
+    global _users_key
+    key = []
+    for name in _ACCOUNT_FILES:
+        try:
+            st = os.stat(name)
+            key.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            key.append(None)
+    if tuple(key) != _users_key:
+        _users.clear()
+        _users_key = tuple(key)
+    ident = _users.get(spec)
+    if ident is None:
+        ident = _resolve_user(spec)
+        if len(_users) < 64:
+            _users[spec] = ident
+    return ident
+
+
+def _resolve_user(spec: str) -> Identity:
     """Parse the EXEC ``user`` field.
 
     "" = the agent's own identity (root in a guest); "root"; a name; "uid"; "uid:gid"
@@ -168,6 +218,7 @@ def spawn(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty: 
     """
     parent_fds: List[int] = []
     child_fds: List[int] = []
+    fast = not tty and not ident.switch
     try:
         if tty:
             master, slave = os.openpty()
@@ -191,6 +242,14 @@ def spawn(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty: 
             child_fds += [out_w, err_w]
             child_io = (in_r, out_w, err_w)
             result = Child(0, in_w, out_r, err_r, None)
+        if fast and min(child_io) > 2:
+            pid = _posix_spawn(argv, env, cwd, child_io)
+            if pid:
+                _close_all(child_fds)
+                for fd in parent_fds:
+                    os.set_blocking(fd, False)
+                result.pid = pid
+                return result
         err_r_pipe, err_w_pipe = os.pipe()  # both close-on-exec (PEP 446)
     except OSError as exc:
         _close_all(parent_fds + child_fds)
@@ -227,6 +286,63 @@ def spawn(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty: 
         os.set_blocking(fd, False)
     result.pid = pid
     return result
+
+
+_start_dir = -1  # the agent's own working directory (an fd), to return to after a spawn
+
+
+def _posix_spawn(argv: List[str], env: Dict[str, str], cwd: str, io: tuple) -> int:
+    """The common case (pipes, the agent's own user) with posix_spawn; 0 = use fork instead.
+
+    glibc's posix_spawn is a vfork: the child shares the agent's memory until it execs, so
+    nothing is copied and no Python runs in it. A Python fork copies the page tables of the
+    whole interpreter and then runs Python in the child (signal resets, setsid, dup2,
+    chdir, execve along PATH), touching copy-on-write pages: under emulation that was
+    ~9 ms of a 30 ms exec of ``true``. The working directory is set by a chdir in the agent
+    around the call (single-threaded, so nothing else sees it) and the program is looked
+    up along the child's PATH there, as ``_exec`` does. Anything unusual — a chdir or
+    lookup that fails, posix_spawn refusing (ENOEXEC: a script without ``#!``, EACCES) —
+    returns 0 and the fork path runs, reproducing exactly its error reports; nothing has
+    been started then.
+    """
+    global _start_dir
+    if _start_dir < 0:
+        _start_dir = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        return 0
+    try:
+        path = _lookup(argv[0], env)
+        if path is None:
+            return 0
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(io)]
+        sigdef = [sig for sig in (getattr(signal, "SIGPIPE", None), getattr(signal, "SIGXFSZ", None)) if sig]
+        kw: Dict[str, object] = {}
+        if _batch:  # (scheduler=None is a SystemError in Python 3.11: pass it only when set)
+            kw["scheduler"] = (os.SCHED_OTHER, os.sched_param(0))
+        return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=sigdef, **kw)
+    except Exception:  # OSError from the exec; NotImplementedError where setsid is missing
+        return 0
+    finally:
+        os.fchdir(_start_dir)
+
+
+def _lookup(prog: str, env: Dict[str, str]) -> Optional[str]:
+    """execvp's choice for ``prog`` in ``env``'s PATH: the first regular file with an x bit
+    (one stat per directory; if it is not executable for us after all, posix_spawn fails
+    and the fork path searches on exactly as execvp does)."""
+    if "/" in prog:
+        return prog
+    for d in env.get("PATH", DEFAULT_PATH).split(":"):
+        full = (d or ".") + "/" + prog
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return full
+    return None
 
 
 def _close_all(fds: List[int]) -> None:
@@ -270,6 +386,9 @@ def _child(argv: List[str], env: Dict[str, str], cwd: str, ident: Identity, tty:
             sig = getattr(signal, name, None)
             if sig is not None:
                 signal.signal(sig, signal.SIG_DFL)
+        if _batch:
+            stage = "sched"
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         stage = "setsid"
         os.setsid()
         if tty:

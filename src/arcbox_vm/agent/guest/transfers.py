@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
 
     from arcbox_vm.agent.protocol import Frame
 
-READ_BUDGET = 256 * 1024  # file bytes read per loop iteration, all read sessions together
+READ_BUDGET = 1 << 20  # file bytes read per loop iteration, all read sessions together
 MAX_FILE_SESSIONS = 64  # concurrent reads + writes
 
 

@@ -26,11 +26,45 @@ from .cmdline import parse_channel
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
-    from typing import Any, Deque, Optional
+    from typing import Any, Deque, List, Optional
 
-READ_SIZE = 256 * 1024
-_WRITEV_MAX = 64  # buffers per writev call (well under IOV_MAX)
+READ_SIZE = 1 << 20  # the receive buffer: a virtio port holds up to 128 pages (512 KiB) of input
+_WRITEV_MAX = 128  # buffers per writev call (well under IOV_MAX)
+# A virtio-serial port takes at most 32 KiB per write(2), and writev on a character device
+# is a loop of writes, one per iovec, that stops at the first short one: a big buffer is
+# cut into 32 KiB iovecs so one syscall writes all of it (a socket takes them in one go).
+PORT_WRITE = 32 * 1024
 VPORTS = "/sys/class/virtio-ports"
+PAGE = 4096  # a virtio-serial port's receive buffers are one page each
+# a pooled output buffer: room for four 256 KiB frames (headers included), a full pipe's worth
+FRAME_BUF = 4 * (protocol.HEADER_SIZE + 256 * 1024)
+POOL_MAX = 4  # spare output buffers kept (4 MiB at most)
+_HDR = protocol.HEADER_SIZE
+
+
+class FrameBuf(bytearray):
+    """A pooled output buffer: a frame header's room, then a payload read straight into it.
+
+    Reading the payload after 12 bytes of room and packing the header in front makes
+    header and payload one contiguous buffer: one iovec (a virtio-serial port turns every
+    iovec into its own buffer and host write), and no concatenation copy. ``Conn`` takes
+    the buffer back into its pool once the frame has been written.
+    """
+
+    __slots__ = ()
+
+
+def frame_slots(buf: FrameBuf, size: int, total: int) -> List[memoryview]:
+    """The payload slots of ``total`` bytes in frames of ``size``, a header's room before each."""
+    view = memoryview(buf)
+    slots = []
+    off = 0
+    while total > 0 and off + _HDR < len(buf):
+        k = min(total, size, len(buf) - off - _HDR)
+        slots.append(view[off + _HDR : off + _HDR + k])
+        off += _HDR + k
+        total -= k
+    return slots
 
 
 class Conn:
@@ -44,10 +78,58 @@ class Conn:
         self.fd = fd
         self.name = name
         self._keep = keep  # e.g. the socket object owning ``fd``
-        self._out: Deque[bytes] = collections.deque()
+        self._out: Deque[Any] = collections.deque()  # bytes, or memoryviews of FrameBuf
         self._head_off = 0  # bytes of _out[0] already written
         self.out_bytes = 0
+        self._pool: List[FrameBuf] = []
+        self._inbuf = bytearray(READ_SIZE)
+        view = memoryview(self._inbuf)
+        self._in_views = [view[i : i + PAGE] for i in range(0, READ_SIZE, PAGE)]
+        self._in_view = view
         os.set_blocking(fd, False)
+
+    def frame_buffer(self) -> FrameBuf:
+        """An output buffer of FRAME_BUF bytes (a spare from the pool when there is one)."""
+        pool = self._pool
+        return pool.pop() if pool else FrameBuf(FRAME_BUF)
+
+    def send_frames(self, buf: FrameBuf, type: int, channel: int, n: int, size: int) -> None:
+        """Queue the frames read into ``buf`` by ``readv(fd, frame_slots(buf, size, ...))``:
+        ``n`` bytes filled the slots in order; every full slot is one frame of ``size``
+        bytes, a partial last one a shorter frame. Headers go in the gaps, so all of them
+        leave as one contiguous buffer."""
+        off = 0
+        while n > 0:
+            k = min(n, size)
+            protocol.HEADER.pack_into(buf, off, protocol.MAGIC, type, 0, channel, k)
+            off += _HDR + k
+            n -= k
+        self._out.append(memoryview(buf)[:off])
+        self.out_bytes += off
+
+    def give_back(self, buf: FrameBuf) -> None:
+        """A buffer from ``frame_buffer`` that was not queued after all (nothing read into it)."""
+        if len(self._pool) < POOL_MAX:
+            self._pool.append(buf)
+
+    def _written(self, item: Any) -> None:
+        if type(item) is memoryview and type(item.obj) is FrameBuf:
+            buf = item.obj
+            item.release()  # the pool may hand the buffer out again: no view of it is left
+            if len(self._pool) < POOL_MAX:
+                self._pool.append(buf)
+
+    def read_into(self) -> memoryview:
+        """One read of what the channel holds, into the connection's own receive buffer.
+
+        A virtio-serial port hands out one 4 KiB receive buffer per read(2), and readv on
+        a character device is a loop of reads, one per iovec, that stops at the first short
+        one: page-sized iovecs take up to 64 buffers in one syscall (a socket fills them in
+        one recvmsg). The view is valid until the next call; b"" (empty) means EOF. Raises
+        BlockingIOError when nothing is there.
+        """
+        n = os.readv(self.fd, self._in_views)
+        return self._in_view[:n]
 
     def send(self, data: bytes) -> None:
         if data:
@@ -65,11 +147,17 @@ class Conn:
         Raises OSError (other than EAGAIN) when the channel is broken.
         """
         while self._out:
-            bufs = []
-            first = self._out[0]
-            bufs.append(memoryview(first)[self._head_off :] if self._head_off else first)
-            for i in range(1, min(len(self._out), _WRITEV_MAX)):
-                bufs.append(self._out[i])
+            bufs: List[Any] = []
+            for item in self._out:
+                if not bufs and self._head_off:
+                    item = memoryview(item)[self._head_off :]
+                if len(item) > PORT_WRITE:
+                    view = memoryview(item)
+                    bufs.extend(view[off : off + PORT_WRITE] for off in range(0, len(view), PORT_WRITE))
+                else:
+                    bufs.append(item)
+                if len(bufs) >= _WRITEV_MAX:
+                    break
             try:
                 n = os.writev(self.fd, bufs)
             except BlockingIOError:
@@ -81,15 +169,13 @@ class Conn:
                 head = self._out[0]
                 if n >= len(head):
                     n -= len(head)
-                    self._out.popleft()
+                    self._written(self._out.popleft())
                 else:
+                    # a short write need not mean "full": a virtio-serial port takes at most
+                    # 32 KiB per call. Write on until the fd says EAGAIN.
                     self._head_off = n
-                    return False  # short write: the fd is full
+                    break
         return True
-
-    def read(self) -> bytes:
-        """One read; b"" means EOF. Raises BlockingIOError when nothing is there."""
-        return os.read(self.fd, READ_SIZE)
 
     def close_queue(self) -> None:
         """Drop whatever is still queued (a frame half written included: the reader on the

@@ -35,43 +35,54 @@ class ExitStatus:
 
 
 class _Output:
-    """A command's queued output, compact whatever the guest's frame sizes: the bytes in
-    one buffer, and per run of same-stream frames one signed length (> 0 stdout, < 0
-    stderr). A window's worth of 1-byte frames costs about a window plus 8 bytes a run,
-    not an object per frame."""
+    """A command's queued output, compact whatever the guest's frame sizes. Small frames:
+    the bytes in one buffer, and per run of same-stream frames one signed length (> 0
+    stdout, < 0 stderr), so a window's worth of 1-byte frames costs about a window plus 8
+    bytes a run, not an object per frame. A big frame (JOIN_BELOW or more) is queued as it
+    came, as (stderr?, payload), and handed to the consumer without a copy: at most
+    window / JOIN_BELOW of those exist at once."""
 
     RUN_MAX = 256 * 1024  # a run (one chunk to the consumer) is at most this long, unless one frame is longer
+    JOIN_BELOW = 16 * 1024  # frames at least this big are not copied into the buffer
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.runs: collections.deque[int] = collections.deque()
+        self.runs: collections.deque[int | tuple[bool, bytes]] = collections.deque()
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self.runs)
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
     def push(self, stderr: bool, payload: bytes) -> None:
         n = len(payload)
+        self.nbytes += n
         runs = self.runs
-        if runs and (runs[-1] < 0) == stderr and abs(runs[-1]) + n <= self.RUN_MAX:
-            runs[-1] += -n if stderr else n
+        if n >= self.JOIN_BELOW:
+            runs.append((stderr, payload))
+            return
+        last = runs[-1] if runs else None
+        if type(last) is int and (last < 0) == stderr and abs(last) + n <= self.RUN_MAX:
+            runs[-1] = last - n if stderr else last + n
         else:
             runs.append(-n if stderr else n)
         self.data += payload
 
     def pop(self) -> OutputChunk:
         run = self.runs.popleft()
-        n = abs(run)
-        chunk = bytes(self.data[:n])
-        del self.data[:n]
-        return OutputChunk("stderr" if run < 0 else "stdout", chunk)
+        if type(run) is tuple:
+            stderr, chunk = run
+        else:
+            stderr, n = run < 0, abs(run)
+            with memoryview(self.data) as view:
+                chunk = bytes(view[:n])
+            del self.data[:n]
+        self.nbytes -= len(chunk)
+        return OutputChunk("stderr" if stderr else "stdout", chunk)
 
     def clear(self) -> None:
         self.runs.clear()
         self.data = bytearray()
+        self.nbytes = 0
 
 
 class ExecChannel:

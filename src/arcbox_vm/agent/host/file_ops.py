@@ -34,6 +34,10 @@ from arcbox_vm.models import FileStat
 
 log = logging.getLogger(__name__)
 
+# FILE_DATA frames of an upload: the guest's per-frame work (decode, route, write) is
+# interpreted Python under emulation, so 4x fewer frames than DATA_CHUNK is measurably
+# faster there; the guest writes each one straight from its receive buffer.
+UPLOAD_FRAME = 256 * 1024
 READ_COALESCE = 1 << 20  # a FileReader joins queued frames into chunks of up to this many bytes
 SMALL_FRAME = 4096  # FILE_DATA frames smaller than this are joined as they arrive (bounds the count of queued objects)
 
@@ -195,7 +199,7 @@ class _FileWrite(_FileOp):
                     raise InvalidArgument(f"{path}: the upload sent more than its declared size of {size} bytes")
                 while view:
                     n = await self.take_credit(len(view))
-                    await self._host.send_frame(p.encode_frame(p.MsgType.FILE_DATA, self.channel, bytes(view[:n])))
+                    await self._host.send_frame(p.encode_frame(p.MsgType.FILE_DATA, self.channel, view[:n]))
                     view = view[n:]
             self.check()
             await self._host.send_frame(p.encode_frame(p.MsgType.FILE_END, self.channel))
@@ -248,7 +252,7 @@ class _FileWrite(_FileOp):
             self._credit_event.clear()
             await self._credit_event.wait()
         self.check()
-        n = min(want, self.credit, p.DATA_CHUNK)
+        n = min(want, self.credit, UPLOAD_FRAME)
         self.credit -= n
         return n
 
