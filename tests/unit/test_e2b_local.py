@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -99,6 +100,7 @@ async def e2b_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: 
         with contextlib.suppress(Exception):
             assert d.manager is not None
             await d.manager.close()
+        shutil.rmtree(runtime, ignore_errors=True)
     assert d.images.calls == 0
 
 
