@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from arcbox_vm import RestoreSandboxSpec, SandboxManager, SandboxNetworkSpec, SandboxSpec
 from arcbox_vm.errors import (
@@ -23,6 +24,7 @@ from arcbox_vm.errors import (
     SnapshotsUnsupported,
     VmmError,
 )
+from arcbox_vm.metrics.collector import SandboxCollector
 from arcbox_vm.models import SandboxState
 from arcbox_vm.paths import memory_dir, socket_dir
 from tests.support.local_snapshots import MEM_BYTES, SnapshotLocalDriver
@@ -324,6 +326,14 @@ async def test_pool_hands_out_ready_sandboxes_once_and_refills(rig: Rig) -> None
     assert [e.action for e in [await sub.recv(5), await sub.recv(5)]] == ["created", "ready"]
     assert mgr.pool.handed_out == 1
     await pool_full(mgr)  # refilled
+    [st] = mgr.pool_stats()
+    assert (st.pool, st.size, st.members, st.ready, st.handed_out) == ("default", 2, 2, 2, 1)
+    registry = CollectorRegistry()
+    registry.register(SandboxCollector(mgr))
+    page = await asyncio.to_thread(generate_latest, registry)  # scraped from another thread, as the endpoint does
+    for line in ('arcbox_pool_ready{pool="default"} 2.0', 'arcbox_pool_size{pool="default"} 2.0',
+                 'arcbox_pool_handouts_total{pool="default"} 1.0'):
+        assert line in page.decode(), line
 
     # three at once from a pool of two: all distinct, none handed out twice
     got = await asyncio.gather(*(mgr.create_sandbox(SandboxSpec(network=SandboxNetworkSpec(mode="none")))

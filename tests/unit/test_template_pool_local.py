@@ -83,6 +83,7 @@ async def test_template_pool_hands_out_once_and_refills(rig: Rig) -> None:
     pool = mgr.template_pool("web")
     assert pool.handed_out == 1 and mgr.inspect_template("web").in_use == 3
     await pool_full(mgr, "web", 2, ck)  # refilled
+    assert [(st.pool, st.size, st.ready, st.handed_out) for st in mgr.pool_stats()] == [("template:web", 2, 2, 1)]
 
     # three at once from a pool of two: all distinct, two from the pool, one restored
     got = await asyncio.gather(*(mgr.create_sandbox(SandboxSpec(template="web")) for _ in range(3)))

@@ -31,6 +31,7 @@ import copy
 import logging
 import secrets
 import time
+from typing import NamedTuple
 
 from arcbox_vm.agent.host.reinit import send_reinit
 from arcbox_vm.errors import ArcboxError, BootFailed, ResourceExhausted, SandboxAlreadyExists
@@ -47,6 +48,18 @@ log = logging.getLogger(__name__)
 S = SandboxState
 CHECK_EVERY_S = 5.0  # a member can fail without the pool being told: look this often
 MAX_BACKOFF_S = 60.0
+
+
+class PoolStats(NamedTuple):
+    """One pool's figures: `pool` is "default" or "template:NAME"; `misses` counts creates it
+    serves that found no member ready (they booted or restored the slow way)."""
+
+    pool: str
+    size: int
+    members: int
+    ready: int
+    handed_out: int
+    misses: int
 
 
 class WarmPool:
@@ -79,8 +92,14 @@ class WarmPool:
                      == default_policy))
 
     def members(self) -> list[SandboxRecord]:
-        return [sb for sb in self.ctx.sandboxes.values()
+        # list(): one step under the GIL, so `stats()` may run in the metrics endpoint's thread
+        return [sb for sb in list(self.ctx.sandboxes.values())
                 if sb.pool and not sb.removed and sb.labels.get(TEMPLATE_LABEL, "") == self.template]
+
+    def stats(self) -> PoolStats:
+        """Its figures now (plain reads: callable from any thread)."""
+        return PoolStats(f"template:{self.template}" if self.template else "default", self.size,
+                         len(self.members()), self.ready(), self.handed_out, self.misses)
 
     def ready(self) -> int:
         return sum(1 for sb in self.members() if self._usable(sb))

@@ -12,7 +12,7 @@ from arcbox_vm.manager import checkpoints as ckpts
 from arcbox_vm.manager import pausing
 from arcbox_vm.manager import restore as _restore
 from arcbox_vm.manager.context import ManagerContext
-from arcbox_vm.manager.pool import WarmPool
+from arcbox_vm.manager.pool import PoolStats, WarmPool
 from arcbox_vm.manager.record import SandboxRecord
 from arcbox_vm.manager.template_pool import Pools, TemplatePool
 from arcbox_vm.models import CheckpointInfo, RestoreSandboxSpec, SandboxSpec
@@ -89,6 +89,12 @@ class SnapshotOperations:
     def template_pool(self, name: str) -> TemplatePool | None:
         """Template `name`'s warm pool (None unless `[pool.templates]` gives it one)."""
         return self._pools.templates.get(name) if self._pools is not None else None
+
+    def pool_stats(self) -> list[PoolStats]:
+        """Every warm pool's size, members, ready members, hand-outs and misses (callable from
+        any thread: the metrics endpoint reads it at scrape time)."""
+        pools = self._pools
+        return [p.stats() for p in pools.all()] if pools is not None else []
 
     def _start_pool(self) -> None:
         cfg = self._ctx.config.pool
