@@ -13,7 +13,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,6 +42,24 @@ def print_json(value: Any) -> None:
     """Indented JSON document on stdout."""
     sys.stdout.write(json.dumps(jsonable(value), indent=2, sort_keys=False) + "\n")
     sys.stdout.flush()
+
+
+def print_listing(items: Sequence[Any], *, json_out: bool, quiet: bool, ident: Callable[[Any], str],
+                  columns: Sequence[str], row: Callable[[Any], Sequence[str]]) -> None:
+    """What an `ls` prints: a JSON array (--json), one identifier a line (--quiet), else a
+    table of `columns`, one `row(item)` per item."""
+    if json_out:
+        print_json(list(items))
+    elif quiet:
+        sys.stdout.write("".join(f"{ident(item)}\n" for item in items))
+        sys.stdout.flush()
+    else:
+        table = Table(box=None, pad_edge=False)
+        for col in columns:
+            table.add_column(col)
+        for item in items:
+            table.add_row(*row(item))
+        Console(highlight=False).print(table)
 
 
 def print_json_line(value: Any) -> None:

@@ -131,29 +131,16 @@ def snapshot_ls(
     *, conn: ConnectOptions,
 ) -> None:
     """List checkpoints (oldest first); IN USE counts the running sandboxes restored from each."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from arcbox_vm.cli.output import human_bytes, print_json, relative_time
+    from arcbox_vm.cli.output import human_bytes, print_listing, relative_time
 
     async def main():  # noqa: ANN202
         async with conn.client() as client:
             return await client.list_checkpoints(sandbox)
 
-    items = asyncio.run(main())
-    if json_out:
-        print_json(items)
-    elif quiet:
-        for c in items:
-            print(c.snapshot_id)
-    else:
-        table = Table(box=None, pad_edge=False)
-        for col in ("SNAPSHOT ID", "NAME", "SANDBOX", "SIZE", "IN USE", "CREATED"):
-            table.add_column(col)
-        for c in items:
-            table.add_row(c.snapshot_id, c.name, c.sandbox_id, human_bytes(c.size_bytes), str(c.in_use),
-                          relative_time(c.created_at))
-        Console(highlight=False).print(table)
+    print_listing(asyncio.run(main()), json_out=json_out, quiet=quiet, ident=lambda c: c.snapshot_id,
+                  columns=("SNAPSHOT ID", "NAME", "SANDBOX", "SIZE", "IN USE", "CREATED"),
+                  row=lambda c: (c.snapshot_id, c.name, c.sandbox_id, human_bytes(c.size_bytes), str(c.in_use),
+                                 relative_time(c.created_at)))
 
 
 @daemon_command

@@ -125,29 +125,16 @@ def ls(
     *, conn: ConnectOptions,
 ) -> None:
     """List templates (oldest first); IN USE counts running sandboxes made from each."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from arcbox_vm.cli.output import human_bytes, print_json, relative_time
+    from arcbox_vm.cli.output import human_bytes, print_listing, relative_time
 
     async def main():  # noqa: ANN202
         async with conn.client() as client:
             return await client.list_templates()
 
-    items = asyncio.run(main())
-    if json_out:
-        print_json(items)
-    elif quiet:
-        for t in items:
-            print(t.name)
-    else:
-        table = Table(box=None, pad_edge=False)
-        for col in ("NAME", "BASE", "STEPS", "SIZE", "IN USE", "CREATED"):
-            table.add_column(col)
-        for t in items:
-            table.add_row(t.name, t.base, str(len(t.steps)), human_bytes(t.size_bytes), str(t.in_use),
-                          relative_time(t.created_at))
-        Console(highlight=False).print(table)
+    print_listing(asyncio.run(main()), json_out=json_out, quiet=quiet, ident=lambda t: t.name,
+                  columns=("NAME", "BASE", "STEPS", "SIZE", "IN USE", "CREATED"),
+                  row=lambda t: (t.name, t.base, str(len(t.steps)), human_bytes(t.size_bytes), str(t.in_use),
+                                 relative_time(t.created_at)))
 
 
 @daemon_command

@@ -287,6 +287,12 @@ class StateStore:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    def layer(self, key: str) -> dict[str, Any] | None:
+        """One layer's row by its key (the primary key: no scan)."""
+        cur = self.db.execute("SELECT * FROM template_layers WHERE key = ?", (key,))
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row)) if row is not None else None
+
     def append_event(self, sandbox_id: str, action: str, attributes: dict[str, str],
                      ts_ns: int | None = None) -> StoredEvent:
         ts = ts_ns if ts_ns is not None else time.time_ns()

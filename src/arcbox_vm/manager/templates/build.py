@@ -98,10 +98,12 @@ async def oci_base(ctx: ManagerContext, name: str, context_dir: Path | None, tmp
                               "(and not excluded by .dockerignore)")
     digest = await asyncio.to_thread(buildctx.file_sha256, archive)
     key = layers.step_key("", f"FROM {OCI_PREFIX}", content=digest)
-    for row in ctx.store.layers():
-        if row["key"] == key and Path(row["path"]).is_file():
-            config = OciImageConfig.from_json(json.loads(row["step"]).get("config") or {})
-            return Base(key, Path(row["path"]), dict(config.env), config.working_dir, config.user)
+    cached = layers.find(ctx, key)
+    if cached is not None:
+        row = ctx.store.layer(key)
+        assert row is not None
+        config = OciImageConfig.from_json(json.loads(row["step"]).get("config") or {})
+        return Base(key, cached, dict(config.env), config.working_dir, config.user)
     out = tmp / "oci.ext4"
     try:
         config = await asyncio.to_thread(importer, archive, out, None)

@@ -55,11 +55,11 @@ def path_of(ctx: ManagerContext, key: str) -> Path:
 
 def find(ctx: ManagerContext, key: str) -> Path | None:
     """The layer's disk if it is recorded and its file is there."""
-    for row in ctx.store.layers():
-        if row["key"] == key:
-            p = Path(row["path"])
-            return p if p.is_file() else None
-    return None
+    row = ctx.store.layer(key)
+    if row is None:
+        return None
+    p = Path(row["path"])
+    return p if p.is_file() else None
 
 
 async def add(ctx: ManagerContext, key: str, parent: str, step: str, disk: Path) -> Path:
