@@ -78,6 +78,21 @@ async def test_one_mib_of_output_is_byte_exact(shared_vm):
     assert hashlib.sha256(out).hexdigest() == err.decode()
 
 
+async def test_large_outputs_of_two_commands_at_once_are_byte_exact(shared_vm):
+    """Pipe output this big is spliced into the channel by the agent (frames promised from
+    FIONREAD): two producers at once, stdout and stderr each, every byte in order."""
+    script = ("import sys,hashlib,os; d=os.urandom(12<<20); e=os.urandom(3<<20); "
+              "sys.stdout.buffer.write(d[:5<<20]); sys.stderr.buffer.write(e); sys.stdout.buffer.write(d[5<<20:]); "
+              "sys.stderr.flush(); os.write(2, (hashlib.sha256(d).hexdigest() + hashlib.sha256(e).hexdigest()).encode())")
+    results = await asyncio.gather(run(shared_vm, ["python3", "-c", script]), run(shared_vm, ["python3", "-c", script]))
+    for out, err, status in results:
+        assert status.exit_code == 0
+        assert len(out) == 12 << 20 and len(err) == (3 << 20) + 128
+        digests = err[3 << 20:].decode()
+        assert hashlib.sha256(out).hexdigest() == digests[:64]
+        assert hashlib.sha256(err[: 3 << 20]).hexdigest() == digests[64:]
+
+
 async def test_missing_command_gives_clear_error(shared_vm):
     with pytest.raises(ExecError) as info:
         await asyncio.wait_for(shared_vm.agent.exec(exec_request(["no-such-command-xyz"])), 30)
