@@ -1,17 +1,25 @@
 """arcbox-vm benchmark: our agent protocol vs. the bare channel, measured in one run.
 
-    .venv/bin/python bench/run.py [--vmm qemu] [--boots 3] [--execs 100] [--mib 64]
+    .venv/bin/python bench/run.py [--vmm qemu] [--boots 3] [--execs 100] [--mib 64] [--vcpus 1]
 
-For each measure, the same thing is done twice on the same kind of VM and the same
-transport (virtio-serial under QEMU, vsock under Firecracker): once through our framed,
-multiplexed protocol and once over the raw channel with the agent in `arcbox.rawbench=1`
-mode (it writes b"R" when up, echoes `E<n>` payloads, streams `S<n>` zero bytes, swallows
-`U<n>` bytes). The ratio column is protocol / bare (for times: >1 = slower; for
-throughput: <1 = slower). Each figure is set against its honest limit in the same run:
-stdout and download against the raw channel guest→host, upload against the raw channel
-host→guest, exec against an in-guest spawn of the same command (`bench/guest_ceilings.py`,
-run by the guest's Python), and stdout also against what a Python reader in the guest gets
-out of a pipe (the ceiling for a Python agent).
+For each measure, the same thing is done twice on the same kind of VM (``--vcpus`` vCPUs)
+and the same transport (virtio-serial under QEMU, vsock under Firecracker): once through our
+framed, multiplexed protocol and once over the raw channel with the agent in
+`arcbox.rawbench=1` mode (it writes b"R" when up, echoes `E<n>` payloads, streams `S<n>`
+zero bytes, swallows `U<n>` bytes). The ratio column is protocol / bare (for times: >1 =
+slower; for throughput: <1 = slower). Each figure is set against its honest limit in the
+same run: stdout and download against the raw channel guest→host, upload against the raw
+channel host→guest, exec against an in-guest spawn of the same command
+(`bench/guest_ceilings.py`, run by the guest's Python), and stdout also against what a
+Python reader in the guest gets out of a pipe (the ceiling for a Python agent).
+
+The raw channel is not reachable by a relay: a command's output must cross a pipe before
+the channel, and an upload must end in a file. So the raw VM also measures native code in
+the guest (rawbench's `C<n>`, `P<n>`, `W<n>`): `head -c n /dev/zero | dd bs=1M` onto the
+channel (a C relay), the same pipe spliced into the channel by the kernel (zero-copy, the
+limit of any pipe relay), and `dd` from the channel into a file with fsync (a native
+upload). stdout is set against the two relays and upload against the dd, and each native
+figure against the raw channel, to show how far below it the limits themselves are.
 """
 
 from __future__ import annotations
@@ -49,8 +57,8 @@ def pct(values: list[float], q: float) -> float:
 class RawVm:
     """A VM whose agent runs in raw bench mode: no protocol, just bytes."""
 
-    def __init__(self, driver, image, ddir: Path) -> None:
-        self.driver, self.image = driver, image
+    def __init__(self, driver, image, ddir: Path, vcpus: int = 1) -> None:
+        self.driver, self.image, self.vcpus = driver, image, vcpus
         self.sid = "bench-raw-" + secrets.token_hex(3)
         self.workdir = ddir / "bench" / self.sid
         self.proc = None
@@ -72,7 +80,7 @@ class RawVm:
         spec = MachineSpec(sandbox_id=self.sid, workdir=self.workdir,
                            kernel=self.driver.kernel_for(self.image.kernel, self.image.vmlinux),
                            rootfs=disk, initrd=self.image.initrd, boot_args=DEFAULT_BOOT_ARGS,
-                           vcpus=1, memory_mib=512, extra_boot_args=("arcbox.rawbench=1",))
+                           vcpus=self.vcpus, memory_mib=512, extra_boot_args=("arcbox.rawbench=1",))
         self.proc = await self.driver.launch(spec, endpoint)
         self.reader, self.writer = await asyncio.wait_for(self.conn, 120)
         first = await asyncio.wait_for(self.reader.readexactly(1), 120)
@@ -90,15 +98,28 @@ class RawVm:
         return out
 
     async def stream(self, nbytes: int) -> float:
+        """Guest→host: the agent writes n zero bytes itself (``S``)."""
+        return await self._pull("S", nbytes)
+
+    async def relay_dd(self, nbytes: int) -> float:
+        """Guest→host through a pipe: ``head -c n /dev/zero | dd bs=1M`` onto the channel (``C``)."""
+        return await self._pull("C", nbytes)
+
+    async def relay_splice(self, nbytes: int) -> float:
+        """Guest→host through a pipe the agent splices into the channel (``P``)."""
+        return await self._pull("P", nbytes)
+
+    async def _pull(self, kind: str, nbytes: int, timeout: float = 300) -> float:
         t = time.perf_counter()
-        self.writer.write(f"S{nbytes}\n".encode())
+        self.writer.write(f"{kind}{nbytes}\n".encode())
         await self.writer.drain()
         left = nbytes
-        while left:
-            chunk = await self.reader.read(min(left, 1 << 20))
-            if not chunk:
-                raise RuntimeError("raw stream ended early")
-            left -= len(chunk)
+        async with asyncio.timeout(timeout):
+            while left:
+                chunk = await self.reader.read(min(left, 1 << 20))
+                if not chunk:
+                    raise RuntimeError(f"raw {kind} stream ended early")
+                left -= len(chunk)
         return time.perf_counter() - t
 
     async def upload(self, nbytes: int) -> float:
@@ -113,6 +134,30 @@ class RawVm:
             await self.writer.drain()
             left -= k
         assert await self.reader.readexactly(1) == b"K"
+        return time.perf_counter() - t
+
+    async def upload_dd(self, nbytes: int, timeout: float = 300) -> float:
+        """Host→guest into a file: ``dd`` in the guest from the channel, fsynced (``W``).
+
+        The bytes go out only after the guest's ``G``, once dd is about to read them.
+        """
+        block = bytes(1 << 20)
+        t = time.perf_counter()
+        self.writer.write(f"W{nbytes}\n".encode())
+        await self.writer.drain()
+        async with asyncio.timeout(timeout):
+            go = await self.reader.readexactly(1)
+            if go != b"G":
+                raise RuntimeError(f"raw W: expected G, got {go!r}")
+            left = nbytes
+            while left:
+                k = min(left, len(block))
+                self.writer.write(block if k == len(block) else block[:k])
+                await self.writer.drain()
+                left -= k
+            done = await self.reader.readexactly(1)
+        if done != b"K":
+            raise RuntimeError(f"raw W: dd failed in the guest ({done!r})")
         return time.perf_counter() - t
 
     async def close(self) -> None:
@@ -131,7 +176,7 @@ async def protocol_side(driver, image, ddir: Path, args) -> dict:
         sid = "bench-" + secrets.token_hex(3)
         req = BootRequest(sandbox_id=sid, workdir=ddir / "bench" / sid,
                           kernel=driver.kernel_for(image.kernel, image.vmlinux), rootfs=image.rootfs,
-                          initrd=image.initrd, vcpus=1, memory_mib=512)
+                          initrd=image.initrd, vcpus=args.vcpus, memory_mib=512)
         t0 = time.perf_counter()
         candidate = await boot_vm(driver, req, clone_disk=clone_disk)
         res["boot"].append(time.perf_counter() - t0)
@@ -192,7 +237,7 @@ async def files_side(vm, nbytes: int, res: dict) -> None:  # noqa: ANN001
 async def raw_side(driver, image, ddir: Path, args) -> dict:
     res: dict = {"boot": []}
     for i in range(args.boots):
-        vm = RawVm(driver, image, ddir)
+        vm = RawVm(driver, image, ddir, vcpus=args.vcpus)
         try:
             res["boot"].append(await vm.boot())
             if i == args.boots - 1:
@@ -200,6 +245,9 @@ async def raw_side(driver, image, ddir: Path, args) -> dict:
                 res["echo"] = await vm.echo_rtt(args.execs)
                 res["stream"] = await vm.stream(args.mib << 20)
                 res["upload"] = await vm.upload(args.mib << 20)
+                res["relay_dd"] = await vm.relay_dd(args.mib << 20)
+                res["relay_splice"] = await vm.relay_splice(args.mib << 20)
+                res["upload_dd"] = await vm.upload_dd(args.mib << 20)
         finally:
             await vm.close()
     return res
@@ -211,6 +259,7 @@ async def main() -> None:
     ap.add_argument("--boots", type=int, default=3)
     ap.add_argument("--execs", type=int, default=100)
     ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--vcpus", type=int, default=1, help="vCPUs of the channel section's two VMs")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     ap.add_argument("--only", choices=["channel", "manager", "daemon", "snapshots", "templates"], help="run one section only")
     ap.add_argument("--file-mib", type=int, default=256, help="file size for the daemon's upload/download")
@@ -220,7 +269,7 @@ async def main() -> None:
     image = build_image(ddir)
     driver = select_driver(VmmConfig(backend=args.vmm))
     print(f"arcbox-vm bench (ratios: first column / second column, measured in this run): vmm={driver.name} accel={getattr(driver, 'accel', lambda: '-')()} "
-          f"boots={args.boots} execs={args.execs} stream={args.mib} MiB", flush=True)
+          f"vcpus={args.vcpus} boots={args.boots} execs={args.execs} stream={args.mib} MiB", flush=True)
     if args.only in (None, "manager"):
         from bench.manager_bench import run as manager_run
 
@@ -289,12 +338,22 @@ def print_channel(proto: dict, raw: dict, args) -> None:  # noqa: ANN001
     pe = pct(proto["exec_true"], 50)
     print(f"{'exec `true` vs fork+execve+wait p50':38} {ms(pe):>14} {ms(fe):>14} {pe / fe:7.2f}")
     print(f"{'stdout vs Python pipe reader':38} {rate(pt):>14} {rate(c['pipe_read']):>14} {pt / c['pipe_read']:7.2f}")
-    # one vCPU does both halves of a transfer one after the other: their times add up
+    # the agent's one thread does both halves of a transfer one after the other (so does
+    # one vCPU): their times add up
     up_lim = 1 / (1 / ru + 1 / c["file_write"])
     down_lim = 1 / (1 / rt + 1 / c["file_read"])
     print(f"{'upload vs raw host→guest + file write':38} {rate(up):>14} {rate(up_lim):>14} {up / up_lim:7.2f}")
     print(f"{'download vs file read + raw guest→host':38} {rate(down):>14} {rate(down_lim):>14} {down / down_lim:7.2f}")
     print(f"{'  (file write / file read in the guest)':38} {rate(c['file_write']):>14} {rate(c['file_read']):>14}")
+    cr, sr, wr = (args.mib / raw[k] for k in ("relay_dd", "relay_splice", "upload_dd"))
+    print(f"\n{'vs native code in the guest':38} {'protocol':>14} {'native':>14} {'ratio':>7}")
+    print(f"{'stdout vs C relay (head|dd) in guest':38} {rate(pt):>14} {rate(cr):>14} {pt / cr:7.2f}")
+    print(f"{'stdout vs splice relay in guest':38} {rate(pt):>14} {rate(sr):>14} {pt / sr:7.2f}")
+    print(f"{'upload vs dd channel→file (fsync)':38} {rate(up):>14} {rate(wr):>14} {up / wr:7.2f}")
+    print(f"\n{'native code vs bare channel':38} {'native':>14} {'bare channel':>14} {'ratio':>7}")
+    print(f"{'C relay (head|dd) vs raw guest→host':38} {rate(cr):>14} {rate(rt):>14} {cr / rt:7.2f}")
+    print(f"{'splice relay vs raw guest→host':38} {rate(sr):>14} {rate(rt):>14} {sr / rt:7.2f}")
+    print(f"{'dd channel→file vs raw host→guest':38} {rate(wr):>14} {rate(ru):>14} {wr / ru:7.2f}")
     if args.json:
         print(json.dumps({"protocol": proto, "raw": raw}))
 

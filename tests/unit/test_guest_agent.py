@@ -722,6 +722,78 @@ def test_rawbench_mode() -> None:
     assert a.proc.returncode == 0
 
 
+def _recv_exact(conn: Any, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = conn.recv(min(n - len(got), 1 << 20))
+        assert chunk, "the agent closed the connection after %d of %d bytes" % (len(got), n)
+        got += chunk
+    return bytes(got)
+
+
+def test_rawbench_native_relays_and_upload(tmp_path: Path) -> None:
+    """C (head | dd), P (head, spliced) and W (dd into a file) with a socket as the channel."""
+    if not (shutil.which("head") and shutil.which("dd")):
+        pytest.skip("needs head and dd")
+    up = tmp_path / "up.bin"
+    a = AgentProcess(extra_args=("--rawbench",),
+                     prelude="from arcbox_vm.agent.guest import rawbench\nrawbench.UPLOAD_PATH = %r" % str(up))
+    try:
+        conn = a.accept()
+        conn.settimeout(20)
+        assert conn.recv(1) == b"R"
+        n = 3 * (1 << 20) + 12345  # not a multiple of dd's block or the splice size
+        for kind in (b"C", b"P", b"C", b"P"):
+            conn.sendall(b"%s%d\n" % (kind, n))
+            assert _recv_exact(conn, n) == bytes(n), kind
+        conn.sendall(b"P0\nE2\nok")  # nothing to move, then the agent is still in step
+        assert _recv_exact(conn, 2) == b"ok"
+        n = 3 << 20
+        conn.sendall(b"W%d\n" % n)
+        assert conn.recv(1) == b"G"
+        conn.sendall(os.urandom(n))
+        assert conn.recv(1) == b"K"
+        assert not up.exists()
+        conn.sendall(b"W1000\nE2\nok")  # not whole MiB: ignored, no G
+        assert _recv_exact(conn, 2) == b"ok"
+        assert "rawbench: W1000 is not a multiple of 1 MiB" in a.log()
+        assert _children(a.proc.pid) == []  # head and dd reaped
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0
+
+
+def test_rawbench_relay_host_gone_midway() -> None:
+    """The host hanging up in the middle of C or P leaves no head/dd behind; the agent reconnects."""
+    if not (shutil.which("head") and shutil.which("dd")):
+        pytest.skip("needs head and dd")
+    a = AgentProcess(extra_args=("--rawbench",))
+    try:
+        for kind in (b"P", b"C"):
+            conn = a.accept()
+            conn.settimeout(20)
+            assert conn.recv(1) == b"R"
+            conn.sendall(b"%s%d\n" % (kind, 1 << 30))
+            _recv_exact(conn, 1 << 20)
+            conn.close()
+        conn = a.accept()
+        conn.settimeout(20)
+        assert conn.recv(1) == b"R"
+        assert _children(a.proc.pid) == []
+        assert "relay of 1073741824 bytes failed" in a.log()  # P: the splice's EPIPE
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0
+
+
+def _children(pid: int) -> List[int]:
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def _other_pythons() -> List[str]:
     """python3.8/3.9 on PATH, plus any listed in $AGENT_TEST_PYTHONS (os.pathsep-separated)."""
     candidates = [shutil.which(n) for n in ("python3.8", "python3.9")]

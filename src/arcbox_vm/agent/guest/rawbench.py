@@ -10,13 +10,28 @@ serves line requests with blocking I/O:
   guest). Read the fastest way a Python program can (``read_into``), so the figure is the
   honest limit for the agent's uploads.
 
+Three more measure what native code in the guest gets, the limits of any relay however
+it is written (a command's output reaches the channel through a pipe, an upload ends in a
+file):
+
+- ``C<n>\\n``: ``head -c n /dev/zero`` into a pipe and ``dd bs=1M`` from that pipe with
+  its stdout on the channel: a C program relaying a pipe to the channel;
+- ``P<n>\\n``: the same ``head``, the agent moving its pipe into the channel with
+  ``os.splice`` (no copy through user space): the kernel's limit for a pipe relay;
+- ``W<n>\\n`` (n a multiple of 1 MiB): write ``G``, then ``dd`` reads the next n bytes
+  from the channel into a file with ``conv=fsync``, the file is removed and the agent
+  writes ``K`` (``F`` if dd failed): a native upload to the guest's disk. The host sends
+  the bytes only after ``G``, so none of them end up in the line reader's buffer.
+
 On EOF (host gone) it reopens the channel and says ``R`` again. SIGTERM/SIGINT shut
 the VM down as in normal mode (PID 1) or exit (otherwise).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import signal
 import time
 
@@ -33,6 +48,11 @@ PAGE = 4096
 _UPBUF = bytearray(1 << 20)
 _VIEWS = [memoryview(_UPBUF)[i : i + PAGE] for i in range(0, len(_UPBUF), PAGE)]
 MAX_LINE = 64
+MIB = 1 << 20
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # for head and dd
+UPLOAD_PATH = "/root/up.bin"  # W's file (on the root disk)
+F_SETPIPE_SZ = 1031
+REQUESTS = (b"E", b"S", b"U", b"C", b"P", b"W")
 
 
 class _Stop(BaseException):
@@ -89,10 +109,20 @@ def serve(fd: int) -> None:
             pending += chunk
         line, _, rest = bytes(pending).partition(b"\n")
         pending = bytearray(rest)
-        if len(line) < 2 or line[:1] not in (b"E", b"S", b"U") or not line[1:].isdigit():
+        if len(line) < 2 or line[:1] not in REQUESTS or not line[1:].isdigit():
             continue
         n = int(line[1:])
-        if line[:1] == b"U":
+        if line[:1] in (b"C", b"P"):
+            relay(fd, n, splice=line[:1] == b"P")
+        elif line[:1] == b"W":
+            if n % MIB:
+                log("rawbench: W%d is not a multiple of 1 MiB; ignored" % n)
+            elif pending:
+                log("rawbench: upload bytes came before G; W ignored")
+                pending.clear()
+            else:
+                native_upload(fd, n)
+        elif line[:1] == b"U":
             take = min(n, len(pending))
             del pending[:take]
             n -= take
@@ -114,6 +144,104 @@ def serve(fd: int) -> None:
                 k = min(n, CHUNK)
                 _write_all(fd, _ZEROS[:k] if k < CHUNK else _ZEROS)
                 n -= k
+
+
+def _spawn(argv: List[str], actions: List[Any]) -> int:
+    # SIGPIPE back to default: the agent ignores it, the tools should die of it
+    return os.posix_spawnp(argv[0], argv, ENV, file_actions=actions, setsigdef=(signal.SIGPIPE,))
+
+
+def _wait(pids: List[int]) -> bool:
+    """Reap ``pids`` in order, emptying the list; True if all exited with status 0."""
+    ok = True
+    while pids:
+        pid = pids[0]
+        _, status = os.waitpid(pid, 0)
+        pids.pop(0)
+        if status != 0:
+            log("rawbench: child %d ended with wait status %#x" % (pid, status))
+            ok = False
+    return ok
+
+
+def _kill(pids: List[int]) -> None:
+    """SIGKILL and reap what is left of ``pids`` (error paths)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    del pids[:]
+
+
+def relay(fd: int, n: int, splice: bool) -> None:
+    """``C``/``P``: n bytes of ``head -c n /dev/zero`` through a pipe onto ``fd``.
+
+    ``dd bs=1M`` relays the pipe to ``fd``, or (``splice``) the agent moves it with
+    ``os.splice`` after ``poll`` reports it readable: virtio-serial's splice returns 0 on an
+    empty pipe rather than waiting, so 0 is not EOF; a poll that reports no data means the
+    writer is gone.
+    """
+    r, w = os.pipe()
+    pids = []  # type: List[int]
+    try:
+        try:
+            fcntl.fcntl(r, F_SETPIPE_SZ, MIB)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: keep the default size
+        pids.append(_spawn(["head", "-c", str(n), "/dev/zero"], [(os.POSIX_SPAWN_DUP2, w, 1)]))
+        os.close(w)
+        w = -1
+        if not splice:
+            pids.insert(0, _spawn(["dd", "bs=1M", "status=none"],
+                                  [(os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, fd, 1)]))
+            os.close(r)
+            r = -1
+        else:
+            poller = select.poll()
+            poller.register(r, select.POLLIN)
+            left = n
+            while left:
+                if not poller.poll()[0][1] & select.POLLIN:
+                    log("rawbench: the pipe ended after %d of %d bytes" % (n - left, n))
+                    break
+                left -= os.splice(r, fd, min(left, MIB))
+        _wait(pids)
+    except OSError as exc:
+        log("rawbench: relay of %d bytes failed: %s" % (n, exc))
+        raise
+    finally:
+        _kill(pids)
+        for end in (r, w):
+            if end >= 0:
+                os.close(end)
+
+
+def native_upload(fd: int, n: int) -> None:
+    """``W``: ``G``, dd reads n bytes (whole MiB) from ``fd`` into UPLOAD_PATH and fsyncs, ``K``/``F``."""
+    _write_all(fd, b"G")
+    pids = []  # type: List[int]
+    ok = False
+    try:
+        pids.append(_spawn(["dd", "of=" + UPLOAD_PATH, "bs=1M", "count=%d" % (n // MIB),
+                            "iflag=fullblock", "conv=fsync", "status=none"],
+                           [(os.POSIX_SPAWN_DUP2, fd, 0)]))
+        ok = _wait(pids)
+    except OSError as exc:
+        log("rawbench: upload of %d bytes failed: %s" % (n, exc))
+        raise
+    finally:
+        _kill(pids)
+        try:
+            os.unlink(UPLOAD_PATH)
+        except OSError:
+            pass
+    _write_all(fd, b"K" if ok else b"F")
 
 
 def run(transport: Transport, pid1: bool) -> None:
