@@ -22,16 +22,18 @@ drains what is readable and closes them (see ``drain``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import signal
+import struct
 
 from arcbox_vm.agent import protocol
 from arcbox_vm.agent.protocol import ErrorCode, MsgType, ProtocolError
 
 from . import procs
 from .spawn import Child, set_winsize
-from .transport import frame_slots, pipe_pending
+from .transport import frame_slots
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are strings
@@ -41,6 +43,7 @@ OUT_READ = 1 << 20  # bytes per read of the child's output (a full pipe: see spa
 OUT_FRAME = 256 * 1024  # bytes per STDOUT/STDERR frame: one read fills up to four
 SPLICE_FRAME = protocol.DEFAULT_MAX_PAYLOAD  # bytes per spliced frame: a full pipe in one
 SPLICE_MIN = 64 * 1024  # smaller output is read (one syscall) rather than spliced (three)
+_FIONREAD = 0x541B
 EXIT_GRACE = 1.0  # seconds to wait for output EOF after the child exited
 DRAIN_CAP = 1 << 20  # bytes read after the grace period before pipes are closed anyway
 STDIN_WRITE = 64 * 1024  # bytes per write(2) to the child
@@ -205,7 +208,10 @@ class Session:
         through Python. FIONREAD says how many bytes the header may promise; only the
         agent reads the pipe, so they are there when the splice runs. 0 = read instead
         (little pending, EOF, or the bytes are to be read anyway)."""
-        pending = pipe_pending(fd)
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
         if pending < SPLICE_MIN and pending < limit:
             return 0
         n = min(pending, limit, SPLICE_FRAME)

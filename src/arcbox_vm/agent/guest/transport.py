@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import collections
 import errno
-import fcntl
 import os
-import struct
 
 from arcbox_vm.agent import protocol
 
@@ -86,7 +84,6 @@ class SpliceOut:
 
 
 # splice(2) errors that mean "this pair of files cannot splice": fall back to read+write
-_FIONREAD = 0x541B
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
@@ -187,9 +184,7 @@ class Conn:
         try:
             n = os.splice(item.fd, self.fd, item.left)
         except BlockingIOError:
-            if pipe_pending(item.fd):
-                return False  # the channel is full
-            n = 0  # the pipe is empty (a socket channel says EAGAIN for that too)
+            return False
         except OSError as exc:
             if exc.errno not in _NO_SPLICE:
                 raise
@@ -286,14 +281,6 @@ class Conn:
             except OSError:
                 pass
         self.fd = -1
-
-
-def pipe_pending(fd: int) -> int:
-    """Bytes waiting in pipe ``fd`` (FIONREAD); 0 when unknown."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
 
 
 def _read_owed(fd: int, n: int) -> bytes:
