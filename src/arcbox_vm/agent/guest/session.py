@@ -22,11 +22,9 @@ drains what is readable and closes them (see ``drain``).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import selectors
 import signal
-import struct
 
 from arcbox_vm.agent import protocol
 from arcbox_vm.agent.protocol import ErrorCode, MsgType, ProtocolError
@@ -41,9 +39,6 @@ if TYPE_CHECKING:  # typing costs boot time in the guest; annotations are string
 
 OUT_READ = 1 << 20  # bytes per read of the child's output (a full pipe: see spawn.STDOUT_PIPE_SIZE)
 OUT_FRAME = 256 * 1024  # bytes per STDOUT/STDERR frame: one read fills up to four
-SPLICE_FRAME = protocol.DEFAULT_MAX_PAYLOAD  # bytes per spliced frame: a full pipe in one
-SPLICE_MIN = 64 * 1024  # smaller output is read (one syscall) rather than spliced (three)
-_FIONREAD = 0x541B
 EXIT_GRACE = 1.0  # seconds to wait for output EOF after the child exited
 DRAIN_CAP = 1 << 20  # bytes read after the grace period before pipes are closed anyway
 STDIN_WRITE = 64 * 1024  # bytes per write(2) to the child
@@ -97,7 +92,6 @@ class Session:
         self.deadline: Optional[float] = now + timeout if timeout > 0 else None
         self.timed_out = False
         self._reg: Dict[int, int] = {}  # fd -> events currently registered
-        self._splicing: Dict[int, Any] = {}  # fd -> its queued transport.SpliceOut, until done
 
     # ---- selector interest ---------------------------------------------------------
 
@@ -112,11 +106,6 @@ class Session:
             readable = self._limit() > 0
         if readable:
             for fd in self.out_fds:
-                item = self._splicing.get(fd)
-                if item is not None:
-                    if not item.done:
-                        continue  # its queued bytes are still in the pipe: not a byte more yet
-                    del self._splicing[fd]
                 want[fd] = _R
         if self.in_fd is not None and self.stdin_buf:
             want[self.in_fd] = want.get(self.in_fd, 0) | _W
@@ -178,13 +167,6 @@ class Session:
         with a header's room before each, and queue them as one buffer
         (``transport.FrameBuf``): no allocation, no copy in Python (each costs about as
         much as the channel itself under emulation), one loop pass per full pipe."""
-        if conn.can_splice and self.master is None and not self.draining:
-            item = self._splicing.get(fd)
-            if item is not None and not item.done:
-                return 0
-            n = self._splice_frame(conn, fd, limit)
-            if n:
-                return n
         buf = conn.frame_buffer()
         try:
             n = os.readv(fd, frame_slots(buf, OUT_FRAME, limit))
@@ -202,23 +184,6 @@ class Session:
         self.credit -= n
         return n
 
-    def _splice_frame(self, conn: Any, fd: int, limit: int) -> int:
-        """Queue one frame of what the pipe holds, to be spliced into the channel
-        (``transport.SpliceOut``): the pipe's pages go to the channel without a copy
-        through Python. FIONREAD says how many bytes the header may promise; only the
-        agent reads the pipe, so they are there when the splice runs. 0 = read instead
-        (little pending, EOF, or the bytes are to be read anyway)."""
-        try:
-            pending = struct.unpack("i", fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0"))[0]
-        except OSError:
-            return 0
-        if pending < SPLICE_MIN and pending < limit:
-            return 0
-        n = min(pending, limit, SPLICE_FRAME)
-        self._splicing[fd] = conn.send_splice(self.out_fds[fd], self.channel, fd, n)
-        self.credit -= n
-        return n
-
     def on_window(self, increment: int) -> None:
         self.credit += increment
         if self.draining:
@@ -233,11 +198,6 @@ class Session:
         """
         self.draining = True
         self.grace_at = None
-        conn = getattr(self.sink, "conn", None)
-        for item in self._splicing.values():
-            if conn is not None:
-                conn.unsplice(item)  # drained by reads from here on: queued bytes first
-        self._splicing.clear()
         for fd in list(self.out_fds):
             while fd in self.out_fds:
                 if self.drained_bytes >= DRAIN_CAP:
@@ -401,11 +361,6 @@ class Session:
             self._close_fd(self.master)
 
     def _close_fd(self, fd: int) -> None:
-        item = self._splicing.pop(fd, None)
-        if item is not None and not item.done:
-            conn = getattr(self.sink, "conn", None)
-            if conn is not None:
-                conn.unsplice(item)  # the frame is queued: take its bytes before the pipe goes
         if fd in self._reg:
             self.sel.unregister(fd)
             del self._reg[fd]

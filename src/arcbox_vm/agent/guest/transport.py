@@ -18,7 +18,6 @@ retry timing so exec sessions keep being served while the channel is down.
 from __future__ import annotations
 
 import collections
-import errno
 import os
 
 from arcbox_vm.agent import protocol
@@ -68,25 +67,6 @@ def frame_slots(buf: FrameBuf, size: int, total: int) -> List[memoryview]:
     return slots
 
 
-class SpliceOut:
-    """A queued payload still in a command's pipe: ``left`` bytes ``Conn.flush`` moves from
-    ``fd`` into the channel with splice(2) — the kernel hands the pipe's pages to the
-    channel, no copy through Python (see ``Session._splice_frame``). ``done`` once moved
-    (or dropped with the queue); ``unsplice`` turns it into bytes when the pipe must close
-    first."""
-
-    __slots__ = ("fd", "left", "done")
-
-    def __init__(self, fd: int, left: int) -> None:
-        self.fd = fd
-        self.left = left
-        self.done = False
-
-
-# splice(2) errors that mean "this pair of files cannot splice": fall back to read+write
-_NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
-
-
 class Conn:
     """An open channel: a non-blocking fd plus a FIFO of bytes waiting to be written.
 
@@ -106,7 +86,6 @@ class Conn:
         view = memoryview(self._inbuf)
         self._in_views = [view[i : i + PAGE] for i in range(0, READ_SIZE, PAGE)]
         self._in_view = view
-        self.can_splice = hasattr(os, "splice")  # False after the channel refused a splice
         os.set_blocking(fd, False)
 
     def frame_buffer(self) -> FrameBuf:
@@ -157,54 +136,6 @@ class Conn:
             self._out.append(data)
             self.out_bytes += len(data)
 
-    def send_splice(self, type: int, channel: int, fd: int, n: int) -> SpliceOut:
-        """Queue a frame of ``n`` payload bytes that are in pipe ``fd`` now (the caller
-        checked with FIONREAD): the header is written, then the pipe spliced into the
-        channel. The caller reads nothing more from ``fd`` until the item is ``done``."""
-        item = SpliceOut(fd, n)
-        self.send(protocol.HEADER.pack(protocol.MAGIC, type, 0, channel, n))
-        self._out.append(item)
-        self.out_bytes += n
-        return item
-
-    def unsplice(self, item: SpliceOut) -> None:
-        """The pipe behind a queued ``item`` is about to close: read what it still owes
-        into an ordinary buffer, in its place in the queue."""
-        if item.done:
-            return
-        data = _read_owed(item.fd, item.left)
-        for i, queued in enumerate(self._out):
-            if queued is item:
-                self._out[i] = data
-                break
-        item.done = True
-
-    def _splice(self, item: SpliceOut) -> bool:
-        """Move the head item's bytes into the channel; False when the channel is full."""
-        try:
-            n = os.splice(item.fd, self.fd, item.left)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_SPLICE:
-                raise
-            self.can_splice = False  # e.g. a channel type without splice_write: read+write from now on
-            n = 0
-        if n <= 0:
-            # Nothing moved although the pipe held the bytes: the channel cannot splice, or
-            # the bytes are gone (another reader of the pipe — only root in the guest can be
-            # one). The header promised ``left`` bytes: send what can still be read, padded,
-            # so the stream stays framed.
-            self._out[0] = _read_owed(item.fd, item.left)
-            item.done = True
-            return True
-        item.left -= n
-        self.out_bytes -= n
-        if not item.left:
-            self._out.popleft()
-            item.done = True
-        return True
-
     def send_frame(self, type: int, channel: int, payload: bytes = b"") -> None:
         """Queue one frame without concatenating header and payload."""
         self.send(protocol.HEADER.pack(protocol.MAGIC, type, 0, channel, len(payload)))
@@ -216,15 +147,8 @@ class Conn:
         Raises OSError (other than EAGAIN) when the channel is broken.
         """
         while self._out:
-            head = self._out[0]
-            if type(head) is SpliceOut:
-                if not self._splice(head):
-                    return False
-                continue
             bufs: List[Any] = []
             for item in self._out:
-                if type(item) is SpliceOut:
-                    break  # written first, then spliced by the next pass
                 if not bufs and self._head_off:
                     item = memoryview(item)[self._head_off :]
                 if len(item) > PORT_WRITE:
@@ -253,21 +177,15 @@ class Conn:
                     break
         return True
 
-    def _drop_queue(self) -> None:
-        for item in self._out:
-            if type(item) is SpliceOut:
-                item.done = True  # its bytes stay in the pipe for whoever reads it next
-        self._out.clear()
-
     def close_queue(self) -> None:
         """Drop whatever is still queued (a frame half written included: the reader on the
         other end resynchronises on the next frame's magic)."""
-        self._drop_queue()
+        self._out.clear()
         self._head_off = 0
         self.out_bytes = 0
 
     def close(self) -> None:
-        self._drop_queue()
+        self._out.clear()
         self.out_bytes = 0
         if self._keep is not None:
             try:
@@ -281,21 +199,6 @@ class Conn:
             except OSError:
                 pass
         self.fd = -1
-
-
-def _read_owed(fd: int, n: int) -> bytes:
-    """Up to ``n`` bytes read from pipe ``fd`` now, zero-padded to exactly ``n``."""
-    data = b""
-    try:
-        data = os.read(fd, n)
-        while len(data) < n:
-            more = os.read(fd, n - len(data))
-            if not more:
-                break
-            data += more
-    except OSError:
-        pass
-    return data + bytes(n - len(data))
 
 
 class Transport:
