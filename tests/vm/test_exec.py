@@ -79,8 +79,8 @@ async def test_one_mib_of_output_is_byte_exact(shared_vm):
 
 
 async def test_large_outputs_of_two_commands_at_once_are_byte_exact(shared_vm):
-    """Pipe output this big is spliced into the channel by the agent (frames promised from
-    FIONREAD): two producers at once, stdout and stderr each, every byte in order."""
+    """Two producers at once, stdout and stderr each, every byte in order (big reads into
+    pooled frame buffers, several frames per write)."""
     script = ("import sys,hashlib,os; d=os.urandom(12<<20); e=os.urandom(3<<20); "
               "sys.stdout.buffer.write(d[:5<<20]); sys.stderr.buffer.write(e); sys.stdout.buffer.write(d[5<<20:]); "
               "sys.stderr.flush(); os.write(2, (hashlib.sha256(d).hexdigest() + hashlib.sha256(e).hexdigest()).encode())")
