@@ -1,7 +1,10 @@
 """Run inside the guest (``python3 -c``) by bench/run.py: the in-guest limits the agent is
 compared with, measured by the guest's own Python with nothing of the agent in the way.
 
-Prints one JSON object:
+``python3 -c <this> spawn N`` prints only the spawn+wait times of N spawns (a JSON list):
+the benchmark alternates those with N execs through the agent, round by round.
+
+Otherwise prints one JSON object:
 - ``spawn_true``: seconds per spawn+wait of ``true`` (posix_spawnp, PATH as the agent sets it);
 - ``fork_exec_true``: the same with fork + execve from Python (what a Python agent does);
 - ``pipe_read``: MiB/s a Python reader gets from ``head -c N /dev/zero`` through a 1 MiB pipe;
@@ -92,6 +95,9 @@ def file_rates(nbytes: int, path: str = "/root/ceiling.bin") -> tuple:
 
 
 def main() -> None:
+    if sys.argv[1] == "spawn":  # one round of the interleaved exec comparison (bench/run.py)
+        print(json.dumps(spawn_times(int(sys.argv[2]))))
+        return
     n, mib = int(sys.argv[1]), int(sys.argv[2])
     write, read = file_rates(mib << 20)
     print(json.dumps({"spawn_true": spawn_times(n), "fork_exec_true": fork_exec_times(n),
