@@ -278,7 +278,9 @@ def _by_node(fleet: Fleet, label: str) -> dict[str, set[tuple[str, str]]]:
 def test_a_killed_daemon_makes_its_sandboxes_lost_until_it_is_back(env: Env) -> None:
     fleet, node = env.fleet, env.nodes["n1"]
     try:
-        sbs = [fleet.create(network="none", labels={"t": "kill"}, timeout=30) for _ in range(2)]
+        # one on each node, pinned: Ray's SPREAD is best effort (a loaded machine can put both
+        # on one node); spreading has its own test above
+        sbs = [fleet.create(network="none", labels={"t": "kill"}, node=name, timeout=30) for name in ("n1", "n2")]
         assert {sb.node for sb in sbs} == {"n1", "n2"}
         on_n1 = next(sb for sb in sbs if sb.node == "n1")
         node.proc.kill9()
@@ -302,7 +304,7 @@ def test_a_killed_daemon_makes_its_sandboxes_lost_until_it_is_back(env: Env) -> 
 def test_a_stopped_ray_node_makes_its_sandboxes_lost_until_it_rejoins(env: Env) -> None:
     fleet, cluster = env.fleet, env.cluster
     try:
-        sbs = [fleet.create(network="none", labels={"t": "ray"}, timeout=30) for _ in range(2)]
+        sbs = [fleet.create(network="none", labels={"t": "ray"}, node=name, timeout=30) for name in ("n1", "n2")]
         on_n2 = next(sb for sb in sbs if sb.node == "n2")
         cluster.stop_node("n2")
         until("n2's sandbox is lost", lambda: _by_node(fleet, "ray").get("n2") == {(on_n2.id, "lost")}, 60)
