@@ -1,12 +1,13 @@
 """Run inside the guest (``python3 -c``) by bench/run.py: the in-guest limits the agent is
 compared with, measured by the guest's own Python with nothing of the agent in the way.
 
-``python3 -c <this> spawn N`` prints only the spawn+wait times of N spawns (a JSON list):
-the benchmark alternates those with N execs through the agent, round by round.
+``python3 -c <this> spawn N`` prints the seconds per spawn+wait of ``true`` (posix_spawnp,
+PATH as the agent sets it) of N spawns, a JSON list: the benchmark alternates those with N
+execs through the agent, round by round.
 
-Otherwise prints one JSON object:
-- ``spawn_true``: seconds per spawn+wait of ``true`` (posix_spawnp, PATH as the agent sets it);
-- ``fork_exec_true``: the same with fork + execve from Python (what a Python agent does);
+``python3 -c <this> N MIB`` prints one JSON object:
+- ``fork_exec_true``: spawn+wait of ``true`` with fork + execve from Python (what a Python
+  agent does);
 - ``pipe_read``: MiB/s a Python reader gets from ``head -c N /dev/zero`` through a 1 MiB pipe;
 - ``file_write``: MiB/s Python writes a file in 256 KiB writes, fsync included (what an upload
   must do besides receiving);
@@ -100,7 +101,7 @@ def main() -> None:
         return
     n, mib = int(sys.argv[1]), int(sys.argv[2])
     write, read = file_rates(mib << 20)
-    print(json.dumps({"spawn_true": spawn_times(n), "fork_exec_true": fork_exec_times(n),
+    print(json.dumps({"fork_exec_true": fork_exec_times(n),
                       "pipe_read": pipe_read(mib << 20), "file_write": write, "file_read": read}))
 
 

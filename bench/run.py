@@ -54,6 +54,13 @@ from arcbox_vm.config import VmmConfig
 EXEC_ROUNDS = 5  # exec `true` through the agent and spawn+wait in the guest, alternated
 
 
+def print_table(title: str, col_a: str, col_b: str, rows, lead: str = "\n") -> None:  # noqa: ANN001
+    """A heading and rows of (measure, first column, second column, ratio or None)."""
+    print(f"{lead}{title:38} {col_a:>14} {col_b:>14} {'ratio':>7}")
+    for name, a, b, r in rows:
+        print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}".rstrip())
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     idx = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
@@ -130,15 +137,9 @@ class RawVm:
 
     async def upload(self, nbytes: int) -> float:
         """Host→guest: n bytes the guest reads and drops, then its ``K``."""
-        block = bytes(1 << 20)
         t = time.perf_counter()
         self.writer.write(f"U{nbytes}\n".encode())
-        left = nbytes
-        while left:
-            k = min(left, len(block))
-            self.writer.write(block if k == len(block) else block[:k])
-            await self.writer.drain()
-            left -= k
+        await self._push_zeros(nbytes)
         assert await self.reader.readexactly(1) == b"K"
         return time.perf_counter() - t
 
@@ -147,7 +148,6 @@ class RawVm:
 
         The bytes go out only after the guest's ``G``, once dd is about to read them.
         """
-        block = bytes(1 << 20)
         t = time.perf_counter()
         self.writer.write(f"W{nbytes}\n".encode())
         await self.writer.drain()
@@ -155,16 +155,20 @@ class RawVm:
             go = await self.reader.readexactly(1)
             if go != b"G":
                 raise RuntimeError(f"raw W: expected G, got {go!r}")
-            left = nbytes
-            while left:
-                k = min(left, len(block))
-                self.writer.write(block if k == len(block) else block[:k])
-                await self.writer.drain()
-                left -= k
+            await self._push_zeros(nbytes)
             done = await self.reader.readexactly(1)
         if done != b"K":
             raise RuntimeError(f"raw W: dd failed in the guest ({done!r})")
         return time.perf_counter() - t
+
+    async def _push_zeros(self, nbytes: int) -> None:
+        block = bytes(1 << 20)
+        left = nbytes
+        while left:
+            k = min(left, len(block))
+            self.writer.write(block if k == len(block) else block[:k])
+            await self.writer.drain()
+            left -= k
 
     async def close(self) -> None:
         if self.proc is not None:
@@ -194,7 +198,7 @@ async def protocol_side(driver, image, ddir: Path, args) -> dict:
         for _ in range(5):  # warm up: first execs pay for TCG translation
             await (await vm.agent.exec(exec_request(["true"]))).collect()
         probe = (Path(__file__).parent / "guest_ceilings.py").read_text()
-        res["exec_true"], res["spawn_rounds"], res["exec_rounds"] = [], [], []
+        res["spawn_rounds"], res["exec_rounds"] = [], []
         per_round = max(1, args.execs // EXEC_ROUNDS)
         for _ in range(EXEC_ROUNDS):  # exec and its in-guest limit alternate: drift hits both alike
             rtts = []
@@ -205,7 +209,6 @@ async def protocol_side(driver, image, ddir: Path, args) -> dict:
             out, err, status = await (await vm.agent.exec(exec_request(
                 ["python3", "-c", probe, "spawn", str(per_round)]))).collect()
             assert status.exit_code == 0, err
-            res["exec_true"] += rtts
             res["exec_rounds"].append(rtts)
             res["spawn_rounds"].append(json.loads(out))
         res["ping"] = [await vm.agent.ping() for _ in range(args.execs)]
@@ -287,25 +290,19 @@ async def main() -> None:
     if args.only in (None, "manager"):
         from bench.manager_bench import run as manager_run
 
-        print(f"\n{'manager vs bare driver boot':38} {'manager':>14} {'bare boot':>14} {'ratio':>7}")
-        for name, a, b, r in await manager_run(image, driver.name):
-            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+        print_table("manager vs bare driver boot", "manager", "bare boot", await manager_run(image, driver.name))
         if args.only == "manager":
             return
     if args.only in (None, "snapshots") and driver.name == "qemu":
         from bench.snapshot_bench import run as snapshot_run
 
-        print(f"\n{'snapshots':38} {'snapshot':>14} {'cold / other':>14} {'ratio':>7}")
-        for name, a, b, r in await snapshot_run(image, driver.name):
-            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+        print_table("snapshots", "snapshot", "cold / other", await snapshot_run(image, driver.name))
         if args.only == "snapshots":
             return
     if args.only in (None, "templates") and driver.name == "qemu":
         from bench.template_bench import run as template_run
 
-        print(f"\n{'templates':38} {'template':>14} {'cold / other':>14} {'ratio':>7}")
-        for name, a, b, r in await template_run(image, driver.name):
-            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+        print_table("templates", "template", "cold / other", await template_run(image, driver.name))
         if args.only == "templates":
             return
     raw_rate = raw_up = None
@@ -318,60 +315,59 @@ async def main() -> None:
     if args.only in (None, "daemon") and driver.name == "qemu":
         from bench.daemon_bench import run as daemon_run
 
-        print(f"\n{'daemon (gRPC) vs in-process':38} {'daemon':>14} {'in-process':>14} {'ratio':>7}")
-        for name, a, b, r in await daemon_run(image, raw_rate, args.execs, args.file_mib, raw_up):
-            print(f"{name:38} {a:>14} {b:>14} {'' if r is None else f'{r:7.2f}':>7}")
+        print_table("daemon (gRPC) vs in-process", "daemon", "in-process", await daemon_run(image, raw_rate, args.execs, args.file_mib, raw_up))
 
 
 def print_channel(proto: dict, raw: dict, args) -> None:  # noqa: ANN001
     ms = lambda s: f"{s * 1000:9.1f} ms"  # noqa: E731
+    rate = lambda v: f"{v:9.1f} MiB/s"  # noqa: E731
+    execs = [t for r in proto["exec_rounds"] for t in r]
+    spawns = [t for r in proto["spawn_rounds"] for t in r]
     rows = []
     pb, rb = statistics.median(proto["boot"]), statistics.median(raw["boot"])
     rows.append(("boot to ready (median)", ms(pb), ms(rb), pb / rb))
     for q in (50, 99):
-        pe, re_ = pct(proto["exec_true"], q), pct(raw["echo"], q)
+        pe, re_ = pct(execs, q), pct(raw["echo"], q)
         rows.append((f"exec `true` vs raw echo p{q}", ms(pe), ms(re_), pe / re_))
     for q in (50, 99):
         pp, re_ = pct(proto["ping"], q), pct(raw["echo"], q)
         rows.append((f"protocol ping vs raw echo p{q}", ms(pp), ms(re_), pp / re_))
-    rate = lambda v: f"{v:9.1f} MiB/s"  # noqa: E731
     pt, rt, ru = args.mib / proto["stream"], args.mib / raw["stream"], args.mib / raw["upload"]
     up, down = args.mib / proto["upload"], args.mib / proto["download"]
     rows.append((f"stdout {args.mib} MiB vs raw guest→host", rate(pt), rate(rt), pt / rt))
     rows.append((f"download {args.mib} MiB vs raw guest→host", rate(down), rate(rt), down / rt))
     rows.append((f"upload {args.mib} MiB vs raw host→guest", rate(up), rate(ru), up / ru))
-    print(f"{'measure':38} {'protocol':>14} {'bare channel':>14} {'ratio':>7}")
-    for name, a, b, r in rows:
-        print(f"{name:38} {a:>14} {b:>14} {r:7.2f}")
+    print_table("measure", "protocol", "bare channel", rows, lead="")
+
     c = proto["ceilings"]
-    print(f"\n{'vs in-guest limits (guest Python)':38} {'protocol':>14} {'in guest':>14} {'ratio':>7}")
-    spawns = [t for r in proto["spawn_rounds"] for t in r]
+    rows = []
     for q in (50, 99):
-        pe, sp = pct(proto["exec_true"], q), pct(spawns, q)
-        print(f"{f'exec `true` vs spawn+wait p{q}':38} {ms(pe):>14} {ms(sp):>14} {pe / sp:7.2f}")
+        pe, sp = pct(execs, q), pct(spawns, q)
+        rows.append((f"exec `true` vs spawn+wait p{q}", ms(pe), ms(sp), pe / sp))
     ratios = sorted(pct(e, 50) / pct(g, 50) for e, g in zip(proto["exec_rounds"], proto["spawn_rounds"]))
-    print(f"{f'  p50 ratio, median of {len(ratios)} alternating rounds':38} {'':>14} "
-          f"{f'{ratios[0]:.2f}..{ratios[-1]:.2f}':>14} {statistics.median(ratios):7.2f}")
-    fe = pct(c["fork_exec_true"], 50)
-    pe = pct(proto["exec_true"], 50)
-    print(f"{'exec `true` vs fork+execve+wait p50':38} {ms(pe):>14} {ms(fe):>14} {pe / fe:7.2f}")
-    print(f"{'stdout vs Python pipe reader':38} {rate(pt):>14} {rate(c['pipe_read']):>14} {pt / c['pipe_read']:7.2f}")
+    rows.append((f"  p50 ratio, median of {len(ratios)} alternating rounds", "",
+                 f"{ratios[0]:.2f}..{ratios[-1]:.2f}", statistics.median(ratios)))
+    pe, fe = pct(execs, 50), pct(c["fork_exec_true"], 50)
+    rows.append(("exec `true` vs fork+execve+wait p50", ms(pe), ms(fe), pe / fe))
+    rows.append(("stdout vs Python pipe reader", rate(pt), rate(c["pipe_read"]), pt / c["pipe_read"]))
     # the agent's one thread does both halves of a transfer one after the other (so does
     # one vCPU): their times add up
     up_lim = 1 / (1 / ru + 1 / c["file_write"])
     down_lim = 1 / (1 / rt + 1 / c["file_read"])
-    print(f"{'upload vs raw host→guest + file write':38} {rate(up):>14} {rate(up_lim):>14} {up / up_lim:7.2f}")
-    print(f"{'download vs file read + raw guest→host':38} {rate(down):>14} {rate(down_lim):>14} {down / down_lim:7.2f}")
-    print(f"{'  (file write / file read in the guest)':38} {rate(c['file_write']):>14} {rate(c['file_read']):>14}")
+    rows.append(("upload vs raw host→guest + file write", rate(up), rate(up_lim), up / up_lim))
+    rows.append(("download vs file read + raw guest→host", rate(down), rate(down_lim), down / down_lim))
+    rows.append(("  (file write / file read in the guest)", rate(c["file_write"]), rate(c["file_read"]), None))
+    print_table("vs in-guest limits (guest Python)", "protocol", "in guest", rows)
+
     cr, sr, wr = (args.mib / raw[k] for k in ("relay_dd", "relay_splice", "upload_dd"))
-    print(f"\n{'vs native code in the guest':38} {'protocol':>14} {'native':>14} {'ratio':>7}")
-    print(f"{'stdout vs C relay (head|dd) in guest':38} {rate(pt):>14} {rate(cr):>14} {pt / cr:7.2f}")
-    print(f"{'stdout vs splice relay in guest':38} {rate(pt):>14} {rate(sr):>14} {pt / sr:7.2f}")
-    print(f"{'upload vs dd channel→file (fsync)':38} {rate(up):>14} {rate(wr):>14} {up / wr:7.2f}")
-    print(f"\n{'native code vs bare channel':38} {'native':>14} {'bare channel':>14} {'ratio':>7}")
-    print(f"{'C relay (head|dd) vs raw guest→host':38} {rate(cr):>14} {rate(rt):>14} {cr / rt:7.2f}")
-    print(f"{'splice relay vs raw guest→host':38} {rate(sr):>14} {rate(rt):>14} {sr / rt:7.2f}")
-    print(f"{'dd channel→file vs raw host→guest':38} {rate(wr):>14} {rate(ru):>14} {wr / ru:7.2f}")
+    print_table("vs native code in the guest", "protocol", "native", [
+        ("stdout vs C relay (head|dd) in guest", rate(pt), rate(cr), pt / cr),
+        ("stdout vs splice relay in guest", rate(pt), rate(sr), pt / sr),
+        ("upload vs dd channel→file (fsync)", rate(up), rate(wr), up / wr)])
+    print_table("native code vs bare channel", "native", "bare channel", [
+        ("C relay (head|dd) vs raw guest→host", rate(cr), rate(rt), cr / rt),
+        ("splice relay vs raw guest→host", rate(sr), rate(rt), sr / rt),
+        ("dd channel→file vs raw host→guest", rate(wr), rate(ru), wr / ru)])
     if args.json:
         print(json.dumps({"protocol": proto, "raw": raw}))
 

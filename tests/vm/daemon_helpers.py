@@ -158,3 +158,17 @@ def module_daemon(tmp: Path, image: GuestImage, cidr: str) -> Iterator[Daemon]:
     yield d
     assert d.stop() == 0, d.log.read_text()[-3000:]
     assert netns not in netns_list()
+
+
+def arcbox(daemon: Daemon, *args: str, input: bytes | None = None,  # noqa: A002
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `arcbox-vm` CLI against `daemon` (stdin: `input`, or nothing)."""
+    env = dict(os.environ, ARCBOX_VM_SOCKET=str(daemon.socket))
+    return subprocess.run([ARCBOX, *args], capture_output=True, input=input, env=env, timeout=timeout,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    """The stdout of a CLI run that must have succeeded."""
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()

@@ -13,18 +13,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pexpect
 import pytest
 
-from .daemon_helpers import Daemon, module_daemon
+from .daemon_helpers import ARCBOX as CLI
+from .daemon_helpers import arcbox, module_daemon, ok
 
 pytestmark = pytest.mark.vm
 
-CLI = str(Path(sys.executable).with_name("arcbox-vm"))
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
 
@@ -35,17 +33,6 @@ def daemon(tmp_path_factory, guest_image):
     with module_daemon(tmp_path_factory.mktemp("cli-daemon"), guest_image, "10.242.0.0/24") as d:
         yield d
 
-
-def arcbox(daemon: Daemon, *args: str, input: bytes | None = None,  # noqa: A002
-           timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ARCBOX_VM_SOCKET=str(daemon.socket))
-    return subprocess.run([CLI, *args], capture_output=True, input=input, env=env, timeout=timeout,
-                          stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
 
 
 @pytest.fixture(scope="module")

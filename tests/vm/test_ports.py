@@ -13,24 +13,20 @@ import concurrent.futures
 import hashlib
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from arcbox_vm import PortMapping, SandboxManager, SandboxNetworkSpec, SandboxSpec, SandboxState
 from arcbox_vm.errors import SandboxNotFound
 
-from .daemon_helpers import Daemon, module_daemon
+from .daemon_helpers import arcbox, module_daemon, ok
 from .manager_helpers import fresh_netns_name, make_config, netns_list
 
 pytestmark = pytest.mark.vm
 
-CLI = str(Path(sys.executable).with_name("arcbox-vm"))
 GUEST_PORT = 8000
 SILENT_PORT = 8001  # forwarded, but nothing listens on it in the guest
 HIDDEN_PORT = 18002  # served in the guest, never forwarded
@@ -205,15 +201,6 @@ def daemon(tmp_path_factory, guest_image):
     with module_daemon(tmp_path_factory.mktemp("ports-daemon"), guest_image, "10.249.0.0/24") as d:
         yield d
 
-
-def arcbox(daemon: Daemon, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ARCBOX_VM_SOCKET=str(daemon.socket))
-    return subprocess.run([CLI, *args], capture_output=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
 
 
 def test_daemon_cli_create_p_and_port(daemon, tmp_path):

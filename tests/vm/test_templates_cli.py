@@ -7,18 +7,13 @@ names its step and exit code, `template rm` / `prune` clean up.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .daemon_helpers import Daemon, module_daemon
+from .daemon_helpers import arcbox, module_daemon, ok
 
 pytestmark = pytest.mark.vm
 
-CLI = str(Path(sys.executable).with_name("arcbox-vm"))
 DOCKERFILE = '''\
 FROM arcbox:base
 ENV PORT=8081
@@ -36,15 +31,6 @@ def daemon(tmp_path_factory, guest_image):
     with module_daemon(tmp_path_factory.mktemp("tpl-daemon"), guest_image, "10.243.0.0/24") as d:
         yield d
 
-
-def arcbox(daemon: Daemon, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ARCBOX_VM_SOCKET=str(daemon.socket))
-    return subprocess.run([CLI, *args], capture_output=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
 
 
 def test_build_create_fail_and_remove_through_the_cli(daemon, tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -37,9 +39,17 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def _fail(err: Console, exc: BaseException) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-    return typer.Exit(1)
+@contextlib.contextmanager
+def _reported(err: Console) -> Iterator[None]:
+    """A failure becomes one `error:` line and exit 1; Ctrl-C prints `interrupted`, exit 130."""
+    try:
+        yield
+    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
 
 
 class _StageReporter:
@@ -94,14 +104,8 @@ def build(
     ddir = data_dir or default_data_dir()
     size = parse_size(free_space)
     t0 = time.monotonic()
-    try:
-        with _StageReporter(err) as progress:
-            image = build_image(ddir, progress, force=force, refresh_base=refresh_base, free_space=size)
-    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
-        raise _fail(err, e) from None
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
+    with _reported(err), _StageReporter(err) as progress:
+        image = build_image(ddir, progress, force=force, refresh_base=refresh_base, free_space=size)
     err.print(f"[dim]image {image.key} ({time.monotonic() - t0:.1f} s)[/]", highlight=False)
     for label, value in (("key", image.key), ("kernel_release", image.kernel_release), ("dir", image.dir),
                          ("kernel", image.kernel), ("vmlinux", image.vmlinux), ("initrd", image.initrd),
@@ -113,10 +117,8 @@ def build(
 def inject(rootfs: Path = typer.Argument(..., help="An ext4 filesystem image (e.g. rootfs.ext4).")) -> None:
     """Write the guest agent into an existing ext4 image, without mounting it."""
     err = Console(stderr=True, soft_wrap=True)
-    try:
+    with _reported(err):
         warnings = inject_agent(rootfs)
-    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
-        raise _fail(err, e) from None
     for w in warnings:
         err.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False)
     typer.echo(f"agent injected into {rootfs} ({len(agent_files())} files, digest {agent_digest()[:12]})")
@@ -142,16 +144,11 @@ def import_oci(
 
     err = Console(stderr=True, soft_wrap=True)
     t0 = time.monotonic()
-    try:
+    with _reported(err):
         cfg = VmmConfig.discover(config)
         out = named_image_path(cfg.named_images_dir, name)
         size = parse_size(disk_size) if disk_size else None
         image_config = build_rootfs_from_oci(archive, out, size, cfg.limits.image_unpack_max_bytes)
-    except (ArcboxError, OSError, subprocess.SubprocessError) as e:
-        raise _fail(err, e) from None
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
     err.print(f"[dim]imported in {time.monotonic() - t0:.1f} s[/]", highlight=False)
     typer.echo(f"{'rootfs:':16}{out}")
     typer.echo(f"{'name:':16}{name}")

@@ -122,11 +122,8 @@ def resolve_kernel_package(meta: str = KERNEL_META_PACKAGE, progress: Progress |
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def deb_is_valid(path: Path, pkg: AptPackage) -> bool:

@@ -105,6 +105,18 @@ SANDBOX_COLUMNS = ("id", "state", "spec", "workdir", "vmm", "pid", "pid_start", 
                    "last_exited_at", "last_exit_code", "error", "removing", "extra")
 
 
+def _insert(table: str, cols: tuple[str, ...], replace: bool = False) -> str:
+    """`INSERT [OR REPLACE] INTO table (cols) VALUES (?, ...)` (names are ours, never input)."""
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    return f"{verb} INTO {table} ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})"
+
+
+def _dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """A query's rows as column-name → value dicts."""
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
 class StateStore:
     """Thin, synchronous (fast, local) access to the state database."""
 
@@ -207,7 +219,7 @@ class StateStore:
         cols = SANDBOX_COLUMNS
 
         def fn(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            db.execute(_insert("sandboxes", cols, replace=True),
                        [rec.get(c) if c != "removing" else int(bool(rec.get(c))) for c in cols])
             db.execute("DELETE FROM leases WHERE sandbox_id = ?", (rec["id"],))
             if lease_ip:
@@ -230,7 +242,7 @@ class StateStore:
         def fn(db: sqlite3.Connection) -> None:
             for table, key in (("sandboxes", "id"), ("leases", "sandbox_id"), ("execs", "sandbox_id")):
                 db.execute(f"DELETE FROM {table} WHERE {key} = ?", (old_id,))
-            db.execute(f"INSERT INTO sandboxes ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            db.execute(_insert("sandboxes", cols),
                        [rec.get(c) if c != "removing" else int(bool(rec.get(c))) for c in cols])
             if lease_ip:
                 db.execute("INSERT OR REPLACE INTO leases (ip, sandbox_id) VALUES (?, ?)", (lease_ip, rec["id"]))
@@ -242,7 +254,7 @@ class StateStore:
     def put_checkpoint(self, row: dict[str, Any]) -> None:
         cols = ("id", "name", "sandbox_id", "created_at", "size_bytes", "dir", "meta", "hidden")
         self._write(lambda db: db.execute(
-            f"INSERT INTO checkpoints ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            _insert("checkpoints", cols),
             [int(bool(row.get(c))) if c == "hidden" else row.get(c) for c in cols]))
 
     def delete_checkpoint(self, checkpoint_id: str) -> None:
@@ -250,8 +262,7 @@ class StateStore:
 
     def checkpoints(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM checkpoints ORDER BY created_at")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(cur)
 
     # -- templates and their layer cache ------------------------------------------------
 
@@ -259,7 +270,7 @@ class StateStore:
         """Insert or replace (a rebuild) the template `row["name"]`."""
         cols = ("name", "key", "checkpoint_id", "created_at", "meta")
         self._write(lambda db: db.execute(
-            f"INSERT OR REPLACE INTO templates ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            _insert("templates", cols, replace=True),
             [row[c] for c in cols]))
 
     def delete_template(self, name: str) -> None:
@@ -267,13 +278,12 @@ class StateStore:
 
     def templates(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM templates ORDER BY created_at")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(cur)
 
     def put_layer(self, row: dict[str, Any]) -> None:
         cols = ("key", "parent", "step", "path", "size_bytes", "created_at", "used_at")
         self._write(lambda db: db.execute(
-            f"INSERT OR REPLACE INTO template_layers ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            _insert("template_layers", cols, replace=True),
             [row[c] for c in cols]))
 
     def touch_layer(self, key: str) -> None:
@@ -284,14 +294,13 @@ class StateStore:
 
     def layers(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM template_layers ORDER BY created_at")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(cur)
 
     def layer(self, key: str) -> dict[str, Any] | None:
         """One layer's row by its key (the primary key: no scan)."""
         cur = self.db.execute("SELECT * FROM template_layers WHERE key = ?", (key,))
-        row = cur.fetchone()
-        return dict(zip([d[0] for d in cur.description], row)) if row is not None else None
+        rows = _dicts(cur)
+        return rows[0] if rows else None
 
     def append_event(self, sandbox_id: str, action: str, attributes: dict[str, str],
                      ts_ns: int | None = None) -> StoredEvent:
@@ -326,8 +335,7 @@ class StateStore:
 
     def sandboxes(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM sandboxes ORDER BY created_at")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(cur)
 
     def leases(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT ip, sandbox_id FROM leases").fetchall())
@@ -343,8 +351,7 @@ class StateStore:
             wanted = (status,) if isinstance(status, str) else tuple(status)
             q, args = q + f" AND status IN ({','.join('?' * len(wanted))})", args + list(wanted)
         cur = self.db.execute(q + " ORDER BY started_at", args)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return _dicts(cur)
 
     def events_since(self, after_id: int, limit: int = 1000) -> list[StoredEvent]:
         rows = self.db.execute(
